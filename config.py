@@ -1,0 +1,169 @@
+"""The training configuration: one dataclass, the single source of truth for every option.
+
+Defaults are the published values of F2LLM's `configs/config.json` (the 4B run); options this
+project adds carry a default that improves on the published code, and the published behaviour
+is one switch away (see README, "Differences from the published code").
+"""
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+from errors import UserError
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+TASK_TYPES = ("retrieval", "classification", "clustering")
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class Config:
+    # Published keys.
+    model_path: str = field(metadata={"help": "Backbone folder (a Qwen3 checkpoint) with its tokenizer."})
+    train_data_path: str = field(metadata={"help": "Folder of tokenized `*.parquet` files, one per dataset."})
+    experiment_id: str = _opt("4b+lr.8e-6+bs.16x32+context.1024+2epochs", "Run name: sub-folder of output_dir and tb_dir.")
+    output_dir: str = _opt("output", "Where checkpoints go (`output_dir/experiment_id/step_N`, `epoch_N`).")
+    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).")
+    cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.")
+    train_batch_size: int = _opt(16, "Queries per batch per process (micro batch).")
+    checkpointing_steps: int = _opt(5000, "Save `step_N` every this many steps (0: only at epoch ends).")
+    validation_steps: int = _opt(5000, "Validate every this many steps (0: only at epoch ends).")
+    max_seq_length: int = _opt(1024, "Longest sequence in tokens, eos included.")
+    learning_rate: float = _opt(8e-6, "Peak learning rate.")
+    min_lr: float = _opt(1e-7, "The learning rate is clamped from below at this value after each step.")
+    weight_decay: float = _opt(0.01, "AdamW weight decay.")
+    warmup_steps: int = _opt(500, "Linear warmup steps before the cosine decay.")
+    train_epochs: int = _opt(2, "Passes over the training data.")
+    log_interval: int = _opt(100, "Log training losses and lr every this many steps.")
+    num_hard_neg: int = _opt(7, "Hard negatives per query for retrieval and clustering (classification uses 1).")
+    train_steps: int = _opt(-1, "Total optimizer steps; -1 means batches per epoch x train_epochs.")
+    # Options this project adds.
+    temperature: float = _opt(0.05, "Softmax temperature of both contrastive losses (cosine similarity).")
+    gather_with_grad: bool = _opt(True, "In-batch loss gathers other processes' positives with gradient "
+                                        "(published: false, a plain all-gather).")
+    attention_mask_from: str = _opt("lengths", "`lengths`: mask from sequence lengths; `pad_token_id`: published "
+                                               "rule input_ids != pad id, which masks eos when pad == eos.")
+    dataset_types_file: str = _opt("configs/dataset_types.json", "JSON {task_type: [dataset names]}; a relative path "
+                                                                  "is looked up in the working folder, then the repository.")
+    dataset_types: dict = _opt(None, "Overrides and additions {dataset name: task type}.", )
+    attn_implementation: str = _opt("auto", "`auto` (flash_attention_2 if installed on a GPU, else sdpa), or any "
+                                            "transformers attn_implementation.")
+    dtype: str = _opt("auto", "Backbone weights: `auto` (bfloat16 where the GPU supports it, else float32), "
+                              "`bfloat16`, `float32`.")
+    gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
+    adam_betas: list = _opt(None, "AdamW betas.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")
+    validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.")
+    seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw.")
+
+    def __post_init__(self):
+        if self.adam_betas is None:
+            self.adam_betas = [0.9, 0.98]
+        if self.dataset_types is None:
+            self.dataset_types = {}
+
+    @property
+    def run_dir(self):
+        return os.path.join(self.output_dir, self.experiment_id)
+
+
+def config_keys():
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _type_ok(value, typ):
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def _validate(cfg, path):
+    def bad(key, why):
+        raise UserError(f"{path}: key '{key}' {why}")
+
+    for key in ("train_batch_size", "max_seq_length", "train_epochs", "log_interval"):
+        if getattr(cfg, key) < 1:
+            bad(key, "must be at least 1")
+    for key in ("checkpointing_steps", "validation_steps", "warmup_steps", "num_hard_neg"):
+        if getattr(cfg, key) < 0:
+            bad(key, "must be 0 or more")
+    if cfg.max_seq_length < 2:
+        bad("max_seq_length", "must be at least 2 (one token of text plus eos)")
+    if cfg.train_steps == 0 or cfg.train_steps < -1:
+        bad("train_steps", "must be -1 (epochs decide) or a positive number of steps")
+    if cfg.temperature <= 0:
+        bad("temperature", "must be positive")
+    if not 0 < cfg.validation_fraction < 1:
+        bad("validation_fraction", "must be between 0 and 1")
+    if cfg.attention_mask_from not in ("lengths", "pad_token_id"):
+        bad("attention_mask_from", "must be 'lengths' or 'pad_token_id'")
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        bad("dtype", "must be 'auto', 'bfloat16' or 'float32'")
+    if len(cfg.adam_betas) != 2 or not all(_type_ok(b, float) and 0 <= b < 1 for b in cfg.adam_betas):
+        bad("adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.98]")
+    for name, task in cfg.dataset_types.items():
+        if task not in TASK_TYPES:
+            bad("dataset_types", f"gives dataset '{name}' the type '{task}'; use one of {', '.join(TASK_TYPES)}")
+
+
+def load_config(path):
+    """Read a JSON config file into a Config; unknown keys, wrong types and bad values are UserErrors."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found: pass --config with a JSON file like configs/config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: must hold one JSON object of config keys")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    for key, value in raw.items():
+        if key not in fields:
+            raise UserError(f"{path}: unknown key '{key}'; valid keys: {', '.join(fields)}")
+        if value is None and fields[key].default is None:
+            continue
+        if not _type_ok(value, hints[key]):
+            raise UserError(f"{path}: key '{key}' must be of type {hints[key].__name__}, got {json.dumps(value)}")
+    missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in raw]
+    if missing:
+        raise UserError(f"{path}: missing required key(s) {', '.join(missing)}")
+    cfg = Config(**raw)
+    _validate(cfg, path)
+    return cfg
+
+
+def resolve_repo_path(path):
+    """A relative path that does not exist in the working folder is taken relative to the repository."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(REPO_DIR, path)
+
+
+def load_dataset_types(cfg):
+    """Map dataset name -> task type, from `dataset_types_file` plus the config's `dataset_types` overrides."""
+    path = resolve_repo_path(cfg.dataset_types_file)
+    if not os.path.isfile(path):
+        raise UserError(f"dataset_types_file {cfg.dataset_types_file} not found: point the config key "
+                        "'dataset_types_file' at a JSON file {task_type: [dataset names]}")
+    try:
+        with open(path) as f:
+            by_type = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})")
+    types = {}
+    for task, names in by_type.items():
+        if task not in TASK_TYPES:
+            raise UserError(f"{path}: unknown task type '{task}'; use {', '.join(TASK_TYPES)}")
+        types.update({name: task for name in names})
+    types.update(cfg.dataset_types)
+    return types

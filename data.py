@@ -1,0 +1,155 @@
+"""Tokenized datasets, the collate of one homogeneous batch, and the multi-dataset loader.
+
+Every batch holds rows of one dataset only. Sequence order in a batch: the bs queries, the bs
+positives, then each query's k hard negatives in turn (see loss.split_embeddings).
+"""
+import glob
+import os
+import random
+from functools import partial
+
+import datasets
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader
+
+from errors import UserError
+
+
+def find_datasets(data_path):
+    """[(name, path)] of the `*.parquet` files in data_path; the file name is the dataset name."""
+    if not os.path.isdir(data_path):
+        raise UserError(f"train_data_path {data_path} not found: point it at the folder that "
+                        "tokenize_data_qwen.py wrote")
+    paths = sorted(glob.glob(os.path.join(data_path, "*.parquet")))
+    if not paths:
+        raise UserError(f"train_data_path {data_path} holds no *.parquet files: run tokenize_data_qwen.py "
+                        "and point train_data_path at its --output_dir")
+    return [(os.path.basename(p)[: -len(".parquet")], p) for p in paths]
+
+
+def num_negatives_needed(task_type, num_hard_neg):
+    return 1 if task_type == "classification" else num_hard_neg
+
+
+def task_type_of(name, dataset_types, path):
+    if name not in dataset_types:
+        raise UserError(f"{path}: unknown dataset '{name}'; declare its task type in the config, e.g. "
+                        f'"dataset_types": {{"{name}": "retrieval"}} (or classification, clustering)')
+    return dataset_types[name]
+
+
+def token_columns(path, needed_negatives):
+    """The token columns a dataset file must have: query, passage and at least the needed negatives."""
+    try:
+        names = set(pq.read_schema(path).names)
+    except Exception as err:  # pyarrow raises several types for a broken file
+        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})")
+    for col in ("query_input_ids", "passage_input_ids"):
+        if col not in names:
+            raise UserError(f"{path}: no column '{col}'; tokenize the raw data with tokenize_data_qwen.py first")
+    n = 0
+    while f"negative_{n + 1}_input_ids" in names:
+        n += 1
+    if n < needed_negatives:
+        raise UserError(f"{path}: {n} hard negatives per row (negative_1 ... negative_{n}), fewer than the "
+                        f"{needed_negatives} the config asks for; lower num_hard_neg or add negatives")
+    return ["query_input_ids", "passage_input_ids"] + [f"negative_{i}_input_ids" for i in range(1, n + 1)]
+
+
+def load_splits(path, columns, cfg):
+    """The dataset's train / validation split (seeded), cached under cfg.cache_dir."""
+    ds = datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cfg.cache_dir)
+    if len(ds) < 2:
+        raise UserError(f"{path}: {len(ds)} row(s); a dataset needs at least 2 (one for validation)")
+    split = ds.select_columns(columns).train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
+    return split["train"], split["test"]
+
+
+def fit(seq, max_seq_length, eos_id):
+    """Cut to max_seq_length and force the last token to eos (it is already eos unless cut)."""
+    seq = list(seq[:max_seq_length])
+    seq[-1] = eos_id
+    return seq
+
+
+def collate(rows, *, num_neg, max_seq_length, eos_id, pad_id, rng=None):
+    """rows of one dataset -> {input_ids [n, L], lengths [n], num_queries, num_neg}.
+
+    Each query's num_neg negatives are drawn without replacement from the row's negatives by `rng`
+    (a random.Random); rng=None takes the first num_neg, so that validation losses are comparable.
+    """
+    negative_cols = sorted((c for c in rows[0] if c.startswith("negative_")), key=lambda c: int(c.split("_")[1]))
+    sequences = [r["query_input_ids"] for r in rows] + [r["passage_input_ids"] for r in rows]
+    for r in rows:
+        picks = rng.sample(range(len(negative_cols)), num_neg) if rng is not None else range(num_neg)
+        sequences += [r[negative_cols[i]] for i in picks]
+    sequences = [fit(s, max_seq_length, eos_id) for s in sequences]
+    lengths = torch.tensor([len(s) for s in sequences])
+    input_ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, : len(s)] = torch.tensor(s)
+    return {"input_ids": input_ids, "lengths": lengths, "num_queries": len(rows), "num_neg": num_neg}
+
+
+class MultiDatasetLoader:
+    """Homogeneous batches from one DataLoader per dataset.
+
+    Each epoch, the next batch's dataset is drawn at random with probability proportional to its
+    number of batches, seeded by (seed, epoch) so that every process draws the same sequence; an
+    exhausted dataset leaves the draw; the epoch ends when all are exhausted. Yields (name, batch).
+    """
+
+    def __init__(self, loaders, seed=0):
+        self.loaders = dict(loaders)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        for loader in self.loaders.values():
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+
+    def __len__(self):
+        return sum(len(loader) for loader in self.loaders.values())
+
+    def draw_order(self):
+        """The dataset name of every batch of this epoch, in order."""
+        rng = random.Random(f"{self.seed}-{self.epoch}")
+        left = {name: len(loader) for name, loader in self.loaders.items() if len(loader)}
+        order = []
+        while left:
+            names = list(left)
+            name = rng.choices(names, weights=[len(self.loaders[n]) for n in names])[0]
+            order.append(name)
+            left[name] -= 1
+            if not left[name]:
+                del left[name]
+        return order
+
+    def __iter__(self):
+        iterators = {name: iter(loader) for name, loader in self.loaders.items()}
+        for name in self.draw_order():
+            yield name, next(iterators[name])
+
+
+def check_datasets(cfg, dataset_types):
+    """[(name, path, task_type, token columns)] for every file in train_data_path, checked up front
+    (names, task types, columns) so that every process fails at once on bad input."""
+    out = []
+    for name, path in find_datasets(cfg.train_data_path):
+        task = task_type_of(name, dataset_types, path)
+        out.append((name, path, task, token_columns(path, num_negatives_needed(task, cfg.num_hard_neg))))
+    return out
+
+
+def make_loader(split, task, cfg, eos_id, pad_id, seed, train):
+    """A DataLoader of homogeneous batches of one dataset split: shuffled with sampled negatives
+    for training, in order with the first negatives for validation."""
+    collate_fn = partial(collate, num_neg=num_negatives_needed(task, cfg.num_hard_neg),
+                         max_seq_length=cfg.max_seq_length, eos_id=eos_id, pad_id=pad_id,
+                         rng=random.Random(seed) if train else None)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(split, batch_size=cfg.train_batch_size, shuffle=train, collate_fn=collate_fn,
+                      generator=generator)

@@ -1,0 +1,216 @@
+"""Train an F2LLM embedding model.
+
+    accelerate launch --config_file configs/accelerate_config.yaml run.py --config configs/config.json
+
+One step: embed a homogeneous batch (queries, positives, hard negatives) with last-token pooling,
+take the hard-negative loss (plus the in-batch loss on retrieval data), and step AdamW with a
+warmup + cosine schedule clamped at min_lr. `--prepare_only` builds the train/validation split
+cache in one process and exits (the recommended warm-up before a many-process launch).
+"""
+import argparse
+import dataclasses
+import json
+import os
+from collections import defaultdict
+from itertools import islice
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from config import load_config, load_dataset_types
+from data import MultiDatasetLoader, check_datasets, load_splits, make_loader
+from errors import exit_on_user_error
+from loss import f2llm_losses
+from model import Embedder, load_backbone, load_tokenizer
+
+
+class LossTracker:
+    """Sums of each dataset's losses since the last report; reported as means over all processes."""
+
+    def __init__(self, names, task_of):
+        self.names = sorted(names)
+        self.task_of = task_of
+        self.sums = defaultdict(float)
+        self.counts = defaultdict(int)
+
+    def add(self, name, losses):
+        for kind, value in losses.items():
+            self.sums[name, kind] += value.item()
+            self.counts[name, kind] += 1
+
+    def report(self, accelerator, prefix):
+        """{prefix/dataset/kind: mean} and {prefix/task_type/kind: mean of its datasets}; resets."""
+        keys = [(n, k) for n in self.names for k in ("inbatch", "hard")]
+        totals = torch.tensor([[self.sums[key], self.counts[key]] for key in keys], dtype=torch.float64,
+                              device=accelerator.device)
+        totals = accelerator.reduce(totals, reduction="sum").tolist()
+        self.sums.clear()
+        self.counts.clear()
+        out, by_task = {}, defaultdict(list)
+        for (name, kind), (total, count) in zip(keys, totals):
+            if count:
+                out[f"{prefix}/{name}/{kind}"] = total / count
+                by_task[self.task_of[name], kind].append(total / count)
+        for (task, kind), means in sorted(by_task.items()):
+            out[f"{prefix}/{task}/{kind}"] = sum(means) / len(means)
+        return out
+
+
+def step_loss(model, batch, task, cfg):
+    """The recipe's losses of one batch: {"hard": ..., "inbatch": ...(retrieval only)}."""
+    embeddings = model(batch["input_ids"], batch["lengths"])
+    return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, cfg.temperature,
+                        cfg.gather_with_grad)
+
+
+@torch.no_grad()
+def validate(model, valid_loaders, task_of, cfg, accelerator):
+    model.eval()
+    tracker = LossTracker(valid_loaders, task_of)
+    for name in sorted(valid_loaders):
+        for batch in valid_loaders[name]:
+            tracker.add(name, step_loss(model, batch, task_of[name], cfg))
+    model.train()
+    return tracker.report(accelerator, "valid")
+
+
+def save_checkpoint(accelerator, model, tokenizer, path):
+    """Backbone weights and tokenizer (`save_pretrained`), loadable with AutoModel / AutoTokenizer."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).backbone.save_pretrained(path, save_function=accelerator.save)
+        tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"checkpoint saved: {path}")
+    return path
+
+
+def clamp_lr(optimizer, min_lr):
+    for group in optimizer.param_groups:
+        group["lr"] = max(group["lr"], min_lr)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="JSON config (see configs/config.json and the README)")
+    p.add_argument("--prepare_only", action="store_true", help="build the dataset split cache, then exit")
+    return p.parse_args(argv)
+
+
+def prepare(cfg, dataset_types):
+    """Check every dataset, then build (or read from cache) its train/validation split."""
+    splits = {}
+    for name, path, task, columns in check_datasets(cfg, dataset_types):
+        splits[name] = (task, *load_splits(path, columns, cfg))
+    return splits
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config)
+    dataset_types = load_dataset_types(cfg)
+    if args.prepare_only:
+        for name, (task, train, valid) in prepare(cfg, dataset_types).items():
+            print(f"{name:32s} {task:15s} train {len(train):9d}  validation {len(valid):7d}")
+        return
+
+    accelerator = Accelerator()
+    set_seed(cfg.seed)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    tokenizer = load_tokenizer(cfg.model_path)
+    check_datasets(cfg, dataset_types)  # every process fails at once on bad input
+    with accelerator.main_process_first():  # one process builds the split cache, the others read it
+        splits = prepare(cfg, dataset_types)
+    task_of = {name: task for name, (task, _, _) in splits.items()}
+
+    # Without DeepSpeed's fp32 master weights, bf16 weights would lose small AdamW updates:
+    # keep float32 and let accelerate's mixed precision run the matmuls in bf16.
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if deepspeed else "float32")
+    backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing)
+    model = Embedder(backbone, tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None)
+    raw_optimizer = optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+                                  weight_decay=cfg.weight_decay)
+
+    names = sorted(splits)
+    seed = cfg.seed + accelerator.process_index  # negatives differ across processes, repeat across runs
+    train_loaders = [make_loader(splits[n][1], task_of[n], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 seed + i, train=True) for i, n in enumerate(names)]
+    valid_loaders = [make_loader(splits[n][2], task_of[n], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 seed, train=False) for n in names]
+    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *train_loaders, *valid_loaders)
+    train_loader = MultiDatasetLoader(zip(names, loaders[: len(names)]), seed=cfg.seed)
+    valid_loaders = dict(zip(names, loaders[len(names):]))
+
+    # The schedule is stepped once per optimizer step by us, not by accelerate, which would step it
+    # once per process. It and the min_lr clamp act on the AdamW param groups that DDP and
+    # DeepSpeed ZeRO step with.
+    total_steps = cfg.train_steps if cfg.train_steps > 0 else len(train_loader) * cfg.train_epochs
+    scheduler = get_cosine_schedule_with_warmup(raw_optimizer, cfg.warmup_steps, total_steps)
+
+    run_dir = cfg.run_dir
+    writer = None
+    if accelerator.is_main_process:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(cfg.tb_dir, cfg.experiment_id))
+
+    def log(metrics, step):
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()
+
+    accelerator.print(f"{len(names)} datasets, {len(train_loader)} batches per epoch per process, "
+                      f"{total_steps} steps, {accelerator.num_processes} process(es)")
+    tracker = LossTracker(names, task_of)
+    bar = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="train")
+    step, saved = 0, None
+    model.train()
+    for epoch in range(cfg.train_epochs):
+        train_loader.set_epoch(epoch)
+        for name, batch in islice(train_loader, total_steps - step):
+            losses = step_loss(model, batch, task_of[name], cfg)
+            loss = sum(losses.values())
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            clamp_lr(raw_optimizer, cfg.min_lr)
+            optimizer.zero_grad()
+            step += 1
+
+            tracker.add(name, losses)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", dataset=name)
+            if step % cfg.log_interval == 0:
+                log({"lr": raw_optimizer.param_groups[0]["lr"], **tracker.report(accelerator, "train")}, step)
+            if cfg.validation_steps and step % cfg.validation_steps == 0:
+                log(validate(model, valid_loaders, task_of, cfg, accelerator), step)
+            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(run_dir, f"step_{step}"))
+        # An epoch end, or train_steps reached inside an epoch: validate and save either way.
+        log(validate(model, valid_loaders, task_of, cfg, accelerator), step)
+        if step == (epoch + 1) * len(train_loader):
+            saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(run_dir, f"epoch_{epoch + 1}"))
+        elif saved != os.path.join(run_dir, f"step_{step}"):
+            saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(run_dir, f"step_{step}"))
+        if step >= total_steps:
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+    accelerator.print(f"final checkpoint: {saved}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
