@@ -52,8 +52,9 @@ class Config:
     dataset_types: dict = _opt(None, "Overrides and additions {dataset name: task type}.", )
     attn_implementation: str = _opt("auto", "`auto` (flash_attention_2 if installed on a GPU, else sdpa), or any "
                                             "transformers attn_implementation.")
-    dtype: str = _opt("auto", "Backbone weights: `auto` (bfloat16 where the GPU supports it, else float32), "
-                              "`bfloat16`, `float32`.")
+    dtype: str = _opt("auto", "Backbone weights: `auto` is bfloat16 under DeepSpeed (which keeps float32 master "
+                              "weights), else float32 with accelerate's mixed precision; `bfloat16` or `float32` force "
+                              "one (published: bfloat16).")
     gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
     adam_betas: list = _opt(None, "AdamW betas.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")

@@ -1,0 +1,77 @@
+"""2 processes x batch b and 1 process x batch 2b, on the same global batch, give the same update
+when the in-batch gather carries gradients, and a different one with the published plain gather."""
+import os
+import socket
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from data import collate
+from loss import f2llm_losses
+from model import Embedder, load_backbone
+
+B, K = 4, 3
+
+
+def global_batch_rows(tokenized):
+    table = pq.read_table(os.path.join(tokenized, "msmarco.parquet")).slice(0, 2 * B)
+    cols = ["query_input_ids", "passage_input_ids"] + [f"negative_{i}_input_ids" for i in range(1, K + 1)]
+    return table.select(cols).to_pylist()
+
+
+def step_update(model, rows, gather_with_grad):
+    """One optimizer step of the recipe's retrieval loss; returns the parameter change."""
+    batch = collate(rows, num_neg=K, max_seq_length=64, eos_id=0, pad_id=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    losses = f2llm_losses(model(batch["input_ids"], batch["lengths"]), len(rows), K,
+                          "retrieval", gather_with_grad=gather_with_grad)
+    sum(losses.values()).backward()
+    opt.step()
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+def _worker(rank, port, backbone, rows, gather_with_grad, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = DistributedDataParallel(Embedder(load_backbone(backbone)))  # averages gradients, as in training
+    delta = step_update(model, rows[rank * B : (rank + 1) * B], gather_with_grad)
+    if rank == 0:
+        torch.save(delta, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def two_process_update(tmp_path, backbone, rows, gather_with_grad):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / f"delta_{gather_with_grad}.pt")
+    mp.spawn(_worker, args=(port, backbone, rows, gather_with_grad, out), nprocs=2, join=True)
+    return torch.load(out)
+
+
+def max_rel_diff(a, b):
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item() for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def single(tiny, tokenized):
+    rows = global_batch_rows(tokenized)
+    return rows, step_update(Embedder(load_backbone(f"{tiny}/backbone")), rows, True)
+
+
+def test_gather_with_grad_matches_single_process(tmp_path, tiny, single):
+    rows, reference = single
+    two = two_process_update(tmp_path, f"{tiny}/backbone", rows, gather_with_grad=True)
+    assert max_rel_diff(two, reference) < 1e-4
+
+
+def test_plain_gather_differs(tmp_path, tiny, single):
+    rows, reference = single
+    two = two_process_update(tmp_path, f"{tiny}/backbone", rows, gather_with_grad=False)
+    assert max_rel_diff(two, reference) > 1e-2

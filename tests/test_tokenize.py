@@ -1,0 +1,488 @@
+"""tokenize_data_qwen.py: through its real CLI (as a user runs it) and its functions in-process.
+
+The CLI runs of this module are independent, so they are started together (one thread per
+subprocess) by two module fixtures; each test then checks one of the finished runs.
+"""
+import glob
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+import tokenize_data_qwen
+from conftest import assert_user_error, run_cli
+
+SCRIPT = "tokenize_data_qwen.py"
+DATASETS = ["banking77", "imdb", "msmarco", "natural_questions"]  # the `tiny` raw files, sorted
+ROWS = {"banking77": 300, "imdb": 300, "msmarco": 60, "natural_questions": 60}
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def tokenize_args(model_path, input_dir, output_dir, max_seq_length=64, num_proc=1):
+    return [SCRIPT, "--model_path", str(model_path), "--input_dir", str(input_dir), "--output_dir",
+            str(output_dir), "--max_seq_length", str(max_seq_length), "--num_proc", str(num_proc)]
+
+
+def run_all(jobs):
+    """{name: CompletedProcess} of run_cli(*args) for every (name, args) in jobs, run concurrently."""
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {name: pool.submit(run_cli, *args) for name, args in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def text_cols(table):
+    negs = sorted((c for c in table.column_names if re.fullmatch(r"negative_\d+", c)),
+                  key=lambda c: int(c.split("_")[1]))
+    return ["query", "passage"] + negs
+
+
+def expected_ids(tokenizer, texts, max_seq_length):
+    """The recipe, computed independently: the tokenizer's own ids without special tokens, cut to
+    max_seq_length - 1, then the eos id."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [seq[: max_seq_length - 1] + [tokenizer.eos_token_id] for seq in ids]
+
+
+def write(rows_or_table, path):
+    table = rows_or_table if isinstance(rows_or_table, pa.Table) else pa.Table.from_pylist(rows_or_table)
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+def good_rows(n=3):
+    return [{"query": f"who is kalo {i}", "passage": f"kalo {i} is a baker", "negative_1": "a pilot",
+             "negative_2": f"a farmer {i}"} for i in range(n)]
+
+
+def copy_tokenizer(src, dst, drop_eos=False):
+    """The tokenizer files (no weights) of a backbone folder; drop_eos removes eos_token everywhere
+    it is declared (tokenizer_config.json, and special_tokens_map.json where there is one)."""
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(src, name), dst)
+    if drop_eos:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            path = os.path.join(dst, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    cfg = json.load(f)
+                cfg.pop("eos_token", None)
+                with open(path, "w") as f:
+                    json.dump(cfg, f)
+    return str(dst)
+
+
+# ---- the good runs ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return AutoTokenizer.from_pretrained(f"{tiny}/backbone")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tiny_base, tokenized, tmp_path_factory):
+    """Concurrent CLI runs on good input; {name: (proc, output_dir)}."""
+    root = tmp_path_factory.mktemp("tokenize_runs")
+    inplace = root / "inplace"
+    shutil.copytree(tokenized, inplace)
+    mixed = root / "mixed_raw"
+    write(pa.table({"query": pa.array(["who is kalo", "who is mar"], pa.large_string()),
+                    "passage": pa.array(["kalo is a baker", "mar is a pilot"], pa.string()),
+                    "negative_1": pa.array(["mar is a pilot", "kalo is a baker"], pa.large_string())}),
+          mixed / "mixed.parquet")
+    large = root / "large_raw"
+    write(pa.table({c: pa.array(["kalo is a baker", "mar is a pilot"], pa.large_string())
+                    for c in ("query", "passage", "negative_1")}), large / "large.parquet")
+    specs = {
+        "np2": (f"{tiny}/backbone", f"{tiny}/raw", root / "np2", 64, 2),
+        "base": (f"{tiny_base}/backbone", f"{tiny_base}/raw", root / "base", 64, 1),
+        "short8": (f"{tiny}/backbone", f"{tiny}/raw", root / "short8", 8, 1),
+        "retok": (f"{tiny}/backbone", tokenized, root / "retok", 64, 1),
+        "retok8": (f"{tiny}/backbone", tokenized, root / "retok8", 8, 1),
+        "inplace": (f"{tiny}/backbone", inplace, inplace, 64, 1),
+        "mixed": (f"{tiny}/backbone", mixed, root / "mixed_out", 64, 1),
+        "large": (f"{tiny}/backbone", large, root / "large_out", 64, 1),
+    }
+    procs = run_all({name: tokenize_args(*spec) for name, spec in specs.items()})
+    return {name: (procs[name], str(specs[name][2])) for name in specs}
+
+
+def ok(runs, name):
+    proc, out = runs[name]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_output_files_columns_rows_and_order(tiny, tokenized):
+    """Every raw file gives one output file of the same name: text columns kept (same rows, same
+    order), then query/passage/negative_i `_input_ids` as int lists, one per text column."""
+    assert sorted(os.listdir(tokenized)) == [f"{d}.parquet" for d in DATASETS]
+    for name in DATASETS:
+        raw = pq.read_table(f"{tiny}/raw/{name}.parquet")
+        out = pq.read_table(f"{tokenized}/{name}.parquet")
+        cols = text_cols(raw)
+        expect_negs = 1 if name == "imdb" else 10
+        assert cols == ["query", "passage"] + [f"negative_{i}" for i in range(1, expect_negs + 1)], name
+        assert out.column_names == raw.column_names + [f"{c}_input_ids" for c in cols], name
+        assert out.num_rows == raw.num_rows == ROWS[name], name
+        assert out.select(raw.column_names).equals(raw), name
+        for c in cols:
+            assert out.schema.field(f"{c}_input_ids").type == pa.list_(pa.int32()), (name, c)
+
+
+def test_token_ids_are_the_tokenizers_own_cut_plus_eos(tiny, tokenized, tok):
+    for name in DATASETS:
+        out = pq.read_table(f"{tokenized}/{name}.parquet")
+        for c in text_cols(out):
+            texts = out.column(c).to_pylist()
+            assert out.column(f"{c}_input_ids").to_pylist() == expected_ids(tok, texts, 64), (name, c)
+
+
+def test_eos_is_im_end_for_post_trained_tokenizer(tokenized, tok):
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.eos_token_id == im_end != endoftext
+    for name in DATASETS:
+        out = pq.read_table(f"{tokenized}/{name}.parquet")
+        for c in text_cols(out):
+            for seq in out.column(f"{c}_input_ids").to_pylist():
+                assert seq[-1] == im_end
+                assert im_end not in seq[:-1] and endoftext not in seq  # no other special tokens
+
+
+def test_eos_is_endoftext_for_base_tokenizer(tiny_base, runs):
+    out_dir = ok(runs, "base")
+    tok_base = AutoTokenizer.from_pretrained(f"{tiny_base}/backbone")
+    endoftext = tok_base.convert_tokens_to_ids("<|endoftext|>")
+    assert tok_base.eos_token_id == endoftext
+    for name in DATASETS:
+        out = pq.read_table(f"{out_dir}/{name}.parquet")
+        for c in text_cols(out):
+            ids = out.column(f"{c}_input_ids").to_pylist()
+            assert all(seq[-1] == endoftext for seq in ids)
+            assert ids == expected_ids(tok_base, out.column(c).to_pylist(), 64), (name, c)
+
+
+def test_truncation_to_max_seq_length(tiny, runs, tok):
+    """--max_seq_length 8: long texts give exactly 8 tokens (7 of text + eos), short ones stay whole."""
+    out_dir = ok(runs, "short8")
+    long_seen = short_seen = 0
+    for name in DATASETS:
+        out = pq.read_table(f"{out_dir}/{name}.parquet")
+        for c in text_cols(out):
+            texts = out.column(c).to_pylist()
+            full = tok(texts, add_special_tokens=False)["input_ids"]
+            for text_ids, seq in zip(full, out.column(f"{c}_input_ids").to_pylist()):
+                assert seq[-1] == tok.eos_token_id
+                if len(text_ids) >= 8:
+                    long_seen += 1
+                    assert len(seq) == 8 and seq[:7] == text_ids[:7]
+                else:
+                    short_seen += 1
+                    assert seq == text_ids + [tok.eos_token_id]
+    assert long_seen > 100 and short_seen > 100  # both cases really occur in the sample data
+
+
+def test_num_proc_2_matches_num_proc_1(tokenized, runs):
+    out_dir = ok(runs, "np2")
+    assert sorted(os.listdir(out_dir)) == sorted(os.listdir(tokenized))
+    for name in DATASETS:
+        one = pq.read_table(f"{tokenized}/{name}.parquet")
+        two = pq.read_table(f"{out_dir}/{name}.parquet")
+        assert two.schema.equals(one.schema)
+        for c in one.column_names:
+            assert two.column(c).combine_chunks().equals(one.column(c).combine_chunks()), (name, c)
+        ids = [c for c in one.column_names if c.endswith("_input_ids")]
+        assert pa.Table.from_pydict({c: two.column(c) for c in ids}).equals(
+            pa.Table.from_pydict({c: one.column(c) for c in ids}))
+
+
+def test_retokenizing_tokenized_output_does_not_duplicate_columns(tokenized, runs):
+    out_dir = ok(runs, "retok")
+    for name in DATASETS:
+        first = pq.read_table(f"{tokenized}/{name}.parquet")
+        again = pq.read_table(f"{out_dir}/{name}.parquet")
+        assert len(set(again.column_names)) == len(again.column_names)
+        assert again.column_names == first.column_names
+        assert again.equals(first)
+
+
+def test_retokenizing_replaces_old_ids(runs):
+    """Old `_input_ids` columns are dropped and recomputed (max 64 input, --max_seq_length 8 run)."""
+    retok8, short8 = ok(runs, "retok8"), ok(runs, "short8")
+    for name in DATASETS:
+        again = pq.read_table(f"{retok8}/{name}.parquet")
+        fresh = pq.read_table(f"{short8}/{name}.parquet")
+        assert again.column_names == fresh.column_names
+        assert again.equals(fresh)
+        assert max(len(s) for s in again.column("passage_input_ids").to_pylist()) <= 8
+
+
+def test_in_place_rerun(tokenized, runs):
+    """--output_dir == --input_dir: files replaced atomically, no duplicate columns, no temp files."""
+    out_dir = ok(runs, "inplace")
+    assert sorted(os.listdir(out_dir)) == [f"{d}.parquet" for d in DATASETS]
+    for name in DATASETS:
+        assert pq.read_table(f"{out_dir}/{name}.parquet").equals(pq.read_table(f"{tokenized}/{name}.parquet"))
+
+
+def test_large_string_columns_accepted(runs, tok):
+    out_dir = ok(runs, "large")
+    out = pq.read_table(f"{out_dir}/large.parquet")
+    for c in ("query", "passage", "negative_1"):
+        assert out.column(f"{c}_input_ids").to_pylist() == expected_ids(tok, out.column(c).to_pylist(), 64)
+
+
+def test_mixed_string_and_large_string_columns(runs, tok):
+    """text_columns accepts string and large_string per column, so a file mixing them (passage
+    string, negatives large_string) must tokenize too. BUG: tokenize_table builds one
+    chunked_array from chunks of both types -> ArrowTypeError traceback."""
+    proc, out_dir = runs["mixed"]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = pq.read_table(f"{out_dir}/mixed.parquet")
+    for c in ("query", "passage", "negative_1"):
+        assert out.column(f"{c}_input_ids").to_pylist() == expected_ids(tok, out.column(c).to_pylist(), 64)
+
+
+# ---- deduplication and chunking (in-process, with a spy on the worker function) ---------------
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    original = tokenize_data_qwen._tokenize_chunk
+
+    def spying(texts):
+        calls.append(list(texts))
+        return original(texts)
+
+    monkeypatch.setattr(tokenize_data_qwen, "_tokenize_chunk", spying)
+    return calls
+
+
+def run_main(tiny, input_dir, output_dir, max_seq_length=64):
+    assert tokenize_data_qwen.main(["--model_path", f"{tiny}/backbone", "--input_dir", str(input_dir),
+                                    "--output_dir", str(output_dir), "--max_seq_length", str(max_seq_length),
+                                    "--num_proc", "1"]) is None
+
+
+def test_each_unique_text_tokenized_once(tiny, tmp_path, spy, tok):
+    rows = [
+        {"query": "q one", "passage": "text a", "negative_1": "text b", "negative_2": "text a"},
+        {"query": "q one", "passage": "text b", "negative_1": "text c", "negative_2": "text a"},
+        {"query": "q two", "passage": "text c", "negative_1": "text c", "negative_2": "text b"},
+    ]
+    write(rows, tmp_path / "raw" / "d.parquet")
+    run_main(tiny, tmp_path / "raw", tmp_path / "out")
+    assert len(spy) == 2  # queries, then passages+negatives (each far below one CHUNK)
+    assert sorted(spy[0]) == ["q one", "q two"]
+    assert sorted(spy[1]) == ["text a", "text b", "text c"]
+    out = pq.read_table(tmp_path / "out" / "d.parquet").to_pylist()
+    want = dict(zip(["text a", "text b", "text c", "q one", "q two"],
+                    expected_ids(tok, ["text a", "text b", "text c", "q one", "q two"], 64)))
+    for row in out:
+        for c in ("query", "passage", "negative_1", "negative_2"):
+            assert row[f"{c}_input_ids"] == want[row[c]], (row, c)
+
+
+def test_dedup_on_retrieval_data(tiny, tmp_path, spy):
+    """msmarco reuses every bio as a passage and as other people's negatives: 660 document cells,
+    each distinct text sent to the tokenizer exactly once; rows sharing a text share ids."""
+    raw = pq.read_table(f"{tiny}/raw/msmarco.parquet")
+    os.makedirs(tmp_path / "raw")
+    shutil.copy(f"{tiny}/raw/msmarco.parquet", tmp_path / "raw")
+    run_main(tiny, tmp_path / "raw", tmp_path / "out")
+    docs = [t for c in text_cols(raw)[1:] for t in raw.column(c).to_pylist()]
+    queries = raw.column("query").to_pylist()
+    assert len(spy) == 2
+    assert len(spy[0]) == len(set(spy[0])) and set(spy[0]) == set(queries)
+    assert len(spy[1]) == len(set(spy[1])) and set(spy[1]) == set(docs)
+    assert len(spy[1]) < len(docs)  # dedup really happened
+    out = pq.read_table(tmp_path / "out" / "msmarco.parquet")
+    seen = {}
+    for c in text_cols(raw)[1:]:
+        for text, ids in zip(out.column(c).to_pylist(), out.column(f"{c}_input_ids").to_pylist()):
+            assert seen.setdefault(text, ids) == ids
+
+
+def test_small_chunks_keep_order(tiny, tokenized, tmp_path, spy, monkeypatch):
+    """Texts split over many worker chunks map back to the right rows."""
+    monkeypatch.setattr(tokenize_data_qwen, "CHUNK", 7)
+    os.makedirs(tmp_path / "raw")
+    shutil.copy(f"{tiny}/raw/banking77.parquet", tmp_path / "raw")
+    run_main(tiny, tmp_path / "raw", tmp_path / "out")
+    assert len(spy) > 10 and all(len(chunk) <= 7 for chunk in spy)
+    assert pq.read_table(tmp_path / "out" / "banking77.parquet").equals(
+        pq.read_table(f"{tokenized}/banking77.parquet"))
+
+
+def test_tokenize_unique_returns_int32_lists(tiny):
+    tokenize_data_qwen._init_worker(f"{tiny}/backbone", 5)
+    arr = tokenize_data_qwen.tokenize_unique(["one two three four five six seven", "x"], None, "t")
+    assert arr.type == pa.list_(pa.int32())
+    assert [len(s) for s in arr.to_pylist()] == [5, 2]
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+BAD_FILE = "bad.parquet"
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tiny, tmp_path_factory):
+    """{case: (proc, input_dir, output_dir, model_path)} of concurrent CLI runs on bad input."""
+    root = tmp_path_factory.mktemp("tokenize_bad")
+    model = f"{tiny}/backbone"
+    cases = {}
+
+    def case(name, table=None, raw_bytes=None, model_path=model, max_seq_length=64, make_dir=True,
+             extra_good=False):
+        inp, out = root / name / "in", root / name / "out"
+        if make_dir:
+            os.makedirs(inp)
+        if extra_good:  # a valid file sorted before the bad one
+            write(good_rows(), inp / "a_good.parquet")
+        if table is not None:
+            write(table, inp / BAD_FILE)
+        if raw_bytes is not None:
+            (inp / BAD_FILE).write_bytes(raw_bytes)
+        cases[name] = (inp, out, model_path, max_seq_length)
+
+    case("missing_input_dir", make_dir=False)
+    case("no_parquet")
+    (root / "no_parquet" / "in" / "data.csv").write_text("query,passage\na,b\n")
+    case("no_passage", pa.table({"query": ["a"], "negative_1": ["b"]}))
+    case("no_query", pa.table({"passage": ["a"], "negative_1": ["b"]}))
+    case("negative_gap", pa.table({"query": ["a"], "passage": ["b"], "negative_1": ["c"], "negative_3": ["d"]}))
+    case("negative_zero_padded", pa.table({"query": ["a"], "passage": ["b"], "negative_01": ["c"]}))
+    case("non_string", pa.table({"query": ["a", "b"], "passage": ["b", "c"], "negative_1": [1, 2]}))
+    case("null_query", pa.table({"query": [None, "x", None], "passage": ["a", "b", "c"],
+                                 "negative_1": ["d", "e", "f"]}), extra_good=True)
+    case("empty_passage", pa.table({"query": ["x", "y", "z"], "passage": ["a", "", "c"],
+                                    "negative_1": ["d", "e", "f"]}))
+    case("whitespace_negative", pa.table({"query": ["x", "y", "z"], "passage": ["a", "b", "c"],
+                                          "negative_1": ["d", "e", "f"], "negative_2": [" ", "ok", "\t\n "]}))
+    case("many_bad", pa.table({"query": ["q"] * 8, "passage": [""] * 7 + ["p"], "negative_1": ["n"] * 8}))
+    case("corrupt", raw_bytes=os.urandom(4096))
+    case("corrupt_with_magic", raw_bytes=b"PAR1" + os.urandom(2048) + b"PAR1")
+    noeos = copy_tokenizer(model, root / "noeos_tokenizer", drop_eos=True)
+    case("no_eos", pa.Table.from_pylist(good_rows()), model_path=noeos)
+    os.makedirs(root / "empty_model")
+    case("no_tokenizer", pa.Table.from_pylist(good_rows()), model_path=str(root / "empty_model"))
+    case("max_seq_length_1", pa.Table.from_pylist(good_rows()), max_seq_length=1)
+    case("max_seq_length_0", pa.Table.from_pylist(good_rows()), max_seq_length=0)
+
+    procs = run_all({name: tokenize_args(m, i, o, n) for name, (i, o, m, n) in cases.items()})
+    return {name: (procs[name], *cases[name]) for name in cases}
+
+
+def no_bad_output(out_dir):
+    """The failed file was not written (not even a temp file)."""
+    files = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    assert BAD_FILE not in files and not [f for f in files if ".tmp-" in f], files
+
+
+def test_missing_input_dir(bad_runs):
+    proc, inp, out, _, _ = bad_runs["missing_input_dir"]
+    assert_user_error(proc, str(inp), "not found", "--input_dir")
+    assert not os.path.exists(out)
+
+
+def test_input_dir_without_parquet(bad_runs):
+    proc, inp, out, _, _ = bad_runs["no_parquet"]
+    assert_user_error(proc, "no *.parquet", str(inp))
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("no_passage", ["no column 'passage'"]),
+    ("no_query", ["no column 'query'"]),
+    ("negative_gap", ["without gaps", "negative_1, negative_3"]),
+    ("non_string", ["'negative_1'", "int64", "strings"]),
+    ("null_query", ["'query' 2 (rows 0, 2)", "null or empty"]),
+    ("empty_passage", ["'passage' 1 (rows 1)"]),
+    ("whitespace_negative", ["'negative_2' 2 (rows 0, 2)"]),
+    ("many_bad", ["'passage' 7 (rows 0, 1, 2, 3, 4, ...)"]),
+    ("corrupt", ["not a readable parquet file"]),
+    ("corrupt_with_magic", ["not a readable parquet file"]),
+])
+def test_bad_file(bad_runs, case, fragments):
+    proc, inp, out, _, _ = bad_runs[case]
+    assert_user_error(proc, str(inp / BAD_FILE), *fragments)
+    no_bad_output(out)
+
+
+def test_problem_columns_only_are_named(bad_runs):
+    line = assert_user_error(bad_runs["whitespace_negative"][0])
+    for fine in ("'query'", "'passage'", "'negative_1'"):
+        assert fine not in line
+
+
+def test_good_file_before_bad_one_is_written(bad_runs, tiny):
+    proc, inp, out, _, _ = bad_runs["null_query"]
+    assert proc.returncode != 0
+    assert os.listdir(out) == ["a_good.parquet"]
+    assert pq.read_table(out / "a_good.parquet").num_rows == 3
+
+
+def test_zero_padded_negative_name_is_a_user_error(bad_runs):
+    """BUG: a column `negative_01` (and no `negative_1`) passes the gap check as negative 1, then
+    schema.field('negative_1') raises KeyError: a traceback instead of one error line."""
+    proc, inp, out, _, _ = bad_runs["negative_zero_padded"]
+    assert_user_error(proc, str(inp / BAD_FILE), "negative_01")
+    no_bad_output(out)
+
+
+def test_tokenizer_without_eos(bad_runs):
+    proc, inp, out, model, _ = bad_runs["no_eos"]
+    assert AutoTokenizer.from_pretrained(model).eos_token_id is None  # the case is real
+    assert_user_error(proc, model, "no eos token", "eos_token")
+    no_bad_output(out)
+    assert not os.path.exists(out / "bad.parquet")
+
+
+def test_model_path_without_tokenizer(bad_runs):
+    proc, inp, out, model, _ = bad_runs["no_tokenizer"]
+    assert_user_error(proc, "cannot load a tokenizer", model)
+    no_bad_output(out)
+
+
+@pytest.mark.parametrize("case", ["max_seq_length_1", "max_seq_length_0"])
+def test_max_seq_length_below_2(bad_runs, case):
+    proc, inp, out, _, _ = bad_runs[case]
+    assert_user_error(proc, "--max_seq_length", "at least 2")
+    assert not os.path.exists(out)
+
+
+def test_missing_required_argument():
+    proc = run_cli(SCRIPT, "--input_dir", "x", "--output_dir", "y")
+    assert proc.returncode != 0 and "--model_path" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- validation functions, in-process ---------------------------------------------------------
+
+def test_text_columns_orders_negatives_numerically():
+    schema = pa.schema([(c, pa.string()) for c in
+                        ["negative_10", "passage", "negative_2", "query", "negative_1"]
+                        + [f"negative_{i}" for i in range(3, 10)] + ["extra"]])
+    assert tokenize_data_qwen.text_columns(schema, "f") == \
+        ["query", "passage"] + [f"negative_{i}" for i in range(1, 11)]
+
+
+def test_text_columns_allows_no_negatives():
+    assert tokenize_data_qwen.text_columns(pa.schema([("query", pa.string()), ("passage", pa.string())]),
+                                           "f") == ["query", "passage"]
+
+
+def test_check_texts_accepts_valid_text():
+    table = pa.table({"query": ["a", " b "], "passage": ["c", "d"]})
+    tokenize_data_qwen.check_texts(table, ["query", "passage"], "f")  # no error

@@ -1,0 +1,100 @@
+"""End to end through the real commands: tokenize (fixture), then run.py with 1 and 2 CPU processes."""
+import glob
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from conftest import REPO_DIR, run_cli, write_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModel, AutoTokenizer
+
+BIN = os.path.dirname(sys.executable)
+
+
+def train_config(tmp_path, tiny, tokenized, **overrides):
+    values = dict(model_path=f"{tiny}/backbone", train_data_path=tokenized, experiment_id="e2e",
+                  output_dir=str(tmp_path / "out"), tb_dir=str(tmp_path / "tb"), cache_dir=str(tmp_path / "cache"),
+                  train_batch_size=8, max_seq_length=64, num_hard_neg=3, learning_rate=2e-3, min_lr=1e-5,
+                  warmup_steps=5, train_epochs=2, log_interval=5, checkpointing_steps=40, validation_steps=40)
+    values.update(overrides)
+    return write_config(tmp_path / "config.json", **values), values
+
+
+def scalars(tb_dir, tag):
+    events = EventAccumulator(glob.glob(os.path.join(tb_dir, "e2e"))[0])
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def check_run(tmp_path, values, proc, steps_per_epoch):
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = os.path.join(values["output_dir"], "e2e")
+    total = 2 * steps_per_epoch
+    expected = {f"step_{s}" for s in range(40, total + 1, 40)} | {"epoch_1", "epoch_2"}
+    assert {d for d in os.listdir(run_dir) if os.path.isdir(os.path.join(run_dir, d))} == expected
+    assert f"final checkpoint: {run_dir}/epoch_2" in proc.stdout
+
+    args = json.load(open(os.path.join(run_dir, "args.json")))
+    assert args["train_batch_size"] == values["train_batch_size"] and args["temperature"] == 0.05
+
+    # Loss goes down: training losses of the first and last log interval, and validation.
+    train = scalars(values["tb_dir"], "train/retrieval/inbatch")
+    assert train[-1][0] == total - total % 5
+    assert train[-1][1] < 0.7 * train[0][1], train
+    valid = scalars(values["tb_dir"], "valid/retrieval/hard")
+    assert [s for s, _ in valid][-1] == total
+    for tag in ("train/imdb/hard", "train/banking77/hard", "train/msmarco/inbatch", "valid/imdb/hard", "lr"):
+        assert scalars(values["tb_dir"], tag)
+    lr = dict(scalars(values["tb_dir"], "lr"))
+    assert max(lr.values()) <= values["learning_rate"] * (1 + 1e-6) and min(lr.values()) >= values["min_lr"] * (1 - 1e-6)
+
+    # Checkpoints reload with the plain transformers API and hold trained weights.
+    final = os.path.join(run_dir, "epoch_2")
+    trained = AutoModel.from_pretrained(final)
+    initial = AutoModel.from_pretrained(values["model_path"])
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.eos_token == "<|im_end|>"
+    diffs = [(a - b).abs().max().item() for a, b in zip(trained.state_dict().values(), initial.state_dict().values())]
+    assert max(diffs) > 1e-3
+    return valid
+
+
+def steps_per_epoch(tokenized, batch_size, processes):
+    import datasets
+
+    total = 0
+    for path in sorted(glob.glob(os.path.join(tokenized, "*.parquet"))):
+        n = len(datasets.Dataset.from_parquet(path))
+        train_rows = n - -(-n // 100)  # validation is ceil(1%)
+        batches = -(-train_rows // batch_size)
+        total += -(-batches // processes)
+    return total
+
+
+def test_train_one_process(tmp_path, tiny, tokenized):
+    config, values = train_config(tmp_path, tiny, tokenized, gradient_checkpointing=True)
+    assert run_cli("run.py", "--config", config, "--prepare_only").returncode == 0
+    proc = run_cli("run.py", "--config", config, prefix=[os.path.join(BIN, "accelerate"), "launch",
+                                                         "--config_file", "configs/accelerate_cpu.yaml"])
+    check_run(tmp_path, values, proc, steps_per_epoch(tokenized, 8, 1))
+
+
+def test_train_two_processes(tmp_path, tiny, tokenized):
+    config, values = train_config(tmp_path, tiny, tokenized)
+    proc = run_cli("run.py", "--config", config, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                   prefix=[os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29533"])
+    check_run(tmp_path, values, proc, steps_per_epoch(tokenized, 8, 2))
+    assert "2 process(es)" in proc.stdout
+
+
+def test_train_steps_stops_inside_an_epoch(tmp_path, tiny, tokenized):
+    config, values = train_config(tmp_path, tiny, tokenized, train_steps=7, checkpointing_steps=0,
+                                  validation_steps=0)
+    proc = run_cli("run.py", "--config", config)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = os.path.join(values["output_dir"], "e2e")
+    assert sorted(os.listdir(run_dir)) == ["args.json", "step_7"]
+    assert f"final checkpoint: {run_dir}/step_7" in proc.stdout
