@@ -17,10 +17,11 @@ from itertools import islice
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from config import load_config, load_dataset_types
+from config import TASK_TYPES, load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, load_splits, make_loader
 from errors import exit_on_user_error
 from loss import f2llm_losses
@@ -33,19 +34,20 @@ class LossTracker:
     def __init__(self, names, task_of):
         self.names = sorted(names)
         self.task_of = task_of
-        self.sums = defaultdict(float)
+        self.sums = {}
         self.counts = defaultdict(int)
 
     def add(self, name, losses):
+        """Accumulates on the device: no host sync per step."""
         for kind, value in losses.items():
-            self.sums[name, kind] += value.item()
+            self.sums[name, kind] = self.sums.get((name, kind), 0) + value.detach().double()
             self.counts[name, kind] += 1
 
     def report(self, accelerator, prefix):
         """{prefix/dataset/kind: mean} and {prefix/task_type/kind: mean of its datasets}; resets."""
         keys = [(n, k) for n in self.names for k in ("inbatch", "hard")]
-        totals = torch.tensor([[self.sums[key], self.counts[key]] for key in keys], dtype=torch.float64,
-                              device=accelerator.device)
+        zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        totals = torch.stack([torch.stack([self.sums.get(key, zero), zero + self.counts[key]]) for key in keys])
         totals = accelerator.reduce(totals, reduction="sum").tolist()
         self.sums.clear()
         self.counts.clear()
@@ -108,6 +110,41 @@ def prepare(cfg, dataset_types):
     return splits
 
 
+def build_model(cfg, tokenizer, deepspeed):
+    # Without DeepSpeed's fp32 master weights, bf16 weights would lose small AdamW updates:
+    # keep float32 and let accelerate's mixed precision run the matmuls in bf16.
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if deepspeed else "float32")
+    backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing)
+    return Embedder(backbone, tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None)
+
+
+def build_loaders(splits, cfg, tokenizer, process_index):
+    """Per-dataset train and validation DataLoaders, in name order."""
+    seed = cfg.seed + process_index  # negatives differ across processes and repeat across runs
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    train = [make_loader(split, task, cfg, eos, pad, seed + i, train=True)
+             for i, (task, split, _) in enumerate(splits.values())]
+    valid = [make_loader(split, task, cfg, eos, pad, seed, train=False) for task, _, split in splits.values()]
+    return train, valid
+
+
+def open_writer(cfg, accelerator):
+    """args.json and the TensorBoard writer, on the main process only (None elsewhere)."""
+    if not accelerator.is_main_process:
+        return None
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    return SummaryWriter(os.path.join(cfg.tb_dir, cfg.experiment_id))
+
+
+def log(writer, metrics, step):
+    if writer is not None:
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+        writer.flush()
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
@@ -126,52 +163,25 @@ def main(argv=None):
     tokenizer = load_tokenizer(cfg.model_path)
     check_datasets(cfg, dataset_types)  # every process fails at once on bad input
     with accelerator.main_process_first():  # one process builds the split cache, the others read it
-        splits = prepare(cfg, dataset_types)
+        splits = dict(sorted(prepare(cfg, dataset_types).items()))
     task_of = {name: task for name, (task, _, _) in splits.items()}
 
-    # Without DeepSpeed's fp32 master weights, bf16 weights would lose small AdamW updates:
-    # keep float32 and let accelerate's mixed precision run the matmuls in bf16.
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if deepspeed else "float32")
-    backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing)
-    model = Embedder(backbone, tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None)
-    raw_optimizer = optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
-                                  weight_decay=cfg.weight_decay)
-
-    names = sorted(splits)
-    seed = cfg.seed + accelerator.process_index  # negatives differ across processes, repeat across runs
-    train_loaders = [make_loader(splits[n][1], task_of[n], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                 seed + i, train=True) for i, n in enumerate(names)]
-    valid_loaders = [make_loader(splits[n][2], task_of[n], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                 seed, train=False) for n in names]
-    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *train_loaders, *valid_loaders)
-    train_loader = MultiDatasetLoader(zip(names, loaders[: len(names)]), seed=cfg.seed)
-    valid_loaders = dict(zip(names, loaders[len(names):]))
-
-    # The schedule is stepped once per optimizer step by us, not by accelerate, which would step it
-    # once per process. It and the min_lr clamp act on the AdamW param groups that DDP and
-    # DeepSpeed ZeRO step with.
+    model = build_model(cfg, tokenizer, deepspeed)
+    adamw = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+                              weight_decay=cfg.weight_decay)
+    train_loaders, valid_loaders = build_loaders(splits, cfg, tokenizer, accelerator.process_index)
+    model, optimizer, *loaders = accelerator.prepare(model, adamw, *train_loaders, *valid_loaders)
+    train_loader = MultiDatasetLoader(zip(splits, loaders[: len(splits)]), seed=cfg.seed)
+    valid_loaders = dict(zip(splits, loaders[len(splits):]))
     total_steps = cfg.train_steps if cfg.train_steps > 0 else len(train_loader) * cfg.train_epochs
-    scheduler = get_cosine_schedule_with_warmup(raw_optimizer, cfg.warmup_steps, total_steps)
+    # Stepped once per optimizer step here, not by accelerate (which steps it once per process).
+    # It and the min_lr clamp act on AdamW's param groups, which DDP and DeepSpeed ZeRO step with.
+    scheduler = get_cosine_schedule_with_warmup(adamw, cfg.warmup_steps, total_steps)
 
-    run_dir = cfg.run_dir
-    writer = None
-    if accelerator.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(cfg.tb_dir, cfg.experiment_id))
-
-    def log(metrics, step):
-        if writer is not None:
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step)
-            writer.flush()
-
-    accelerator.print(f"{len(names)} datasets, {len(train_loader)} batches per epoch per process, "
+    writer = open_writer(cfg, accelerator)
+    accelerator.print(f"{len(splits)} datasets, {len(train_loader)} batches per epoch per process, "
                       f"{total_steps} steps, {accelerator.num_processes} process(es)")
-    tracker = LossTracker(names, task_of)
+    tracker = LossTracker(splits, task_of)
     bar = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="train")
     step, saved = 0, None
     model.train()
@@ -179,30 +189,31 @@ def main(argv=None):
         train_loader.set_epoch(epoch)
         for name, batch in islice(train_loader, total_steps - step):
             losses = step_loss(model, batch, task_of[name], cfg)
-            loss = sum(losses.values())
-            accelerator.backward(loss)
+            accelerator.backward(sum(losses.values()))
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            clamp_lr(raw_optimizer, cfg.min_lr)
+            clamp_lr(adamw, cfg.min_lr)
             optimizer.zero_grad()
             step += 1
 
             tracker.add(name, losses)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", dataset=name)
             if step % cfg.log_interval == 0:
-                log({"lr": raw_optimizer.param_groups[0]["lr"], **tracker.report(accelerator, "train")}, step)
+                metrics = tracker.report(accelerator, "train")
+                log(writer, {"lr": adamw.param_groups[0]["lr"], **metrics}, step)
+                bar.set_postfix({k[len("train/"):]: f"{v:.3f}" for k, v in metrics.items()
+                                 if k.split("/")[1] in TASK_TYPES})
             if cfg.validation_steps and step % cfg.validation_steps == 0:
-                log(validate(model, valid_loaders, task_of, cfg, accelerator), step)
+                log(writer, validate(model, valid_loaders, task_of, cfg, accelerator), step)
             if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-                saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(run_dir, f"step_{step}"))
+                saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(cfg.run_dir, f"step_{step}"))
         # An epoch end, or train_steps reached inside an epoch: validate and save either way.
-        log(validate(model, valid_loaders, task_of, cfg, accelerator), step)
+        log(writer, validate(model, valid_loaders, task_of, cfg, accelerator), step)
         if step == (epoch + 1) * len(train_loader):
-            saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(run_dir, f"epoch_{epoch + 1}"))
-        elif saved != os.path.join(run_dir, f"step_{step}"):
-            saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(run_dir, f"step_{step}"))
+            saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(cfg.run_dir, f"epoch_{epoch + 1}"))
+        elif saved != os.path.join(cfg.run_dir, f"step_{step}"):
+            saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(cfg.run_dir, f"step_{step}"))
         if step >= total_steps:
             break
     bar.close()

@@ -1,13 +1,18 @@
-"""tokenize_data_qwen.py: through its real CLI (as a user runs it) and its functions in-process.
+"""tokenize_data_qwen.py: through its real CLI (as a user runs it) and its main() in-process.
 
-The CLI runs of this module are independent, so they are started together (one thread per
-subprocess) by two module fixtures; each test then checks one of the finished runs.
+Each subprocess pays ~4 s of imports (torch, transformers), so the real CLI is used for the full
+runs (the session fixture `tokenized`, --num_proc 2, the Base tokenizer, one bad input), started
+together; the other cases call main(argv) in this process through `call_main`, which reports
+exactly what the CLI would print (an uncaught exception shows as a traceback, exit 1).
 """
-import glob
+import contextlib
+import io
 import json
 import os
 import re
 import shutil
+import subprocess
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -30,11 +35,24 @@ def tokenize_args(model_path, input_dir, output_dir, max_seq_length=64, num_proc
             str(output_dir), "--max_seq_length", str(max_seq_length), "--num_proc", str(num_proc)]
 
 
-def run_all(jobs):
-    """{name: CompletedProcess} of run_cli(*args) for every (name, args) in jobs, run concurrently."""
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = {name: pool.submit(run_cli, *args) for name, args in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
+def call_main(main, argv):
+    """main(argv) in this process, as the CLI would run it: a CompletedProcess with its exit status,
+    stdout and stderr; an exception that escapes main() prints its traceback and gives status 1."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except Exception:  # noqa: BLE001 - reported like the interpreter would
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def tokenize_main(*args):
+    return call_main(tokenize_data_qwen.main, list(args))
 
 
 def text_cols(table):
@@ -90,7 +108,7 @@ def tok(tiny):
 
 @pytest.fixture(scope="module")
 def runs(tiny, tiny_base, tokenized, tmp_path_factory):
-    """Concurrent CLI runs on good input; {name: (proc, output_dir)}."""
+    """Runs on good input; {name: (proc, output_dir)}."""
     root = tmp_path_factory.mktemp("tokenize_runs")
     inplace = root / "inplace"
     shutil.copytree(tokenized, inplace)
@@ -102,9 +120,11 @@ def runs(tiny, tiny_base, tokenized, tmp_path_factory):
     large = root / "large_raw"
     write(pa.table({c: pa.array(["kalo is a baker", "mar is a pilot"], pa.large_string())
                     for c in ("query", "passage", "negative_1")}), large / "large.parquet")
-    specs = {
+    cli = {  # the real CLI, run concurrently with the in-process runs below
         "np2": (f"{tiny}/backbone", f"{tiny}/raw", root / "np2", 64, 2),
         "base": (f"{tiny_base}/backbone", f"{tiny_base}/raw", root / "base", 64, 1),
+    }
+    in_process = {
         "short8": (f"{tiny}/backbone", f"{tiny}/raw", root / "short8", 8, 1),
         "retok": (f"{tiny}/backbone", tokenized, root / "retok", 64, 1),
         "retok8": (f"{tiny}/backbone", tokenized, root / "retok8", 8, 1),
@@ -112,8 +132,11 @@ def runs(tiny, tiny_base, tokenized, tmp_path_factory):
         "mixed": (f"{tiny}/backbone", mixed, root / "mixed_out", 64, 1),
         "large": (f"{tiny}/backbone", large, root / "large_out", 64, 1),
     }
-    procs = run_all({name: tokenize_args(*spec) for name, spec in specs.items()})
-    return {name: (procs[name], str(specs[name][2])) for name in specs}
+    with ThreadPoolExecutor(max_workers=len(cli)) as pool:
+        futures = {name: pool.submit(run_cli, *tokenize_args(*spec)) for name, spec in cli.items()}
+        procs = {name: tokenize_main(*tokenize_args(*spec)[1:]) for name, spec in in_process.items()}
+        procs.update({name: future.result() for name, future in futures.items()})
+    return {name: (procs[name], str(spec[2])) for name, spec in {**cli, **in_process}.items()}
 
 
 def ok(runs, name):
@@ -339,7 +362,7 @@ BAD_FILE = "bad.parquet"
 
 @pytest.fixture(scope="module")
 def bad_runs(tiny, tmp_path_factory):
-    """{case: (proc, input_dir, output_dir, model_path)} of concurrent CLI runs on bad input."""
+    """{case: (proc, input_dir, output_dir, model_path, max_seq_length)} of runs on bad input."""
     root = tmp_path_factory.mktemp("tokenize_bad")
     model = f"{tiny}/backbone"
     cases = {}
@@ -381,7 +404,10 @@ def bad_runs(tiny, tmp_path_factory):
     case("max_seq_length_1", pa.Table.from_pylist(good_rows()), max_seq_length=1)
     case("max_seq_length_0", pa.Table.from_pylist(good_rows()), max_seq_length=0)
 
-    procs = run_all({name: tokenize_args(m, i, o, n) for name, (i, o, m, n) in cases.items()})
+    # One case through the real CLI (exit status and stderr of a real process), the rest in-process.
+    procs = {name: tokenize_main(*tokenize_args(m, i, o, n)[1:])
+             for name, (i, o, m, n) in cases.items() if name != "missing_input_dir"}
+    procs["missing_input_dir"] = run_cli(*tokenize_args(*[cases["missing_input_dir"][k] for k in (2, 0, 1, 3)]))
     return {name: (procs[name], *cases[name]) for name in cases}
 
 
@@ -464,7 +490,7 @@ def test_max_seq_length_below_2(bad_runs, case):
 
 
 def test_missing_required_argument():
-    proc = run_cli(SCRIPT, "--input_dir", "x", "--output_dir", "y")
+    proc = tokenize_main("--input_dir", "x", "--output_dir", "y")
     assert proc.returncode != 0 and "--model_path" in proc.stderr and "Traceback" not in proc.stderr
 
 
