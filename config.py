@@ -100,6 +100,11 @@ def _validate(cfg, path):
         bad("max_seq_length", "must be at least 2 (one token of text plus eos)")
     if cfg.train_steps == 0 or cfg.train_steps < -1:
         bad("train_steps", "must be -1 (epochs decide) or a positive number of steps")
+    for key in ("learning_rate", "min_lr", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            bad(key, "must be 0 or more")
+    if cfg.max_grad_norm <= 0:
+        bad("max_grad_norm", "must be positive")
     if cfg.temperature <= 0:
         bad("temperature", "must be positive")
     if not 0 < cfg.validation_fraction < 1:

@@ -30,7 +30,14 @@ def text_columns(schema, path):
         if required not in names:
             raise UserError(f"{path}: no column '{required}'; F2LLM data needs columns query, passage, "
                             "negative_1 ... negative_n")
-    negs = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"negative_(\d+)", n)))
+    negs = []
+    for n in names:
+        if m := re.fullmatch(r"negative_(\d+)", n):
+            if n != f"negative_{int(m.group(1))}":
+                raise UserError(f"{path}: column '{n}': name the negatives negative_1 ... negative_n, "
+                                "without leading zeros")
+            negs.append(int(m.group(1)))
+    negs.sort()
     if negs != list(range(1, len(negs) + 1)):
         raise UserError(f"{path}: negative columns must be negative_1 ... negative_n without gaps, found "
                         f"{', '.join(f'negative_{i}' for i in negs)}")
@@ -86,11 +93,12 @@ def tokenize_table(table, columns, pool, desc):
     docs = columns[1:]
     groups = [(["query"], f"{desc} queries"), (docs, f"{desc} passages+negatives")]
     for group, label in groups:
-        all_texts = pa.chunked_array([chunk for name in group for chunk in table.column(name).chunks])
-        unique = pc.unique(all_texts)
+        # string and large_string columns may mix in one file: compare them as large_string
+        texts = {name: table.column(name).cast(pa.large_string()) for name in group}
+        unique = pc.unique(pa.chunked_array([c for col in texts.values() for c in col.chunks], type=pa.large_string()))
         token_ids = tokenize_unique(unique.to_pylist(), pool, label)
         for name in group:
-            index = pc.index_in(table.column(name), value_set=unique)
+            index = pc.index_in(texts[name], value_set=unique)
             table = table.append_column(f"{name}_input_ids", token_ids.take(index))
     return table
 

@@ -357,9 +357,9 @@ def test_splits_are_disjoint_cover_the_file_and_are_seeded(tiny, tokenized, tmp_
     assert len(valid3) == 1 and len(train3) == 59
 
 
-def check_loader_batches(loader, split, columns, k, tok, bs, max_seq_length=64):
+def check_loader_batches(loader, split, columns, k, tok, bs, max_seq_length=64, picks=None):
     """Every batch: bs*(2+k) sequences, eos last, right padding, each query with its own positive and
-    negatives from the split. Returns the queries in loader order."""
+    negatives from the split. Returns the queries in loader order; `picks` gets {query: picked negatives}."""
     by_query = {tuple(row["query_input_ids"]): row for row in split}
     queries = []
     for batch in loader:
@@ -379,6 +379,8 @@ def check_loader_batches(loader, split, columns, k, tok, bs, max_seq_length=64):
             picked = [tuple(s) for s in seqs[2 * n + r * k : 2 * n + (r + 1) * k]]
             assert set(picked) <= set(negs) and len(set(picked)) == k
             queries.append(tuple(seqs[r]))
+            if picks is not None:
+                picks[tuple(seqs[r])] = [negs.index(n) + 1 for n in picked]
     return queries
 
 
@@ -390,9 +392,17 @@ def test_make_loader_train_and_validation(tiny, tokenized, tmp_path, tok):
 
     loader = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, tok.pad_token_id, seed=0, train=True)
     assert len(loader) == 12
-    queries = check_loader_batches(loader, train, columns, 3, tok, 4)
+    picks1, picks2 = {}, {}
+    queries = check_loader_batches(loader, train, columns, 3, tok, 4, picks=picks1)
     assert sorted(queries) == sorted(tuple(q) for q in train["query_input_ids"]), "each train row once an epoch"
     assert queries != [tuple(q) for q in train["query_input_ids"]], "training batches are shuffled"
+    # Training samples negatives from all 10 (not always negative_1..3), afresh in the next epoch.
+    assert any(max(p) > 3 for p in picks1.values()), picks1
+    queries2 = check_loader_batches(loader, train, columns, 3, tok, 4, picks=picks2)
+    assert queries2 != queries, "the next epoch is shuffled differently"
+    assert picks2 != picks1, "the next epoch draws other negatives"
+    other_seed = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, tok.pad_token_id, seed=1, train=True)
+    assert check_loader_batches(other_seed, train, columns, 3, tok, 4) != queries
 
     # Same seed -> same batches.
     again = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, tok.pad_token_id, seed=0, train=True)
@@ -403,8 +413,10 @@ def test_make_loader_train_and_validation(tiny, tokenized, tmp_path, tok):
 
     # Validation: in order, with the first k negatives.
     vloader = data.make_loader(valid, "retrieval", cfg, tok.eos_token_id, tok.pad_token_id, seed=0, train=False)
-    vqueries = check_loader_batches(vloader, valid, columns, 3, tok, 4)
+    vpicks = {}
+    vqueries = check_loader_batches(vloader, valid, columns, 3, tok, 4, picks=vpicks)
     assert vqueries == [tuple(q) for q in valid["query_input_ids"]]
+    assert all(p == [1, 2, 3] for p in vpicks.values()) and len(vpicks) == len(valid)
     first_batch = next(iter(vloader))
     n = first_batch["num_queries"]
     seqs = real_sequences(first_batch)
