@@ -73,6 +73,21 @@ def fit(seq, max_seq_length, eos_id):
     return seq
 
 
+def tokenize(tokenizer, texts, max_seq_length):
+    """The recipe's tokenisation: no special tokens, cut to max_seq_length - 1, eos appended."""
+    ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_seq_length - 1)["input_ids"]
+    return [seq + [tokenizer.eos_token_id] for seq in ids]
+
+
+def pad_batch(sequences, pad_id):
+    """Right-pad token lists into (input_ids [n, L], lengths [n])."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    input_ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq)
+    return input_ids, lengths
+
+
 def collate(rows, *, num_neg, max_seq_length, eos_id, pad_id, rng=None):
     """rows of one dataset -> {input_ids [n, L], lengths [n], num_queries, num_neg}.
 
@@ -84,11 +99,7 @@ def collate(rows, *, num_neg, max_seq_length, eos_id, pad_id, rng=None):
     for r in rows:
         picks = rng.sample(range(len(negative_cols)), num_neg) if rng is not None else range(num_neg)
         sequences += [r[negative_cols[i]] for i in picks]
-    sequences = [fit(s, max_seq_length, eos_id) for s in sequences]
-    lengths = torch.tensor([len(s) for s in sequences])
-    input_ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        input_ids[i, : len(s)] = torch.tensor(s)
+    input_ids, lengths = pad_batch([fit(s, max_seq_length, eos_id) for s in sequences], pad_id)
     return {"input_ids": input_ids, "lengths": lengths, "num_queries": len(rows), "num_neg": num_neg}
 
 

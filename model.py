@@ -11,6 +11,7 @@ from packaging import version
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from data import pad_batch, tokenize
 from errors import UserError
 
 
@@ -39,7 +40,12 @@ def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient
     backbone.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant checkpointing works under DDP and with inputs that need no gradient.
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the method (the old name goes in 6); 4.x has only the old one.
+        kwargs = {"use_reentrant": False}
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return backbone
 
 
@@ -73,21 +79,6 @@ class Embedder(nn.Module):
         mask = attention_mask(input_ids, lengths, self.mask_pad_token_id)
         hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return last_token_pool(hidden, lengths)
-
-
-def tokenize(tokenizer, texts, max_seq_length):
-    """The recipe's tokenisation: no special tokens, cut to max_seq_length - 1, eos appended."""
-    ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_seq_length - 1)["input_ids"]
-    return [seq + [tokenizer.eos_token_id] for seq in ids]
-
-
-def pad_batch(sequences, pad_token_id):
-    """Right-pad token lists into (input_ids [n, L], lengths [n])."""
-    lengths = torch.tensor([len(s) for s in sequences])
-    input_ids = torch.full((len(sequences), int(lengths.max())), pad_token_id, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.as_tensor(seq)
-    return input_ids, lengths
 
 
 @torch.no_grad()

@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from data import tokenize
 from errors import UserError, exit_on_user_error
-from model import load_tokenizer, tokenize
+from model import load_tokenizer
 
 CHUNK = 1000  # texts per worker task: large enough for batched fast tokenization
 
