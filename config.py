@@ -25,7 +25,8 @@ class Config:
     # Published keys.
     model_path: str = field(metadata={"help": "Backbone folder (a Qwen3 checkpoint) with its tokenizer."})
     train_data_path: str = field(metadata={"help": "Folder of tokenized `*.parquet` files, one per dataset."})
-    experiment_id: str = _opt("4b+lr.8e-6+bs.16x32+context.1024+2epochs", "Run name: sub-folder of output_dir and tb_dir.")
+    experiment_id: str = _opt("4b+lr.8e-6+bs.16x32+context.1024+2epochs",
+                              "Run name: sub-folder of output_dir and tb_dir.")
     output_dir: str = _opt("output", "Where checkpoints go (`output_dir/experiment_id/step_N`, `epoch_N`).")
     tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).")
     cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.")
@@ -47,9 +48,10 @@ class Config:
                                         "(published: false, a plain all-gather).")
     attention_mask_from: str = _opt("lengths", "`lengths`: mask from sequence lengths; `pad_token_id`: published "
                                                "rule input_ids != pad id, which masks eos when pad == eos.")
-    dataset_types_file: str = _opt("configs/dataset_types.json", "JSON {task_type: [dataset names]}; a relative path "
-                                                                  "is looked up in the working folder, then the repository.")
-    dataset_types: dict = _opt(None, "Overrides and additions {dataset name: task type}.", )
+    dataset_types_file: str = _opt("configs/dataset_types.json",
+                                   "JSON {task_type: [dataset names]}; a relative path is looked up in the working "
+                                   "folder, then the repository.")
+    dataset_types: dict = _opt(None, "Overrides and additions {dataset name: task type}.")
     attn_implementation: str = _opt("auto", "`auto` (flash_attention_2 if installed on a GPU, else sdpa), or any "
                                             "transformers attn_implementation.")
     dtype: str = _opt("auto", "Backbone weights: `auto` is bfloat16 under DeepSpeed (which keeps float32 master "

@@ -1,8 +1,11 @@
 """Shared fixtures: tiny Qwen3 backbones, tokenizers and F2LLM-format data, all built offline."""
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
 
@@ -52,6 +55,22 @@ def run_cli(script, *args, check=False, env=None, prefix=(), timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def call_main(main, argv):
+    """main(argv) in this process, as the CLI would run it: a CompletedProcess with its exit status,
+    stdout and stderr; an exception that escapes main() prints its traceback and gives status 1."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except Exception:  # noqa: BLE001 - reported like the interpreter would
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def write_config(path, **values):

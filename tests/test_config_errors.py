@@ -6,21 +6,17 @@ concurrently by one module fixture; the others call run.main(argv) in this proce
 traceback with exit status 1). In-process cases that reach the data use --prepare_only, which
 stops before accelerate is set up.
 """
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import shutil
-import subprocess
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import run
 from config import TASK_TYPES, Config, config_keys, load_config, load_dataset_types
-from conftest import REPO_DIR, assert_user_error, run_cli, write_config
+from conftest import REPO_DIR, assert_user_error, call_main, run_cli, write_config
 from errors import UserError
 
 # The published configs/config.json of F2LLM (RECIPE.md, "Config ... keys and published values").
@@ -30,22 +26,6 @@ PUBLISHED = {
     "max_seq_length": 1024, "learning_rate": 8e-6, "min_lr": 1e-7, "weight_decay": 0.01, "warmup_steps": 500,
     "train_epochs": 2, "log_interval": 100, "num_hard_neg": 7, "train_steps": -1,
 }
-
-
-def call_main(main, argv):
-    """main(argv) in this process, as the CLI would run it: a CompletedProcess with its exit status,
-    stdout and stderr; an exception that escapes main() prints its traceback and gives status 1."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        except Exception:  # noqa: BLE001 - reported like the interpreter would
-            traceback.print_exc()
-            code = 1
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def run_main(config_path, prepare_only=True):

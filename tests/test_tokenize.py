@@ -5,14 +5,10 @@ runs (the session fixture `tokenized`, --num_proc 2, the Base tokenizer, one bad
 together; the other cases call main(argv) in this process through `call_main`, which reports
 exactly what the CLI would print (an uncaught exception shows as a traceback, exit 1).
 """
-import contextlib
-import io
 import json
 import os
 import re
 import shutil
-import subprocess
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -21,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import tokenize_data_qwen
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, call_main, run_cli
 
 SCRIPT = "tokenize_data_qwen.py"
 DATASETS = ["banking77", "imdb", "msmarco", "natural_questions"]  # the `tiny` raw files, sorted
@@ -33,22 +29,6 @@ ROWS = {"banking77": 300, "imdb": 300, "msmarco": 60, "natural_questions": 60}
 def tokenize_args(model_path, input_dir, output_dir, max_seq_length=64, num_proc=1):
     return [SCRIPT, "--model_path", str(model_path), "--input_dir", str(input_dir), "--output_dir",
             str(output_dir), "--max_seq_length", str(max_seq_length), "--num_proc", str(num_proc)]
-
-
-def call_main(main, argv):
-    """main(argv) in this process, as the CLI would run it: a CompletedProcess with its exit status,
-    stdout and stderr; an exception that escapes main() prints its traceback and gives status 1."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        except Exception:  # noqa: BLE001 - reported like the interpreter would
-            traceback.print_exc()
-            code = 1
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def tokenize_main(*args):
