@@ -367,3 +367,14 @@ def test_dataset_types_file_found_from_another_folder(tmp_path, monkeypatch):
 def test_config_keys_are_the_dataclass_fields():
     assert config_keys() == [f.name for f in dataclasses.fields(Config)]
     assert {"model_path", "train_data_path"} | set(PUBLISHED) <= set(config_keys())
+
+
+def test_accelerate_configs_parse_with_the_published_settings():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    published = load_config_from_file(os.path.join(REPO_DIR, "configs/accelerate_config.yaml"))
+    assert published.distributed_type == "DEEPSPEED" and published.mixed_precision == "bf16"
+    assert published.deepspeed_config["zero_stage"] == 2 and published.deepspeed_config["gradient_clipping"] == 1.0
+    assert published.num_processes == 8 and published.rdzv_backend == "static"
+    cpu = load_config_from_file(os.path.join(REPO_DIR, "configs/accelerate_cpu.yaml"))
+    assert cpu.distributed_type == "NO" and cpu.use_cpu and cpu.mixed_precision == "no"
