@@ -57,6 +57,12 @@ class Config:
     dtype: str = _opt("auto", "Backbone weights: `auto` is bfloat16 under DeepSpeed (which keeps float32 master "
                               "weights), else float32 with accelerate's mixed precision; `bfloat16` or `float32` force "
                               "one (published: bfloat16).")
+    batch_layout: str = _opt("packed", "`packed`: a batch's sequences in one row with per-sequence boundaries, no "
+                                       "padding; `grouped`: queries and documents padded as two groups; `padded`: "
+                                       "all padded to the longest (published).")
+    grad_cache_chunk_size: int = _opt(0, "If > 0, the cached (GradCache) step: embed the batch in chunks of this many "
+                                         "sequences without graph, then re-run each chunk with its embedding "
+                                         "gradient; memory stops growing with the batch. 0: off.")
     gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
     adam_betas: list = _opt(None, "AdamW betas.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")
@@ -113,6 +119,13 @@ def _validate(cfg, path):
         bad("validation_fraction", "must be between 0 and 1")
     if cfg.attention_mask_from not in ("lengths", "pad_token_id"):
         bad("attention_mask_from", "must be 'lengths' or 'pad_token_id'")
+    if cfg.batch_layout not in ("packed", "grouped", "padded"):
+        bad("batch_layout", "must be 'packed', 'grouped' or 'padded'")
+    if cfg.attention_mask_from == "pad_token_id" and cfg.batch_layout == "packed":
+        bad("attention_mask_from", "'pad_token_id' masks pad tokens, which packed batches do not have: "
+                                   "set \"batch_layout\": \"padded\" with it")
+    if cfg.grad_cache_chunk_size < 0:
+        bad("grad_cache_chunk_size", "must be 0 (off) or a number of sequences per chunk")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         bad("dtype", "must be 'auto', 'bfloat16' or 'float32'")
     if len(cfg.adam_betas) != 2 or not all(_type_ok(b, float) and 0 <= b < 1 for b in cfg.adam_betas):

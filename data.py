@@ -1,7 +1,8 @@
 """Tokenized datasets, the collate of one homogeneous batch, and the multi-dataset loader.
 
 Every batch holds rows of one dataset only. Sequence order in a batch: the bs queries, the bs
-positives, then each query's k hard negatives in turn (see loss.split_embeddings).
+positives, then each query's k hard negatives in turn (see loss.split_embeddings). A batch is
+flat token ids plus per-sequence lengths; the model packs or pads it (model.Embedder).
 """
 import glob
 import os
@@ -9,6 +10,9 @@ import random
 from functools import partial
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
@@ -66,41 +70,62 @@ def load_splits(path, columns, cfg):
     return split["train"], split["test"]
 
 
-def fit(seq, max_seq_length, eos_id):
-    """Cut to max_seq_length and force the last token to eos (it is already eos unless cut)."""
-    seq = list(seq[:max_seq_length])
-    seq[-1] = eos_id
-    return seq
-
-
 def tokenize(tokenizer, texts, max_seq_length):
     """The recipe's tokenisation: no special tokens, cut to max_seq_length - 1, eos appended."""
     ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_seq_length - 1)["input_ids"]
     return [seq + [tokenizer.eos_token_id] for seq in ids]
 
 
-def pad_batch(sequences, pad_id):
-    """Right-pad token lists into (input_ids [n, L], lengths [n])."""
-    lengths = torch.tensor([len(s) for s in sequences])
-    input_ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.as_tensor(seq)
-    return input_ids, lengths
+class ArrowRows(torch.utils.data.Dataset):
+    """A split's rows fetched as one Arrow table per batch (`__getitems__`): no Python lists."""
+
+    def __init__(self, split):
+        self.split = split.with_format("arrow")
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        return self.split[[index]]
+
+    def __getitems__(self, indices):
+        return self.split[list(indices)]
 
 
-def collate(rows, *, num_neg, max_seq_length, eos_id, pad_id, rng=None):
-    """rows of one dataset -> {input_ids [n, L], lengths [n], num_queries, num_neg}.
+def pick_negatives(num_rows, num_available, num_neg, rng):
+    """[num_rows, num_neg] negative column indices: drawn without replacement by `rng` (a numpy
+    Generator), or the first num_neg of every row when rng is None (validation)."""
+    if rng is None:
+        return np.tile(np.arange(num_neg), (num_rows, 1))
+    return np.argsort(rng.random((num_rows, num_available)), axis=1)[:, :num_neg]
 
-    Each query's num_neg negatives are drawn without replacement from the row's negatives by `rng`
-    (a random.Random); rng=None takes the first num_neg, so that validation losses are comparable.
+
+def collate(table, *, num_neg, max_seq_length, eos_id, rng=None):
+    """An Arrow table of one dataset's rows -> {input_ids [T], lengths [n], num_queries, num_neg}.
+
+    The n = bs x (2 + num_neg) sequences, in the order bs queries, bs positives, then each query's
+    negatives in turn, are concatenated into flat `input_ids`; each is cut to max_seq_length with
+    its last token forced to eos. Vectorized: no per-token Python work.
     """
-    negative_cols = sorted((c for c in rows[0] if c.startswith("negative_")), key=lambda c: int(c.split("_")[1]))
-    sequences = [r["query_input_ids"] for r in rows] + [r["passage_input_ids"] for r in rows]
-    for r in rows:
-        picks = rng.sample(range(len(negative_cols)), num_neg) if rng is not None else range(num_neg)
-        sequences += [r[negative_cols[i]] for i in picks]
-    input_ids, lengths = pad_batch([fit(s, max_seq_length, eos_id) for s in sequences], pad_id)
-    return {"input_ids": input_ids, "lengths": lengths, "num_queries": len(rows), "num_neg": num_neg}
+    bs = table.num_rows
+    negative_cols = sorted((c for c in table.column_names if c.startswith("negative_")),
+                           key=lambda c: int(c.split("_")[1]))
+    columns = ["query_input_ids", "passage_input_ids"] + negative_cols
+    # All candidate sequences column by column: sequence (c, r) sits at c * bs + r.
+    candidates = pa.concat_arrays([table.column(c).combine_chunks().cast(pa.list_(pa.int32())) for c in columns])
+    rows = np.arange(bs)
+    picks = pick_negatives(bs, len(negative_cols), num_neg, rng)
+    order = np.concatenate([rows, bs + rows, ((2 + picks) * bs + rows[:, None]).ravel()])
+    sequences = candidates.take(pa.array(order))
+    full = np.asarray(pc.list_value_length(sequences), dtype=np.int64)
+    flat = np.asarray(sequences.flatten())
+    lengths = np.minimum(full, max_seq_length)
+    out_ends = np.cumsum(lengths)
+    keep = np.arange(out_ends[-1]) + np.repeat(np.cumsum(full) - full - (out_ends - lengths), lengths)
+    input_ids = flat[keep].astype(np.int64)
+    input_ids[out_ends - 1] = eos_id
+    return {"input_ids": torch.from_numpy(input_ids), "lengths": torch.from_numpy(lengths),
+            "num_queries": bs, "num_neg": num_neg}
 
 
 class MultiDatasetLoader:
@@ -155,12 +180,12 @@ def check_datasets(cfg, dataset_types):
     return out
 
 
-def make_loader(split, task, cfg, eos_id, pad_id, seed, train):
+def make_loader(split, task, cfg, eos_id, seed, train):
     """A DataLoader of homogeneous batches of one dataset split: shuffled with sampled negatives
     for training, in order with the first negatives for validation."""
     collate_fn = partial(collate, num_neg=num_negatives_needed(task, cfg.num_hard_neg),
-                         max_seq_length=cfg.max_seq_length, eos_id=eos_id, pad_id=pad_id,
-                         rng=random.Random(seed) if train else None)
+                         max_seq_length=cfg.max_seq_length, eos_id=eos_id,
+                         rng=np.random.default_rng(seed) if train else None)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(split, batch_size=cfg.train_batch_size, shuffle=train, collate_fn=collate_fn,
+    return DataLoader(ArrowRows(split), batch_size=cfg.train_batch_size, shuffle=train, collate_fn=collate_fn,
                       generator=generator)

@@ -11,17 +11,39 @@ from packaging import version
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from data import pad_batch, tokenize
+from data import tokenize
 from errors import UserError
 
 
-def pick_attn_implementation(requested="auto"):
-    """flash_attention_2 where flash-attn is installed and a GPU is present, else PyTorch SDPA."""
+def pick_attn_implementation(requested="auto", packed=False):
+    """flash_attention_2 where flash-attn is installed on a GPU. Otherwise, for packed batches,
+    flex_attention on a GPU and our per-sequence `sdpa_varlen` on the CPU (transformers' sdpa would
+    build a dense T x T block-diagonal mask); for padded batches PyTorch SDPA."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if packed:
+        return "flex_attention" if torch.cuda.is_available() else "sdpa_varlen"
     return "sdpa"
+
+
+def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          cu_seq_lens_q=None, **kwargs):
+    """Causal SDPA on each sequence of a packed row separately (boundaries `cu_seq_lens_q`):
+    exact, and O(sum of len^2) work where one masked T x T attention would be O(T^2)."""
+    bounds = cu_seq_lens_q.tolist() if cu_seq_lens_q is not None else [0, query.shape[2]]
+    out = torch.cat([nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1]) for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_sdpa_varlen():
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register("sdpa_varlen", sdpa_varlen_attention)
+    AttentionMaskInterface.register("sdpa_varlen", lambda *args, **kwargs: None)  # boundaries replace the mask
 
 
 def pick_dtype(requested="auto"):
@@ -31,12 +53,14 @@ def pick_dtype(requested="auto"):
     return getattr(torch, requested)
 
 
-def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient_checkpointing=False):
+def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient_checkpointing=False, packed=False):
+    attn_implementation = pick_attn_implementation(attn_implementation, packed)
+    if attn_implementation == "sdpa_varlen":
+        _register_sdpa_varlen()
     # transformers renamed torch_dtype to dtype in 4.56; the old name still works up to 4.x.
     dtype_key = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
-    backbone = AutoModel.from_pretrained(
-        model_path, attn_implementation=pick_attn_implementation(attn_implementation), **{dtype_key: pick_dtype(dtype)}
-    )
+    backbone = AutoModel.from_pretrained(model_path, attn_implementation=attn_implementation,
+                                         **{dtype_key: pick_dtype(dtype)})
     backbone.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant checkpointing works under DDP and with inputs that need no gradient.
@@ -63,22 +87,69 @@ def attention_mask(input_ids, lengths, pad_token_id=None):
     return (positions[None, :] < lengths.to(input_ids.device)[:, None]).long()
 
 
-class Embedder(nn.Module):
-    """Backbone plus last-token pooling: (input_ids, lengths) -> embeddings [n, d].
+def pad_flat(input_ids, lengths, pad_token_id):
+    """Flat tokens [T] of sequences with `lengths` -> right-padded [n, max(lengths)]."""
+    positions = torch.arange(int(lengths.max()), device=input_ids.device)
+    real = positions[None, :] < lengths[:, None]
+    padded = input_ids.new_full(real.shape, pad_token_id)
+    padded[real] = input_ids  # boolean indexing fills row by row, the order of the flat tokens
+    return padded
 
-    mask_pad_token_id: None builds the attention mask from lengths; an id gives the published
+
+LAYOUTS = ("packed", "grouped", "padded")
+
+
+class Embedder(nn.Module):
+    """Backbone plus last-token pooling: (flat input_ids [T], lengths [n]) -> embeddings [n, d].
+
+    layout "packed": all sequences in one row with per-sequence boundaries (varlen attention), no
+    padding; "grouped": the first num_queries sequences and the rest padded as two groups;
+    "padded": all right-padded to the longest (published). mask_pad_token_id, for the padded
+    layouts: None builds the attention mask from lengths, an id the published
     `input_ids != pad_token_id` mask.
     """
 
-    def __init__(self, backbone, mask_pad_token_id=None):
+    def __init__(self, backbone, layout="padded", pad_token_id=0, mask_pad_token_id=None):
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.backbone = backbone
+        self.layout = layout
+        self.pad_token_id = pad_token_id
         self.mask_pad_token_id = mask_pad_token_id
 
-    def forward(self, input_ids, lengths):
-        mask = attention_mask(input_ids, lengths, self.mask_pad_token_id)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        return last_token_pool(hidden, lengths)
+    def forward(self, input_ids, lengths, num_queries=None):
+        lengths = lengths.to(input_ids.device)
+        if self.layout == "packed":
+            return self._packed(input_ids, lengths)
+        if self.layout == "grouped" and num_queries and num_queries < len(lengths):
+            split = int(lengths[:num_queries].sum())
+            return torch.cat([self._padded(input_ids[:split], lengths[:num_queries]),
+                              self._padded(input_ids[split:], lengths[num_queries:])])
+        return self._padded(input_ids, lengths)
+
+    def _padded(self, input_ids, lengths):
+        padded = pad_flat(input_ids, lengths, self.pad_token_id)
+        mask = attention_mask(padded, lengths, self.mask_pad_token_id)
+        return last_token_pool(self.backbone(input_ids=padded, attention_mask=mask).last_hidden_state, lengths)
+
+    def _packed(self, input_ids, lengths):
+        # position_ids restart at 0 per sequence (RoPE, and packing detection in flex / flash-attn);
+        # cu_seq_lens give the boundaries to varlen kernels.
+        ends = lengths.cumsum(0)
+        cu = nn.functional.pad(ends, (1, 0)).int()
+        positions = torch.arange(len(input_ids), device=input_ids.device) - torch.repeat_interleave(ends - lengths,
+                                                                                                     lengths)
+        longest = int(lengths.max())
+        hidden = self.backbone(input_ids=input_ids[None], position_ids=positions[None], cu_seq_lens_q=cu,
+                               cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).last_hidden_state[0]
+        return hidden[ends - 1]
+
+
+def flatten(sequences):
+    """Token lists -> (flat input_ids [T], lengths [n]), the batch format of the Embedder."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    return torch.tensor([t for s in sequences for t in s], dtype=torch.long), lengths
 
 
 @torch.no_grad()
@@ -90,8 +161,7 @@ def encode(embedder, tokenizer, texts, max_seq_length=1024, batch_size=32, norma
     out = [None] * len(texts)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        input_ids, lengths = pad_batch(tokenize(tokenizer, [texts[i] for i in idx], max_seq_length),
-                                       tokenizer.pad_token_id)
+        input_ids, lengths = flatten(tokenize(tokenizer, [texts[i] for i in idx], max_seq_length))
         emb = embedder(input_ids.to(device), lengths.to(device)).float()
         if normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)

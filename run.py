@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 from collections import defaultdict
+from functools import partial
 from itertools import islice
 
 import torch
@@ -23,7 +24,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from config import TASK_TYPES, load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, load_splits, make_loader
-from errors import exit_on_user_error
+from errors import UserError, exit_on_user_error
+from grad_cache import cached_backward
 from loss import f2llm_losses
 from model import Embedder, load_backbone, load_tokenizer
 
@@ -61,11 +63,24 @@ class LossTracker:
         return out
 
 
-def step_loss(model, batch, task, cfg):
+def batch_losses(embeddings, batch, task, cfg):
     """The recipe's losses of one batch: {"hard": ..., "inbatch": ...(retrieval only)}."""
-    embeddings = model(batch["input_ids"], batch["lengths"])
     return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, cfg.temperature,
                         cfg.gather_with_grad)
+
+
+def embed(model, batch):
+    return model(batch["input_ids"], batch["lengths"], num_queries=batch["num_queries"])
+
+
+def forward_backward(model, batch, task, cfg, accelerator):
+    """Losses of one batch, with their gradient accumulated into the parameters."""
+    if cfg.grad_cache_chunk_size:
+        return cached_backward(model, batch, partial(batch_losses, batch=batch, task=task, cfg=cfg),
+                               cfg.grad_cache_chunk_size, accelerator)
+    losses = batch_losses(embed(model, batch), batch, task, cfg)
+    accelerator.backward(sum(losses.values()))
+    return losses
 
 
 @torch.no_grad()
@@ -74,7 +89,7 @@ def validate(model, valid_loaders, task_of, cfg, accelerator):
     tracker = LossTracker(valid_loaders, task_of)
     for name in sorted(valid_loaders):
         for batch in valid_loaders[name]:
-            tracker.add(name, step_loss(model, batch, task_of[name], cfg))
+            tracker.add(name, batch_losses(embed(model, batch), batch, task_of[name], cfg))
     model.train()
     return tracker.report(accelerator, "valid")
 
@@ -114,17 +129,19 @@ def build_model(cfg, tokenizer, deepspeed):
     # Without DeepSpeed's fp32 master weights, bf16 weights would lose small AdamW updates:
     # keep float32 and let accelerate's mixed precision run the matmuls in bf16.
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if deepspeed else "float32")
-    backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing)
-    return Embedder(backbone, tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None)
+    backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing,
+                             packed=cfg.batch_layout == "packed")
+    mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None
+    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad)
 
 
 def build_loaders(splits, cfg, tokenizer, process_index):
     """Per-dataset train and validation DataLoaders, in name order."""
     seed = cfg.seed + process_index  # negatives differ across processes and repeat across runs
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    train = [make_loader(split, task, cfg, eos, pad, seed + i, train=True)
+    eos = tokenizer.eos_token_id
+    train = [make_loader(split, task, cfg, eos, seed + i, train=True)
              for i, (task, split, _) in enumerate(splits.values())]
-    valid = [make_loader(split, task, cfg, eos, pad, seed, train=False) for task, _, split in splits.values()]
+    valid = [make_loader(split, task, cfg, eos, seed, train=False) for task, _, split in splits.values()]
     return train, valid
 
 
@@ -159,6 +176,9 @@ def main(argv=None):
     set_seed(cfg.seed)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
+        if cfg.grad_cache_chunk_size:
+            raise UserError("grad_cache_chunk_size is not supported under DeepSpeed (it steps on every backward): "
+                            "launch with configs/accelerate_ddp.yaml, or set grad_cache_chunk_size to 0")
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
     tokenizer = load_tokenizer(cfg.model_path)
     check_datasets(cfg, dataset_types)  # every process fails at once on bad input
@@ -188,8 +208,7 @@ def main(argv=None):
     for epoch in range(cfg.train_epochs):
         train_loader.set_epoch(epoch)
         for name, batch in islice(train_loader, total_steps - step):
-            losses = step_loss(model, batch, task_of[name], cfg)
-            accelerator.backward(sum(losses.values()))
+            losses = forward_backward(model, batch, task_of[name], cfg, accelerator)
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -20,15 +20,19 @@ B, K = 4, 3
 def global_batch_rows(tokenized):
     table = pq.read_table(os.path.join(tokenized, "msmarco.parquet")).slice(0, 2 * B)
     cols = ["query_input_ids", "passage_input_ids"] + [f"negative_{i}_input_ids" for i in range(1, K + 1)]
-    return table.select(cols).to_pylist()
+    return table.select(cols)
+
+
+def embedder(backbone):
+    return Embedder(load_backbone(backbone, packed=True), layout="packed")  # the training default
 
 
 def step_update(model, rows, gather_with_grad):
     """One optimizer step of the recipe's retrieval loss; returns the parameter change."""
-    batch = collate(rows, num_neg=K, max_seq_length=64, eos_id=0, pad_id=0)
+    batch = collate(rows, num_neg=K, max_seq_length=64, eos_id=0)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    losses = f2llm_losses(model(batch["input_ids"], batch["lengths"]), len(rows), K,
+    losses = f2llm_losses(model(batch["input_ids"], batch["lengths"]), rows.num_rows, K,
                           "retrieval", gather_with_grad=gather_with_grad)
     sum(losses.values()).backward()
     opt.step()
@@ -38,8 +42,8 @@ def step_update(model, rows, gather_with_grad):
 def _worker(rank, port, backbone, rows, gather_with_grad, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    model = DistributedDataParallel(Embedder(load_backbone(backbone)))  # averages gradients, as in training
-    delta = step_update(model, rows[rank * B : (rank + 1) * B], gather_with_grad)
+    model = DistributedDataParallel(embedder(backbone))  # averages gradients, as in training
+    delta = step_update(model, rows.slice(rank * B, B), gather_with_grad)
     if rank == 0:
         torch.save(delta, out)
     dist.barrier()
@@ -62,7 +66,7 @@ def max_rel_diff(a, b):
 @pytest.fixture(scope="module")
 def single(tiny, tokenized):
     rows = global_batch_rows(tokenized)
-    return rows, step_update(Embedder(load_backbone(f"{tiny}/backbone")), rows, True)
+    return rows, step_update(embedder(f"{tiny}/backbone"), rows, True)
 
 
 def test_gather_with_grad_matches_single_process(tmp_path, tiny, single):
