@@ -52,8 +52,9 @@ class Config:
                                    "JSON {task_type: [dataset names]}; a relative path is looked up in the working "
                                    "folder, then the repository.")
     dataset_types: dict = _opt(None, "Overrides and additions {dataset name: task type}.")
-    attn_implementation: str = _opt("auto", "`auto` (flash_attention_2 if installed on a GPU, else sdpa), or any "
-                                            "transformers attn_implementation.")
+    attn_implementation: str = _opt("auto", "`auto`: flash_attention_2 if installed on a GPU; else, packed: "
+                                            "flex_attention on a GPU, `sdpa_varlen` (ours) on the CPU; padded: sdpa. "
+                                            "Or any transformers attn_implementation.")
     dtype: str = _opt("auto", "Backbone weights: `auto` is bfloat16 under DeepSpeed (which keeps float32 master "
                               "weights), else float32 with accelerate's mixed precision; `bfloat16` or `float32` force "
                               "one (published: bfloat16).")
@@ -124,6 +125,9 @@ def _validate(cfg, path):
     if cfg.attention_mask_from == "pad_token_id" and cfg.batch_layout == "packed":
         bad("attention_mask_from", "'pad_token_id' masks pad tokens, which packed batches do not have: "
                                    "set \"batch_layout\": \"padded\" with it")
+    if cfg.attn_implementation == "sdpa_varlen" and cfg.batch_layout != "packed":
+        bad("attn_implementation", "'sdpa_varlen' attends within packed sequence boundaries and ignores masks: "
+                                   "use it with \"batch_layout\": \"packed\" only")
     if cfg.grad_cache_chunk_size < 0:
         bad("grad_cache_chunk_size", "must be 0 (off) or a number of sequences per chunk")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):

@@ -2,10 +2,11 @@
 import collections
 import json
 import os
-import random
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,7 +16,8 @@ import config
 import data
 from model import load_tokenizer
 
-EOS, PAD = 2, 0
+EOS = 2
+TOKENS = pa.list_(pa.int32())
 
 
 # ---- hand-built rows ----------------------------------------------------------------------------
@@ -49,9 +51,23 @@ def make_rows(bs, num_negatives, length=lambda kind, r, j: 2 + (3 * r + 5 * j + 
     return rows
 
 
+def to_table(rows):
+    """Rows as the Arrow table of a batch: list<int32> token columns, in the rows' column order."""
+    return pa.Table.from_pylist(rows, schema=pa.schema([(c, TOKENS) for c in rows[0]]))
+
+
+def collate(rows, **kw):
+    return data.collate(to_table(rows), **kw)
+
+
 def real_sequences(batch):
-    """The unpadded token lists of a collated batch."""
-    return [batch["input_ids"][i, : int(n)].tolist() for i, n in enumerate(batch["lengths"])]
+    """The token lists of a collated batch, cut out of the flat input_ids by the lengths."""
+    out, start = [], 0
+    for n in batch["lengths"].tolist():
+        out.append(batch["input_ids"][start : start + n].tolist())
+        start += n
+    assert start == len(batch["input_ids"]), "the flat input_ids hold exactly the sequences, nothing else"
+    return out
 
 
 def tag_of(tokens):
@@ -64,36 +80,31 @@ def negative_tags(batch, row):
     return [tag_of(s) for s in seqs[2 * bs + row * k : 2 * bs + (row + 1) * k]]
 
 
-def check_padding(batch, pad_id=PAD):
+def check_flat(batch):
     ids, lengths = batch["input_ids"], batch["lengths"]
-    assert ids.dtype == torch.long
-    assert ids.shape[1] == int(lengths.max()), "padded to the longest sequence of the batch"
-    for i, n in enumerate(lengths.tolist()):
-        assert (ids[i, n:] == pad_id).all(), f"row {i} is not right-padded with pad_id after its length {n}"
+    assert ids.dtype == torch.long and ids.dim() == 1, "flat int64 token ids"
+    assert lengths.dim() == 1 and not lengths.dtype.is_floating_point
+    assert (lengths > 0).all()
+    assert len(ids) == int(lengths.sum()), "no padding: the sequences concatenated"
 
 
 # ---- collate -------------------------------------------------------------------------------------
 
-def test_collate_order_lengths_and_right_padding():
+def test_collate_order_lengths_and_flat_concatenation():
     bs, k = 4, 3
     rows = make_rows(bs, num_negatives=5)
-    batch = data.collate(rows, num_neg=k, max_seq_length=100, eos_id=EOS, pad_id=PAD, rng=None)
+    batch = collate(rows, num_neg=k, max_seq_length=100, eos_id=EOS, rng=None)
 
     expected = ([r["query_input_ids"] for r in rows] + [r["passage_input_ids"] for r in rows]
                 + [rows[r][f"negative_{j}_input_ids"] for r in range(bs) for j in range(1, k + 1)])
-    assert batch["input_ids"].shape[0] == bs * (2 + k)
+    assert len(batch["lengths"]) == bs * (2 + k)
     assert real_sequences(batch) == expected
+    assert batch["input_ids"].tolist() == [t for s in expected for t in s]
     assert batch["lengths"].tolist() == [len(s) for s in expected]
     assert len(set(batch["lengths"].tolist())) > 1, "the test needs sequences of different lengths"
-    check_padding(batch)
+    check_flat(batch)
     assert batch["num_queries"] == bs and batch["num_neg"] == k
-
-
-def test_collate_pads_with_the_given_pad_id():
-    rows = make_rows(3, num_negatives=2)
-    batch = data.collate(rows, num_neg=2, max_seq_length=100, eos_id=EOS, pad_id=77, rng=None)
-    check_padding(batch, pad_id=77)
-    assert (batch["input_ids"] == 77).any()
+    assert set(batch) == {"input_ids", "lengths", "num_queries", "num_neg"}, "no padding, no pad id"
 
 
 def test_collate_cuts_long_sequences_and_forces_eos():
@@ -104,7 +115,8 @@ def test_collate_cuts_long_sequences_and_forces_eos():
         return lengths.get((r, kind), 4 + j)  # negatives: 5 (exact), 6 (cut)
 
     rows = make_rows(2, num_negatives=2, length=length)
-    batch = data.collate(rows, num_neg=2, max_seq_length=max_len, eos_id=EOS, pad_id=PAD, rng=None)
+    table = to_table(rows)
+    batch = data.collate(table, num_neg=2, max_seq_length=max_len, eos_id=EOS, rng=None)
     originals = ([r["query_input_ids"] for r in rows] + [r["passage_input_ids"] for r in rows]
                  + [rows[r][f"negative_{j}_input_ids"] for r in range(2) for j in (1, 2)])
     got = real_sequences(batch)
@@ -117,33 +129,42 @@ def test_collate_cuts_long_sequences_and_forces_eos():
         else:
             assert s == original, "a sequence within max_seq_length is unchanged"
     assert cut == 4
-    assert batch["lengths"].max() == max_len and batch["input_ids"].shape[1] == max_len
+    assert batch["lengths"].max() == max_len
+    assert batch["lengths"].tolist() == [min(len(o), max_len) for o in originals]
     assert all(s[-1] == EOS for s in got)
-    check_padding(batch)
-    # The caller's rows are not modified in place.
-    assert rows[0]["query_input_ids"] == seq(q_tag(0), 9)
+    check_flat(batch)
+    # The caller's table is not modified.
+    assert table.equals(to_table(rows)) and table.to_pylist()[0]["query_input_ids"] == seq(q_tag(0), 9)
+
+
+def test_collate_forces_eos_on_a_sequence_without_one():
+    rows = [{"query_input_ids": [11, 12, 13], "passage_input_ids": [21], "negative_1_input_ids": [31, 32]}]
+    batch = collate(rows, num_neg=1, max_seq_length=10, eos_id=EOS)
+    assert real_sequences(batch) == [[11, 12, EOS], [EOS], [31, EOS]]
 
 
 def test_collate_without_rng_takes_the_first_negatives_in_numeric_column_order():
-    # 12 negatives: negative_10 .. negative_12 sort before negative_2 as strings; dict order reversed.
+    # 12 negatives: negative_10 .. negative_12 sort before negative_2 as strings; column order reversed.
     bs, k = 3, 11
     rows = make_rows(bs, num_negatives=12, reverse_cols=True)
-    batch = data.collate(rows, num_neg=k, max_seq_length=100, eos_id=EOS, pad_id=PAD, rng=None)
+    assert to_table(rows).column_names[2] == "negative_12_input_ids"
+    batch = collate(rows, num_neg=k, max_seq_length=100, eos_id=EOS, rng=None)
     for r in range(bs):
         assert negative_tags(batch, r) == [n_tag(r, j) for j in range(1, k + 1)]
-    again = data.collate(rows, num_neg=k, max_seq_length=100, eos_id=EOS, pad_id=PAD, rng=None)
+    again = collate(rows, num_neg=k, max_seq_length=100, eos_id=EOS, rng=None)
     assert torch.equal(batch["input_ids"], again["input_ids"])
 
 
 def test_collate_samples_negatives_without_replacement_from_the_own_row():
     bs, k, available = 3, 4, 6
     rows = make_rows(bs, num_negatives=available)
-    rng = random.Random(1234)
+    table = to_table(rows)
+    rng = np.random.default_rng(1234)
     seen = collections.defaultdict(set)
     orders = set()
     for _ in range(300):
-        batch = data.collate(rows, num_neg=k, max_seq_length=100, eos_id=EOS, pad_id=PAD, rng=rng)
-        assert batch["input_ids"].shape[0] == bs * (2 + k)
+        batch = data.collate(table, num_neg=k, max_seq_length=100, eos_id=EOS, rng=rng)
+        assert len(batch["lengths"]) == bs * (2 + k)
         seqs = real_sequences(batch)
         # Queries and positives are never sampled.
         assert [tag_of(s) for s in seqs[:2 * bs]] == [q_tag(r) for r in range(bs)] + [p_tag(r) for r in range(bs)]
@@ -161,11 +182,30 @@ def test_collate_samples_negatives_without_replacement_from_the_own_row():
     assert len(orders) > 50, "negatives are really sampled, not a fixed choice"
 
 
+def test_pick_negatives():
+    assert data.pick_negatives(3, 5, 2, None).tolist() == [[0, 1], [0, 1], [0, 1]]
+    rng = np.random.default_rng(0)
+    counts = np.zeros((4, 6))
+    for _ in range(500):
+        picks = data.pick_negatives(4, 6, 3, rng)
+        assert picks.shape == (4, 3)
+        for row in picks:
+            assert len(set(row.tolist())) == 3 and row.min() >= 0 and row.max() < 6
+        np.add.at(counts, (np.arange(4)[:, None], picks), 1)
+    # Each of the 6 is drawn with probability 1/2 per row: 250 of 500 expected (sd ~11).
+    assert np.abs(counts - 250).max() < 60, counts
+    # Rows draw independently of each other.
+    picks = data.pick_negatives(200, 6, 3, np.random.default_rng(1))
+    assert len({tuple(p) for p in picks.tolist()}) > 30
+    # All of them, in a random order.
+    assert sorted(data.pick_negatives(1, 4, 4, np.random.default_rng(2))[0].tolist()) == [0, 1, 2, 3]
+
+
 def test_collate_same_seed_same_batch_and_different_seeds_differ():
     rows = make_rows(4, num_negatives=10)
 
     def run(seed):
-        return data.collate(rows, num_neg=5, max_seq_length=100, eos_id=EOS, pad_id=PAD, rng=random.Random(seed))
+        return collate(rows, num_neg=5, max_seq_length=100, eos_id=EOS, rng=np.random.default_rng(seed))
 
     a, b = run(7), run(7)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["lengths"], b["lengths"])
@@ -178,16 +218,46 @@ def test_collate_one_negative_for_classification():
     assert data.num_negatives_needed("clustering", 7) == 7
     bs = 5
     rows = make_rows(bs, num_negatives=1)
-    batch = data.collate(rows, num_neg=data.num_negatives_needed("classification", 7), max_seq_length=100,
-                         eos_id=EOS, pad_id=PAD, rng=random.Random(0))
-    assert batch["input_ids"].shape[0] == bs * 3 and batch["num_neg"] == 1
+    batch = collate(rows, num_neg=data.num_negatives_needed("classification", 7), max_seq_length=100,
+                    eos_id=EOS, rng=np.random.default_rng(0))
+    assert len(batch["lengths"]) == bs * 3 and batch["num_neg"] == 1
     assert [negative_tags(batch, r) for r in range(bs)] == [[n_tag(r, 1)] for r in range(bs)]
 
 
 def test_collate_without_negatives():
     rows = make_rows(3, num_negatives=4)
-    batch = data.collate(rows, num_neg=0, max_seq_length=100, eos_id=EOS, pad_id=PAD, rng=random.Random(0))
-    assert batch["input_ids"].shape[0] == 6 and batch["num_neg"] == 0
+    batch = collate(rows, num_neg=0, max_seq_length=100, eos_id=EOS, rng=np.random.default_rng(0))
+    assert len(batch["lengths"]) == 6 and batch["num_neg"] == 0
+    assert real_sequences(batch) == [r["query_input_ids"] for r in rows] + [r["passage_input_ids"] for r in rows]
+
+
+def test_collate_accepts_chunked_sliced_and_int64_tables():
+    rows = make_rows(6, num_negatives=3)
+    expected = collate(rows[1:5], num_neg=2, max_seq_length=4, eos_id=EOS)
+    table = to_table(rows)
+    chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 1), table.slice(3)]).slice(1, 4)
+    assert chunked.column(0).num_chunks > 1
+    wide = table.cast(pa.schema([(c, pa.list_(pa.int64())) for c in table.column_names])).slice(1, 4)
+    for t in (chunked, wide):
+        got = data.collate(t, num_neg=2, max_seq_length=4, eos_id=EOS)
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+        assert torch.equal(got["lengths"], expected["lengths"])
+        assert got["num_queries"] == 4
+
+
+# ---- ArrowRows -----------------------------------------------------------------------------------
+
+def test_arrow_rows_fetches_tables():
+    import datasets
+
+    rows = make_rows(5, num_negatives=2)
+    split = datasets.Dataset(to_table(rows))
+    ds = data.ArrowRows(split)
+    assert len(ds) == 5
+    got = ds.__getitems__([3, 0, 4])
+    assert isinstance(got, pa.Table)
+    assert got.to_pylist() == [rows[3], rows[0], rows[4]]
+    assert ds[2].to_pylist() == [rows[2]]
 
 
 # ---- MultiDatasetLoader --------------------------------------------------------------------------
@@ -234,21 +304,21 @@ def test_multi_loader_order_is_seeded_by_seed_and_epoch():
 
 
 def test_multi_loader_order_is_the_same_in_separate_processes():
-    """Processes stay in step: the draw must not depend on per-process state such as hash seeds."""
+    """Processes stay in step: the draw must not depend on per-process state such as hash seeds.
+    One other process (imports cost seconds) with a hash seed other than this process's."""
+    hash_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
     script = ("import json, sys; sys.path.insert(0, {repo!r}); import data\n"
               "loader = data.MultiDatasetLoader({{n: [0] * k for n, k in {sizes!r}.items()}}, seed=5)\n"
               "loader.set_epoch(2)\n"
-              "print(json.dumps(loader.draw_order()))\n").format(repo=REPO_DIR, sizes=SIZES)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONHASHSEED": str(h)}) for h in (1, 2)]
-    outputs = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        outputs.append(json.loads(out.strip().splitlines()[-1]))
+              "print(json.dumps([hash('alpha'), loader.draw_order()]))\n").format(repo=REPO_DIR, sizes=SIZES)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    assert proc.returncode == 0, proc.stderr
+    other_hash, other_order = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert other_hash != hash("alpha"), "the other process must hash strings differently"
     here = data.MultiDatasetLoader({n: [0] * k for n, k in SIZES.items()}, seed=5)
     here.set_epoch(2)
-    assert outputs[0] == outputs[1] == here.draw_order()
+    assert other_order == here.draw_order()
 
 
 def test_multi_loader_draw_is_proportional_to_batch_counts():
@@ -358,20 +428,18 @@ def test_splits_are_disjoint_cover_the_file_and_are_seeded(tiny, tokenized, tmp_
 
 
 def check_loader_batches(loader, split, columns, k, tok, bs, max_seq_length=64, picks=None):
-    """Every batch: bs*(2+k) sequences, eos last, right padding, each query with its own positive and
-    negatives from the split. Returns the queries in loader order; `picks` gets {query: picked negatives}."""
+    """Every batch: bs*(2+k) flat sequences, eos last, each query with its own positive and negatives
+    from the split. Returns the queries in loader order; `picks` gets {query: picked negatives}."""
     by_query = {tuple(row["query_input_ids"]): row for row in split}
     queries = []
     for batch in loader:
         n = batch["num_queries"]
         assert n <= bs and batch["num_neg"] == k
-        assert batch["input_ids"].shape[0] == n * (2 + k)
-        lengths = batch["lengths"].tolist()
-        assert max(lengths) <= max_seq_length
-        for i, length in enumerate(lengths):
-            assert batch["input_ids"][i, length - 1] == tok.eos_token_id
-            assert (batch["input_ids"][i, length:] == tok.pad_token_id).all()
+        assert len(batch["lengths"]) == n * (2 + k)
+        check_flat(batch)
+        assert max(batch["lengths"].tolist()) <= max_seq_length
         seqs = real_sequences(batch)
+        assert all(s[-1] == tok.eos_token_id for s in seqs)
         for r in range(n):
             row = by_query[tuple(seqs[r])]
             negs = [tuple(row[c]) for c in columns[2:]]
@@ -390,7 +458,7 @@ def test_make_loader_train_and_validation(tiny, tokenized, tmp_path, tok):
     cfg = make_cfg(tiny, tokenized, tmp_path / "cache", validation_fraction=0.2)
     train, valid = data.load_splits(path, columns, cfg)
 
-    loader = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, tok.pad_token_id, seed=0, train=True)
+    loader = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, seed=0, train=True)
     assert len(loader) == 12
     picks1, picks2 = {}, {}
     queries = check_loader_batches(loader, train, columns, 3, tok, 4, picks=picks1)
@@ -401,18 +469,18 @@ def test_make_loader_train_and_validation(tiny, tokenized, tmp_path, tok):
     queries2 = check_loader_batches(loader, train, columns, 3, tok, 4, picks=picks2)
     assert queries2 != queries, "the next epoch is shuffled differently"
     assert picks2 != picks1, "the next epoch draws other negatives"
-    other_seed = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, tok.pad_token_id, seed=1, train=True)
+    other_seed = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, seed=1, train=True)
     assert check_loader_batches(other_seed, train, columns, 3, tok, 4) != queries
 
     # Same seed -> same batches.
-    again = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, tok.pad_token_id, seed=0, train=True)
-    first = [b["input_ids"] for b in data.make_loader(train, "retrieval", cfg, tok.eos_token_id,
-                                                       tok.pad_token_id, seed=0, train=True)]
-    second = [b["input_ids"] for b in again]
-    assert all(torch.equal(a, b) for a, b in zip(first, second)) and len(first) == len(second)
+    first = list(data.make_loader(train, "retrieval", cfg, tok.eos_token_id, seed=0, train=True))
+    second = list(data.make_loader(train, "retrieval", cfg, tok.eos_token_id, seed=0, train=True))
+    assert len(first) == len(second) == 12
+    for a, b in zip(first, second):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["lengths"], b["lengths"])
 
-    # Validation: in order, with the first k negatives.
-    vloader = data.make_loader(valid, "retrieval", cfg, tok.eos_token_id, tok.pad_token_id, seed=0, train=False)
+    # Validation: in order, with the first k negatives, the same every pass.
+    vloader = data.make_loader(valid, "retrieval", cfg, tok.eos_token_id, seed=0, train=False)
     vpicks = {}
     vqueries = check_loader_batches(vloader, valid, columns, 3, tok, 4, picks=vpicks)
     assert vqueries == [tuple(q) for q in valid["query_input_ids"]]
@@ -423,6 +491,7 @@ def test_make_loader_train_and_validation(tiny, tokenized, tmp_path, tok):
     for r in range(n):
         row = valid[r]
         assert seqs[2 * n + r * 3 : 2 * n + (r + 1) * 3] == [row[f"negative_{j}_input_ids"] for j in (1, 2, 3)]
+    assert torch.equal(next(iter(vloader))["input_ids"], first_batch["input_ids"])
 
 
 def test_make_loader_cuts_to_max_seq_length(tiny, tokenized, tmp_path, tok):
@@ -430,13 +499,13 @@ def test_make_loader_cuts_to_max_seq_length(tiny, tokenized, tmp_path, tok):
     columns = data.token_columns(path, 3)
     cfg = make_cfg(tiny, tokenized, tmp_path / "cache", max_seq_length=6)
     train, _ = data.load_splits(path, columns, cfg)
-    loader = data.make_loader(train, "clustering", cfg, tok.eos_token_id, tok.pad_token_id, seed=1, train=True)
+    loader = data.make_loader(train, "clustering", cfg, tok.eos_token_id, seed=1, train=True)
     cut = 0
     for batch in loader:
-        assert batch["input_ids"].shape[0] == batch["num_queries"] * 5
-        assert batch["input_ids"].shape[1] <= 6
-        for i, length in enumerate(batch["lengths"].tolist()):
-            assert batch["input_ids"][i, length - 1] == tok.eos_token_id
+        assert len(batch["lengths"]) == batch["num_queries"] * 5
+        assert int(batch["lengths"].max()) <= 6
+        check_flat(batch)
+        assert all(s[-1] == tok.eos_token_id for s in real_sequences(batch))
         cut += int((batch["lengths"] == 6).sum())
     assert cut > 0
 
@@ -448,10 +517,10 @@ def test_make_loader_classification_uses_one_negative(tiny, tokenized, tmp_path,
     assert columns == ["query_input_ids", "passage_input_ids", "negative_1_input_ids"]
     cfg = make_cfg(tiny, tokenized, tmp_path / "cache", num_hard_neg=7)
     train, _ = data.load_splits(path, columns, cfg)
-    loader = data.make_loader(train, "classification", cfg, tok.eos_token_id, tok.pad_token_id, seed=0, train=True)
+    loader = data.make_loader(train, "classification", cfg, tok.eos_token_id, seed=0, train=True)
     batches = list(loader)
     assert len(batches) == len(loader) == (len(train) + 3) // 4
     for batch in batches[:-1]:
-        assert batch["input_ids"].shape[0] == 4 * (2 + 1) and batch["num_neg"] == 1
+        assert len(batch["lengths"]) == 4 * (2 + 1) and batch["num_neg"] == 1
     queries = check_loader_batches(batches, train, columns, 1, tok, 4)
     assert len(queries) == len(train)

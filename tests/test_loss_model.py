@@ -1,11 +1,12 @@
 """loss.py against hand computations, and model.py: pooling, attention masks, Embedder, encode."""
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,6 +16,16 @@ from conftest import REPO_DIR
 import data
 import loss
 import model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is as fast and does not stall when the other core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def checkpointing_on(backbone):
     """transformers 5 renamed is_gradient_checkpointing to is_activation_checkpointing."""
@@ -157,15 +168,17 @@ def _rows(bs, num_negatives):
         for j in range(1, num_negatives + 1):
             row[f"negative_{j}_input_ids"] = [3000 + 50 * r + j] + [7] * (j % 3) + [2]
         rows.append(row)
-    return rows
+    return pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.list_(pa.int32())) for c in rows[0]]))
 
 
-@pytest.mark.parametrize("rng", [None, random.Random(3)])
-def test_split_embeddings_undoes_collate_order(rng):
+@pytest.mark.parametrize("seed", [None, 3])
+def test_split_embeddings_undoes_collate_order(seed):
     bs, k = 4, 3
-    batch = data.collate(_rows(bs, 6), num_neg=k, max_seq_length=16, eos_id=2, pad_id=0, rng=rng)
+    rng = None if seed is None else np.random.default_rng(seed)
+    batch = data.collate(_rows(bs, 6), num_neg=k, max_seq_length=16, eos_id=2, rng=rng)
     # A fake "embedding" that identifies each sequence: [first token id, length].
-    emb = torch.stack([batch["input_ids"][:, 0].float(), batch["lengths"].float()], dim=1)
+    starts = batch["lengths"].cumsum(0) - batch["lengths"]
+    emb = torch.stack([batch["input_ids"][starts].float(), batch["lengths"].float()], dim=1)
     query, passage, negatives = loss.split_embeddings(emb, batch["num_queries"], batch["num_neg"])
     assert query[:, 0].tolist() == [1000 + r for r in range(bs)]
     assert passage[:, 0].tolist() == [2000 + r for r in range(bs)]
@@ -173,7 +186,7 @@ def test_split_embeddings_undoes_collate_order(rng):
     for r in range(bs):
         tags = negatives[r, :, 0].tolist()
         assert len(set(tags)) == k and all(3000 + 50 * r < t <= 3000 + 50 * r + 6 for t in tags)
-        if rng is None:
+        if seed is None:
             assert tags == [3000 + 50 * r + j for j in range(1, k + 1)]
         for j, t in enumerate(tags):  # lengths travel with their sequence
             assert negatives[r, j, 1].item() == 2 + (int(t) - 3000 - 50 * r) % 3
@@ -295,8 +308,15 @@ def post_tok(tiny):
     return model.load_tokenizer(f"{tiny}/backbone")
 
 
+def _flat(tok, texts=TEXTS):
+    """The texts tokenized as in training: (flat input_ids, lengths), the Embedder's input."""
+    return model.flatten(data.tokenize(tok, texts, 64))
+
+
 def _batch(tok, texts=TEXTS):
-    return data.pad_batch(data.tokenize(tok, texts, 64), tok.pad_token_id)
+    """The same, right-padded with the tokenizer's pad id: (input_ids [n, L], lengths)."""
+    flat, lengths = _flat(tok, texts)
+    return model.pad_flat(flat, lengths, tok.pad_token_id), lengths
 
 
 def test_tokenizer_fixtures(base_tok, post_tok):
@@ -344,7 +364,7 @@ def base_backbone(tiny_base):
 def _alone(embedder, tok, texts=TEXTS):
     out = []
     for seq in data.tokenize(tok, texts, 64):
-        out.append(embedder(torch.tensor([seq]), torch.tensor([len(seq)]))[0])
+        out.append(embedder(torch.tensor(seq), torch.tensor([len(seq)]))[0])
     return torch.stack(out)
 
 
@@ -355,14 +375,21 @@ def test_load_backbone(post_backbone):
     assert not checkpointing_on(post_backbone)
 
 
+def test_embedder_rejects_an_unknown_layout(post_backbone):
+    with pytest.raises(ValueError, match="layout"):
+        model.Embedder(post_backbone, layout="ragged")
+    assert model.Embedder(post_backbone).layout == "padded"
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("which", ["post", "base"])
 @torch.no_grad()
 def test_padded_embedding_equals_unpadded_with_lengths_mask(which, attn, tiny, tiny_base, post_tok, base_tok):
     root, tok = (tiny, post_tok) if which == "post" else (tiny_base, base_tok)
-    embedder = model.Embedder(_load(root, attn).eval())
-    ids, lengths = _batch(tok)
-    padded = embedder(ids, lengths)
+    embedder = model.Embedder(_load(root, attn).eval(), "padded", tok.pad_token_id)
+    flat, lengths = _flat(tok)
+    assert len(set(lengths.tolist())) > 1, "the batch needs padding"
+    padded = embedder(flat, lengths)
     alone = _alone(embedder, tok)
     assert padded.shape == (len(TEXTS), 32)
     torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
@@ -370,38 +397,45 @@ def test_padded_embedding_equals_unpadded_with_lengths_mask(which, attn, tiny, t
     assert torch.cdist(alone, alone).triu(1)[torch.ones(6, 6).triu(1).bool()].min() > 1e-3
 
 
+def _published(backbone, tok):
+    """The published Embedder: all sequences padded to the longest, mask input_ids != pad id."""
+    return model.Embedder(backbone, "padded", tok.pad_token_id, mask_pad_token_id=tok.pad_token_id)
+
+
 @torch.no_grad()
 def test_published_mask_with_pad_equal_to_eos_changes_the_embedding(base_backbone, base_tok):
-    correct = _alone(model.Embedder(base_backbone), base_tok)
-    ids, lengths = _batch(base_tok)
-    published = model.Embedder(base_backbone, mask_pad_token_id=base_tok.pad_token_id)(ids, lengths)
+    correct = _alone(model.Embedder(base_backbone, "padded", base_tok.pad_token_id), base_tok)
+    flat, lengths = _flat(base_tok)
+    published = _published(base_backbone, base_tok)(flat, lengths)
     diff = (published - correct).abs().amax(-1)
     assert (diff > 1e-3).all(), diff
     # The lengths rule gives the correct embeddings for the same padded batch.
-    torch.testing.assert_close(model.Embedder(base_backbone)(ids, lengths), correct, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.Embedder(base_backbone, "padded", base_tok.pad_token_id)(flat, lengths),
+                               correct, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
 def test_published_mask_with_pad_distinct_from_eos_changes_nothing(post_backbone, post_tok):
-    ids, lengths = _batch(post_tok)
-    by_lengths = model.Embedder(post_backbone)(ids, lengths)
-    published = model.Embedder(post_backbone, mask_pad_token_id=post_tok.pad_token_id)(ids, lengths)
+    flat, lengths = _flat(post_tok)
+    by_lengths = model.Embedder(post_backbone, "padded", post_tok.pad_token_id)(flat, lengths)
+    published = _published(post_backbone, post_tok)(flat, lengths)
     torch.testing.assert_close(published, by_lengths, rtol=0, atol=1e-6)
     torch.testing.assert_close(published, _alone(model.Embedder(post_backbone), post_tok), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("which", ["post", "base"])
-def test_encode_unit_norm_input_order_and_batch_size_independent(which, post_backbone, base_backbone,
+def test_encode_unit_norm_input_order_and_batch_size_independent(which, layout, post_backbone, base_backbone,
                                                                  post_tok, base_tok):
     backbone, tok = (post_backbone, post_tok) if which == "post" else (base_backbone, base_tok)
-    embedder = model.Embedder(backbone)
+    embedder = model.Embedder(backbone, layout, tok.pad_token_id)
     lens = [len(t) for t in TEXTS]
     assert lens != sorted(lens), "input order must differ from length order for this test"
     out = model.encode(embedder, tok, TEXTS, max_seq_length=64, batch_size=4)
     assert out.shape == (len(TEXTS), 32) and out.dtype == torch.float32
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(len(TEXTS)), rtol=0, atol=1e-5)
     with torch.no_grad():
-        alone = _alone(embedder, tok)
+        alone = _alone(model.Embedder(backbone), tok)
     torch.testing.assert_close(out, F.normalize(alone, dim=-1), rtol=0, atol=1e-5)
     for bs in (2, 100):
         torch.testing.assert_close(model.encode(embedder, tok, TEXTS, max_seq_length=64, batch_size=bs), out,
@@ -409,6 +443,13 @@ def test_encode_unit_norm_input_order_and_batch_size_independent(which, post_bac
     raw = model.encode(embedder, tok, TEXTS, max_seq_length=64, batch_size=100, normalize=False)
     torch.testing.assert_close(raw, alone, rtol=0, atol=1e-5)
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-2)
+    # Cut as in training: max_seq_length - 1 tokens of text, then eos.
+    short = model.encode(embedder, tok, TEXTS, max_seq_length=3, batch_size=4, normalize=False)
+    with torch.no_grad():
+        cut = torch.stack([model.Embedder(backbone)(torch.tensor(s), torch.tensor([len(s)]))[0]
+                           for s in data.tokenize(tok, TEXTS, 3)])
+    assert all(len(s) <= 3 for s in data.tokenize(tok, TEXTS, 3))
+    torch.testing.assert_close(short, cut, rtol=0, atol=1e-5)
 
 
 # ---- gradient checkpointing ------------------------------------------------------------------------
@@ -416,10 +457,10 @@ def test_encode_unit_norm_input_order_and_batch_size_independent(which, post_bac
 def test_gradient_checkpointing_same_embeddings_and_gradients(tiny, post_tok):
     plain, ckpt = _load(tiny), _load(tiny, gradient_checkpointing=True)
     assert checkpointing_on(ckpt) and not checkpointing_on(plain)
-    ids, lengths = _batch(post_tok)
+    flat, lengths = _flat(post_tok)
     with torch.no_grad():
-        torch.testing.assert_close(model.Embedder(ckpt.eval())(ids, lengths),
-                                   model.Embedder(plain.eval())(ids, lengths), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.Embedder(ckpt.eval())(flat, lengths),
+                                   model.Embedder(plain.eval())(flat, lengths), rtol=0, atol=1e-6)
 
     calls = {"plain": 0, "ckpt": 0}
     # A sub-module inside the checkpointed layer runs again when the backward pass recomputes the layer.
@@ -436,7 +477,7 @@ def test_gradient_checkpointing_same_embeddings_and_gradients(tiny, post_tok):
     grads = {}
     for name, backbone in (("plain", plain), ("ckpt", ckpt)):
         backbone.train()
-        emb = model.Embedder(backbone)(ids, lengths)
+        emb = model.Embedder(backbone)(flat, lengths)
         (emb * weights).sum().backward()
         grads[name] = {n: p.grad for n, p in backbone.named_parameters()}
     assert calls["plain"] == 1
