@@ -32,10 +32,12 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
                           cu_seq_lens_q=None, **kwargs):
     """Causal SDPA on each sequence of a packed row separately (boundaries `cu_seq_lens_q`):
     exact, and O(sum of len^2) work where one masked T x T attention would be O(T^2)."""
-    bounds = cu_seq_lens_q.tolist() if cu_seq_lens_q is not None else [0, query.shape[2]]
+    sizes = cu_seq_lens_q.diff().tolist() if cu_seq_lens_q is not None else [query.shape[2]]
+    # split, not slicing: a slice's backward fills a zero tensor of the whole packed row per sequence
+    parts = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))
     out = torch.cat([nn.functional.scaled_dot_product_attention(
-        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1]) for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
+        q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        for q, k, v in parts], dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 

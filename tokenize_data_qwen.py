@@ -68,9 +68,20 @@ def check_texts(table, columns, path):
 _worker_state = {}  # the tokenizer of a pool worker, loaded once per process by _init_worker
 
 
-def _init_worker(model_path, max_seq_length):
+def _init_worker(model_path, max_seq_length, threads=True):
+    if not threads:  # pool workers already fill the cores: no tokenizer threads on top
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_state["tokenizer"] = load_tokenizer(model_path)
     _worker_state["max_seq_length"] = max_seq_length
+
+
+def make_pool(model_path, max_seq_length, num_proc):
+    """Worker processes that each load the tokenizer once; None for num_proc <= 1 (tokenize here)."""
+    if num_proc <= 1:
+        _init_worker(model_path, max_seq_length)
+        return None
+    return multiprocessing.get_context("spawn").Pool(num_proc, initializer=_init_worker,
+                                                     initargs=(model_path, max_seq_length, False))
 
 
 def _tokenize_chunk(texts):
@@ -132,12 +143,7 @@ def main(argv=None):
         raise UserError(f"no *.parquet files in {args.input_dir}")
     load_tokenizer(args.model_path)  # fail here, once, rather than in every worker
     os.makedirs(args.output_dir, exist_ok=True)
-    pool = None
-    if args.num_proc > 1:
-        pool = multiprocessing.get_context("spawn").Pool(
-            args.num_proc, initializer=_init_worker, initargs=(args.model_path, args.max_seq_length))
-    else:
-        _init_worker(args.model_path, args.max_seq_length)
+    pool = make_pool(args.model_path, args.max_seq_length, args.num_proc)
     try:
         for path in files:
             name = os.path.basename(path)[: -len(".parquet")]

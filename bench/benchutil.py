@@ -1,0 +1,102 @@
+"""Shared helpers of the benchmarks: import paths, machine description, timing, tables.
+
+Importing this module puts the repository root (for data, model, loss, demo, ...) and bench/ on
+sys.path, so that `python bench/<script>.py` works from anywhere, and sets two environment
+defaults (an explicit setting wins). It does no other work:
+
+- HF_HUB_OFFLINE=1: nothing is downloaded.
+- DS_ACCELERATOR=cpu where no NVIDIA device exists: DeepSpeed (imported by transformers'
+  integrations) then skips its accelerator probe and the warning it prints to stdout.
+
+OpenMP is left at its default (threads spin a while at barriers), as training runs it. On a
+machine shared with other busy processes that default hurts the packed layout, which runs many
+small kernels: with one other process busy on a 2-core machine, a packed step took ~4x longer
+(over 10x under heavier load), a padded one ~2x. `OMP_WAIT_POLICY=PASSIVE` makes both robust there,
+at ~2x slower packed steps on a quiet machine. The machine line prints the load average.
+"""
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+for _path in (BENCH_DIR, REPO_DIR):  # REPO_DIR ends up first
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    """One line: CPU model, cores usable by this process, torch threads, Python, date (UTC)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"machine: {cpu_model()}, {cores} cores ({os.cpu_count()} logical CPUs), torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'default'}), "
+            f"Python {platform.python_version()}; date: {now}; {load()}")
+
+
+def load_average():
+    """The 1-minute load average (other processes compete for the cores), or None."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def load():
+    value = load_average()
+    return "load average unknown" if value is None else f"load average {value:.2f}"
+
+
+def timed(fn, *args, **kwargs):
+    """(result, seconds) of one call."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def table(header, rows):
+    """A plain text table: header is a list of column names, rows lists of cells (str or number)."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in cells]
+    return "\n".join(lines)
+
+
+def add_quick_flag(parser):
+    parser.add_argument("--quick", action="store_true", help="small sizes (the whole suite in < 5 min on 2 cores)")
+    return parser
+
+
+def print_json(result):
+    print(json.dumps(result, sort_keys=False), flush=True)
