@@ -46,6 +46,18 @@ def tokenized(tiny, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is as fast and does not stall when the other core is busy.
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(script, *args, check=False, env=None, prefix=(), timeout=600):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     cmd = [*prefix] if prefix else [sys.executable]

@@ -21,13 +21,7 @@ from loss import f2llm_losses
 TOKENS = pa.list_(pa.int32())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is as fast and does not stall when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- collate against an independent reference ------------------------------------------------------
