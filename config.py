@@ -14,6 +14,7 @@ from errors import UserError
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TASK_TYPES = ("retrieval", "classification", "clustering")
+BATCH_LAYOUTS = ("packed", "grouped", "padded")
 
 
 def _opt(default, help, **kw):
@@ -120,7 +121,7 @@ def _validate(cfg, path):
         bad("validation_fraction", "must be between 0 and 1")
     if cfg.attention_mask_from not in ("lengths", "pad_token_id"):
         bad("attention_mask_from", "must be 'lengths' or 'pad_token_id'")
-    if cfg.batch_layout not in ("packed", "grouped", "padded"):
+    if cfg.batch_layout not in BATCH_LAYOUTS:
         bad("batch_layout", "must be 'packed', 'grouped' or 'padded'")
     if cfg.attention_mask_from == "pad_token_id" and cfg.batch_layout == "packed":
         bad("attention_mask_from", "'pad_token_id' masks pad tokens, which packed batches do not have: "

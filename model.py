@@ -11,6 +11,7 @@ from packaging import version
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from config import BATCH_LAYOUTS
 from data import tokenize
 from errors import UserError
 
@@ -98,9 +99,6 @@ def pad_flat(input_ids, lengths, pad_token_id):
     return padded
 
 
-LAYOUTS = ("packed", "grouped", "padded")
-
-
 class Embedder(nn.Module):
     """Backbone plus last-token pooling: (flat input_ids [T], lengths [n]) -> embeddings [n, d].
 
@@ -113,8 +111,8 @@ class Embedder(nn.Module):
 
     def __init__(self, backbone, layout="padded", pad_token_id=0, mask_pad_token_id=None):
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout not in BATCH_LAYOUTS:
+            raise ValueError(f"layout must be one of {BATCH_LAYOUTS}, got {layout!r}")
         self.backbone = backbone
         self.layout = layout
         self.pad_token_id = pad_token_id

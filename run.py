@@ -117,12 +117,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def prepare(cfg, dataset_types):
-    """Check every dataset, then build (or read from cache) its train/validation split."""
-    splits = {}
-    for name, path, task, columns in check_datasets(cfg, dataset_types):
-        splits[name] = (task, *load_splits(path, columns, cfg))
-    return splits
+def prepare(cfg, checked):
+    """{name: (task type, train split, validation split)}, built (or read from cache) for the
+    datasets that check_datasets returned."""
+    return {name: (task, *load_splits(path, columns, cfg)) for name, path, task, columns in checked}
 
 
 def build_model(cfg, tokenizer, deepspeed):
@@ -168,7 +166,7 @@ def main(argv=None):
     cfg = load_config(args.config)
     dataset_types = load_dataset_types(cfg)
     if args.prepare_only:
-        for name, (task, train, valid) in prepare(cfg, dataset_types).items():
+        for name, (task, train, valid) in prepare(cfg, check_datasets(cfg, dataset_types)).items():
             print(f"{name:32s} {task:15s} train {len(train):9d}  validation {len(valid):7d}")
         return
 
@@ -181,9 +179,9 @@ def main(argv=None):
                             "launch with configs/accelerate_ddp.yaml, or set grad_cache_chunk_size to 0")
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
     tokenizer = load_tokenizer(cfg.model_path)
-    check_datasets(cfg, dataset_types)  # every process fails at once on bad input
+    checked = check_datasets(cfg, dataset_types)  # every process fails at once on bad input
     with accelerator.main_process_first():  # one process builds the split cache, the others read it
-        splits = dict(sorted(prepare(cfg, dataset_types).items()))
+        splits = dict(sorted(prepare(cfg, checked).items()))
     task_of = {name: task for name, (task, _, _) in splits.items()}
 
     model = build_model(cfg, tokenizer, deepspeed)

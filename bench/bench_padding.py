@@ -22,7 +22,8 @@ import torch
 
 import lengths
 from data import collate
-from model import LAYOUTS, Embedder
+from config import BATCH_LAYOUTS as LAYOUTS
+from model import Embedder
 
 
 class ShapeRecorder(torch.nn.Module):
