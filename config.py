@@ -70,6 +70,13 @@ class Config:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")
     validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.")
     seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw.")
+    resume_from: str = _opt("", "`latest`: continue from the newest complete checkpoint in output_dir/experiment_id "
+                                "(or start afresh if there is none); a `step_N` / `epoch_N` path: from that one; "
+                                "empty: start afresh.")
+    save_total_limit: int = _opt(2, "How many of the newest checkpoints keep their full training state (optimizer, "
+                                    "RNG, data position); older ones keep only their weights. 0: all keep it.")
+    max_bad_steps: int = _opt(10, "Stop (with a checkpoint) after this many steps in a row with a non-finite loss "
+                                  "or gradient; such a step is skipped.")
 
     def __post_init__(self):
         if self.adam_betas is None:
@@ -103,7 +110,7 @@ def _validate(cfg, path):
     for key in ("train_batch_size", "max_seq_length", "train_epochs", "log_interval"):
         if getattr(cfg, key) < 1:
             bad(key, "must be at least 1")
-    for key in ("checkpointing_steps", "validation_steps", "warmup_steps", "num_hard_neg"):
+    for key in ("checkpointing_steps", "validation_steps", "warmup_steps", "num_hard_neg", "save_total_limit", "seed"):
         if getattr(cfg, key) < 0:
             bad(key, "must be 0 or more")
     if cfg.max_seq_length < 2:
@@ -113,6 +120,8 @@ def _validate(cfg, path):
     for key in ("learning_rate", "min_lr", "weight_decay"):
         if getattr(cfg, key) < 0:
             bad(key, "must be 0 or more")
+    if cfg.max_bad_steps < 1:
+        bad("max_bad_steps", "must be at least 1")
     if cfg.max_grad_norm <= 0:
         bad("max_grad_norm", "must be positive")
     if cfg.temperature <= 0:

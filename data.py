@@ -7,6 +7,7 @@ flat token ids plus per-sequence lengths; the model packs or pads it (model.Embe
 import glob
 import os
 import random
+from collections import Counter
 from functools import partial
 
 import datasets
@@ -15,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader
 
 from errors import UserError
 
@@ -76,7 +76,7 @@ def tokenize(tokenizer, texts, max_seq_length):
     return [seq + [tokenizer.eos_token_id] for seq in ids]
 
 
-class ArrowRows(torch.utils.data.Dataset):
+class ArrowRows:
     """A split's rows fetched as one Arrow table per batch (`__getitems__`): no Python lists."""
 
     def __init__(self, split):
@@ -128,24 +128,68 @@ def collate(table, *, num_neg, max_seq_length, eos_id, rng=None):
             "num_queries": bs, "num_neg": num_neg}
 
 
+class DatasetBatches:
+    """One process's batches of one dataset split, each a pure function of (seed, epoch, batch index).
+
+    Any batch of any epoch is rebuilt without replaying the ones before it, so a resumed run
+    continues exactly where it stopped at no cost. Training: rows shuffled by (seed, stream, epoch),
+    negatives sampled by (seed, stream, epoch, batch); validation: rows in order with their first
+    negatives. The epoch's batches are dealt round-robin to the `world` processes and the last
+    ones are repeated from the start, so that every process runs the same number of steps (one
+    process with a batch fewer would leave the others waiting in a collective forever).
+    """
+
+    def __init__(self, split, *, batch_size, num_neg, max_seq_length, eos_id, train, seed=0, stream=0,
+                 rank=0, world=1):
+        self.rows = ArrowRows(split)
+        self.batch_size, self.train, self.rank, self.world = batch_size, train, rank, world
+        self.entropy = [seed, stream]
+        self.collate = partial(collate, num_neg=num_neg, max_seq_length=max_seq_length, eos_id=eos_id)
+        self.num_batches = -(-len(self.rows) // batch_size)
+        self.epoch, self.order = 0, None
+
+    def __len__(self):
+        return -(-self.num_batches // self.world)
+
+    def set_epoch(self, epoch):
+        self.epoch, self.order = epoch, None
+
+    def batch(self, j):
+        """This process's batch j of the current epoch."""
+        if self.order is None:
+            n = len(self.rows)
+            self.order = (np.random.default_rng([*self.entropy, self.epoch, 0]).permutation(n) if self.train
+                          else np.arange(n))
+        g = (j * self.world + self.rank) % self.num_batches  # its index among all processes' batches
+        rng = np.random.default_rng([*self.entropy, self.epoch, 1, g]) if self.train else None
+        return self.collate(self.rows.__getitems__(self.order[g * self.batch_size: (g + 1) * self.batch_size]),
+                            rng=rng)
+
+    def iter_from(self, start):
+        return (self.batch(j) for j in range(start, len(self)))
+
+    def __iter__(self):
+        return self.iter_from(0)
+
+
 class MultiDatasetLoader:
-    """Homogeneous batches from one DataLoader per dataset.
+    """Homogeneous batches from one DatasetBatches per dataset.
 
     Each epoch, the next batch's dataset is drawn at random with probability proportional to its
     number of batches, seeded by (seed, epoch) so that every process draws the same sequence; an
-    exhausted dataset leaves the draw; the epoch ends when all are exhausted. Yields (name, batch).
+    exhausted dataset leaves the draw; the epoch ends when all are exhausted. Yields (name, batch),
+    from position `start` of the epoch (a resumed run starts mid-epoch).
     """
 
     def __init__(self, loaders, seed=0):
         self.loaders = dict(loaders)
         self.seed = seed
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
         for loader in self.loaders.values():
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
+            loader.set_epoch(epoch)
 
     def __len__(self):
         return sum(len(loader) for loader in self.loaders.values())
@@ -165,8 +209,10 @@ class MultiDatasetLoader:
         return order
 
     def __iter__(self):
-        iterators = {name: iter(loader) for name, loader in self.loaders.items()}
-        for name in self.draw_order():
+        order = self.draw_order()
+        done = Counter(order[: self.start])
+        iterators = {name: loader.iter_from(done[name]) for name, loader in self.loaders.items()}
+        for name in order[self.start:]:
             yield name, next(iterators[name])
 
 
@@ -180,12 +226,9 @@ def check_datasets(cfg, dataset_types):
     return out
 
 
-def make_loader(split, task, cfg, eos_id, seed, train):
-    """A DataLoader of homogeneous batches of one dataset split: shuffled with sampled negatives
-    for training, in order with the first negatives for validation."""
-    collate_fn = partial(collate, num_neg=num_negatives_needed(task, cfg.num_hard_neg),
-                         max_seq_length=cfg.max_seq_length, eos_id=eos_id,
-                         rng=np.random.default_rng(seed) if train else None)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ArrowRows(split), batch_size=cfg.train_batch_size, shuffle=train, collate_fn=collate_fn,
-                      generator=generator)
+def make_loader(split, task, cfg, eos_id, *, train, stream=0, rank=0, world=1):
+    """One process's batches of a dataset split: shuffled with sampled negatives for training, in
+    order with the first negatives for validation. `stream` tells datasets apart in the seeding."""
+    return DatasetBatches(split, batch_size=cfg.train_batch_size, num_neg=num_negatives_needed(task, cfg.num_hard_neg),
+                          max_seq_length=cfg.max_seq_length, eos_id=eos_id, train=train, seed=cfg.seed,
+                          stream=stream, rank=rank, world=world)

@@ -24,15 +24,18 @@ def sequence_chunks(batch, chunk_size):
     return chunks
 
 
-def cached_backward(model, batch, loss_fn, chunk_size, accelerator):
+def cached_backward(model, batch, loss_fn, chunk_size, accelerator, proceed=None):
     """Accumulate the gradient of loss_fn(embeddings of batch) into the parameters, chunk by
     chunk; returns loss_fn's losses, detached. Gradients are synchronised across processes once,
-    in the last chunk's backward."""
+    in the last chunk's backward. If proceed(losses) is False, nothing is back-propagated and the
+    result is None."""
     chunks = sequence_chunks(batch, chunk_size)
     with torch.no_grad():
         embeddings = torch.cat([model(ids, lens, num_queries=q) for _, ids, lens, q in chunks])
     embeddings = embeddings.detach().requires_grad_()
     losses = loss_fn(embeddings)
+    if proceed is not None and not proceed(losses):
+        return None
     sum(losses.values()).backward()
     grad = embeddings.grad
     for i, (a, ids, lens, q) in enumerate(chunks):

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 from collections import defaultdict
 from functools import partial
 from itertools import islice
@@ -22,6 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+import checkpoint
+from checkpoint import warn
 from config import TASK_TYPES, load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, load_splits, make_loader
 from errors import UserError, exit_on_user_error
@@ -62,6 +65,22 @@ class LossTracker:
             out[f"{prefix}/{task}/{kind}"] = sum(means) / len(means)
         return out
 
+    def state_dict(self, accelerator):
+        """The pending sums, reduced over processes (collective), for a checkpoint."""
+        keys = sorted(self.counts)
+        values = torch.tensor([[float(self.sums[key]), self.counts[key]] for key in keys] or [[0.0, 0]],
+                              dtype=torch.float64, device=accelerator.device)
+        values = accelerator.reduce(values, reduction="sum").tolist()
+        return {f"{name}/{kind}": value for (name, kind), value in zip(keys, values)}
+
+    def load_state_dict(self, state, accelerator):
+        """Pending sums from a checkpoint; kept by the main process only, as report() sums processes."""
+        if accelerator.is_main_process:
+            for key, (total, count) in state.items():
+                name, kind = key.rsplit("/", 1)
+                self.sums[name, kind] = torch.tensor(total, dtype=torch.float64, device=accelerator.device)
+                self.counts[name, kind] = int(count)
+
 
 def batch_losses(embeddings, batch, task, cfg):
     """The recipe's losses of one batch: {"hard": ..., "inbatch": ...(retrieval only)}."""
@@ -73,12 +92,22 @@ def embed(model, batch):
     return model(batch["input_ids"], batch["lengths"], num_queries=batch["num_queries"])
 
 
+def all_finite(losses, accelerator):
+    """True when every process's losses are finite; one all-reduce, so all processes agree."""
+    bad = torch.stack([~torch.isfinite(value.detach()) for value in losses.values()]).any().float()
+    return accelerator.reduce(bad, reduction="sum").item() == 0
+
+
 def forward_backward(model, batch, task, cfg, accelerator):
-    """Losses of one batch, with their gradient accumulated into the parameters."""
+    """The batch's losses, with their gradient accumulated into the parameters; None, with no
+    backward pass, when a loss is not finite on any process (all processes skip together)."""
+    proceed = partial(all_finite, accelerator=accelerator)
     if cfg.grad_cache_chunk_size:
         return cached_backward(model, batch, partial(batch_losses, batch=batch, task=task, cfg=cfg),
-                               cfg.grad_cache_chunk_size, accelerator)
+                               cfg.grad_cache_chunk_size, accelerator, proceed)
     losses = batch_losses(embed(model, batch), batch, task, cfg)
+    if not proceed(losses):
+        return None
     accelerator.backward(sum(losses.values()))
     return losses
 
@@ -89,25 +118,37 @@ def validate(model, valid_loaders, task_of, cfg, accelerator):
     tracker = LossTracker(valid_loaders, task_of)
     for name in sorted(valid_loaders):
         for batch in valid_loaders[name]:
+            batch = to_device(batch, accelerator.device)
             tracker.add(name, batch_losses(embed(model, batch), batch, task_of[name], cfg))
     model.train()
     return tracker.report(accelerator, "valid")
 
 
-def save_checkpoint(accelerator, model, tokenizer, path):
-    """Backbone weights and tokenizer (`save_pretrained`), loadable with AutoModel / AutoTokenizer."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).backbone.save_pretrained(path, save_function=accelerator.save)
-        tokenizer.save_pretrained(path)
-    accelerator.wait_for_everyone()
-    accelerator.print(f"checkpoint saved: {path}")
-    return path
+def to_device(batch, device):
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 def clamp_lr(optimizer, min_lr):
     for group in optimizer.param_groups:
         group["lr"] = max(group["lr"], min_lr)
+
+
+class StopSignal:
+    """Remembers SIGTERM or SIGUSR1 (preemption notices): the loop finishes its step, saves a
+    checkpoint and exits, instead of dying mid-step."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, accelerator):
+        """The signal if any process received one (all processes stop at the same step)."""
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def parse_args(argv=None):
@@ -133,14 +174,15 @@ def build_model(cfg, tokenizer, deepspeed):
     return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad)
 
 
-def build_loaders(splits, cfg, tokenizer, process_index):
-    """Per-dataset train and validation DataLoaders, in name order."""
-    seed = cfg.seed + process_index  # negatives differ across processes and repeat across runs
+def build_loaders(splits, cfg, tokenizer, accelerator):
+    """This process's train batches (one MultiDatasetLoader) and validation batches {name: batches}."""
+    shard = dict(rank=accelerator.process_index, world=accelerator.num_processes)
     eos = tokenizer.eos_token_id
-    train = [make_loader(split, task, cfg, eos, seed + i, train=True)
-             for i, (task, split, _) in enumerate(splits.values())]
-    valid = [make_loader(split, task, cfg, eos, seed, train=False) for task, _, split in splits.values()]
-    return train, valid
+    train = {name: make_loader(split, task, cfg, eos, train=True, stream=i, **shard)
+             for i, (name, (task, split, _)) in enumerate(splits.items())}
+    valid = {name: make_loader(split, task, cfg, eos, train=False, **shard)
+             for name, (task, _, split) in splits.items()}
+    return MultiDatasetLoader(train, seed=cfg.seed), valid
 
 
 def open_writer(cfg, accelerator):
@@ -158,6 +200,23 @@ def log(writer, metrics, step):
         for key, value in metrics.items():
             writer.add_scalar(key, value, step)
         writer.flush()
+
+
+def check_resumable(state, cfg, accelerator, train_loader):
+    """A checkpoint continues exactly only with the same data and batch size (checkpoint.restore
+    checks the number of processes); other changes (a new learning rate, say) get a warning."""
+    batches = {name: len(loader) for name, loader in train_loader.loaders.items()}
+    if state["batches_per_epoch"] != batches:
+        raise UserError("resume_from: the training data or train_batch_size changed since the checkpoint "
+                        f"(batches per dataset then {state['batches_per_epoch']}, now {batches}); "
+                        "resume with the same data, or start afresh")
+    now = dataclasses.asdict(cfg)
+    where = ("resume_from", "output_dir", "tb_dir", "experiment_id", "cache_dir", "checkpointing_steps",
+             "save_total_limit", "log_interval", "validation_steps")  # do not change the training itself
+    changed = [f"{k} ({v!r} -> {now[k]!r})" for k, v in state["config"].items()
+               if k not in where and k in now and now[k] != v]
+    if changed:
+        warn(accelerator, "config changed since the checkpoint: " + ", ".join(changed))
 
 
 @exit_on_user_error
@@ -187,50 +246,91 @@ def main(argv=None):
     model = build_model(cfg, tokenizer, deepspeed)
     adamw = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
                               weight_decay=cfg.weight_decay)
-    train_loaders, valid_loaders = build_loaders(splits, cfg, tokenizer, accelerator.process_index)
-    model, optimizer, *loaders = accelerator.prepare(model, adamw, *train_loaders, *valid_loaders)
-    train_loader = MultiDatasetLoader(zip(splits, loaders[: len(splits)]), seed=cfg.seed)
-    valid_loaders = dict(zip(splits, loaders[len(splits):]))
-    total_steps = cfg.train_steps if cfg.train_steps > 0 else len(train_loader) * cfg.train_epochs
+    train_loader, valid_loaders = build_loaders(splits, cfg, tokenizer, accelerator)
+    model, optimizer = accelerator.prepare(model, adamw)
+    per_epoch = len(train_loader)
+    total_steps = cfg.train_steps if cfg.train_steps > 0 else per_epoch * cfg.train_epochs
     # Stepped once per optimizer step here, not by accelerate (which steps it once per process).
     # It and the min_lr clamp act on AdamW's param groups, which DDP and DeepSpeed ZeRO step with.
     scheduler = get_cosine_schedule_with_warmup(adamw, cfg.warmup_steps, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+
+    tracker = LossTracker(splits, task_of)
+    step, bad_in_a_row, skipped = 0, 0, 0
+    state = checkpoint.restore(accelerator, cfg.resume_from, cfg.run_dir)
+    if state is not None:
+        check_resumable(state, cfg, accelerator, train_loader)
+        step, bad_in_a_row, skipped = state["step"], state["bad_steps_in_a_row"], state["skipped_steps"]
+        tracker.load_state_dict(state["tracker"], accelerator)
+        if step >= total_steps:
+            accelerator.print(f"the run had already finished ({step} of {total_steps} steps); nothing to do")
+            return
+
+    def save(name):
+        trainer_state = {"step": step, "epoch": step // per_epoch, "position": step % per_epoch,
+                         "world_size": accelerator.num_processes,
+                         "batches_per_epoch": {n: len(b) for n, b in train_loader.loaders.items()},
+                         "bad_steps_in_a_row": bad_in_a_row, "skipped_steps": skipped,
+                         "tracker": tracker.state_dict(accelerator), "config": dataclasses.asdict(cfg)}
+        return checkpoint.save(accelerator, model, tokenizer, os.path.join(cfg.run_dir, name), trainer_state,
+                               cfg.save_total_limit)
 
     writer = open_writer(cfg, accelerator)
-    accelerator.print(f"{len(splits)} datasets, {len(train_loader)} batches per epoch per process, "
+    accelerator.print(f"{len(splits)} datasets, {per_epoch} batches per epoch per process, "
                       f"{total_steps} steps, {accelerator.num_processes} process(es)")
-    tracker = LossTracker(splits, task_of)
-    bar = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="train")
-    step, saved = 0, None
+    stop = StopSignal()
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    saved = None
     model.train()
-    for epoch in range(cfg.train_epochs):
-        train_loader.set_epoch(epoch)
-        for name, batch in islice(train_loader, total_steps - step):
-            losses = forward_backward(model, batch, task_of[name], cfg, accelerator)
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            clamp_lr(adamw, cfg.min_lr)
+    for epoch in range(step // per_epoch, cfg.train_epochs):
+        train_loader.set_epoch(epoch, start=step - epoch * per_epoch)
+        for name, batch in islice(train_loader, max(total_steps - step, 0)):
+            losses = forward_backward(model, to_device(batch, accelerator.device), task_of[name], cfg, accelerator)
+            ok = losses is not None
+            if ok:
+                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                ok = norm is None or bool(torch.isfinite(norm))  # DeepSpeed clips inside its step
+            if ok:
+                optimizer.step()
             optimizer.zero_grad()
+            scheduler.step()  # a skipped step keeps the lr schedule on the step count
+            clamp_lr(adamw, cfg.min_lr)
             step += 1
 
-            tracker.add(name, losses)
             bar.update(1)
+            if ok:
+                tracker.add(name, losses)
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                warn(accelerator, f"step {step}: non-finite loss or gradient on {name}; step skipped "
+                                  f"({bad_in_a_row} in a row, {skipped} in all)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    path = save(f"step_{step}")
+                    raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (max_bad_steps "
+                                    f"{cfg.max_bad_steps}); stopped at step {step}, checkpoint {path} holds the last "
+                                    "good weights. Lower learning_rate or check the data, then resume_from it")
             if step % cfg.log_interval == 0:
                 metrics = tracker.report(accelerator, "train")
-                log(writer, {"lr": adamw.param_groups[0]["lr"], **metrics}, step)
+                log(writer, {"lr": adamw.param_groups[0]["lr"], "train/skipped_steps": skipped, **metrics}, step)
                 bar.set_postfix({k[len("train/"):]: f"{v:.3f}" for k, v in metrics.items()
                                  if k.split("/")[1] in TASK_TYPES})
             if cfg.validation_steps and step % cfg.validation_steps == 0:
                 log(writer, validate(model, valid_loaders, task_of, cfg, accelerator), step)
             if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-                saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(cfg.run_dir, f"step_{step}"))
+                saved = save(f"step_{step}")
+            if stop.agreed(accelerator):
+                path = saved if saved == os.path.join(cfg.run_dir, f"step_{step}") else save(f"step_{step}")
+                accelerator.print(f"stopped by {stop.received or 'a signal to another process'} at step {step}: "
+                                  f'checkpoint {path}; continue with "resume_from": "latest"')
+                accelerator.end_training()
+                return
         # An epoch end, or train_steps reached inside an epoch: validate and save either way.
         log(writer, validate(model, valid_loaders, task_of, cfg, accelerator), step)
-        if step == (epoch + 1) * len(train_loader):
-            saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(cfg.run_dir, f"epoch_{epoch + 1}"))
+        if step == (epoch + 1) * per_epoch:
+            saved = save(f"epoch_{epoch + 1}")
         elif saved != os.path.join(cfg.run_dir, f"step_{step}"):
-            saved = save_checkpoint(accelerator, model, tokenizer, os.path.join(cfg.run_dir, f"step_{step}"))
+            saved = save(f"step_{step}")
         if step >= total_steps:
             break
     bar.close()

@@ -2,6 +2,7 @@
 import collections
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -262,8 +263,26 @@ def test_arrow_rows_fetches_tables():
 
 # ---- MultiDatasetLoader --------------------------------------------------------------------------
 
+class Batches:
+    """A list of batches with the interface MultiDatasetLoader needs (set_epoch, __len__, iter_from);
+    records the epochs set and the positions iterated from."""
+
+    def __init__(self, items):
+        self.items, self.epochs, self.starts = list(items), [], []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __len__(self):
+        return len(self.items)
+
+    def iter_from(self, start):
+        self.starts.append(start)
+        return iter(self.items[start:])
+
+
 def tagged(sizes):
-    return {name: [(name, i) for i in range(n)] for name, n in sizes.items()}
+    return {name: Batches((name, i) for i in range(n)) for name, n in sizes.items()}
 
 
 SIZES = {"alpha": 30, "beta": 10, "gamma": 60}
@@ -308,7 +327,8 @@ def test_multi_loader_order_is_the_same_in_separate_processes():
     One other process (imports cost seconds) with a hash seed other than this process's."""
     hash_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
     script = ("import json, sys; sys.path.insert(0, {repo!r}); import data\n"
-              "loader = data.MultiDatasetLoader({{n: [0] * k for n, k in {sizes!r}.items()}}, seed=5)\n"
+              "class Sized(list):\n    def set_epoch(self, epoch): pass\n"
+              "loader = data.MultiDatasetLoader({{n: Sized([0] * k) for n, k in {sizes!r}.items()}}, seed=5)\n"
               "loader.set_epoch(2)\n"
               "print(json.dumps([hash('alpha'), loader.draw_order()]))\n").format(repo=REPO_DIR, sizes=SIZES)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -316,7 +336,7 @@ def test_multi_loader_order_is_the_same_in_separate_processes():
     assert proc.returncode == 0, proc.stderr
     other_hash, other_order = json.loads(proc.stdout.strip().splitlines()[-1])
     assert other_hash != hash("alpha"), "the other process must hash strings differently"
-    here = data.MultiDatasetLoader({n: [0] * k for n, k in SIZES.items()}, seed=5)
+    here = data.MultiDatasetLoader(tagged(SIZES), seed=5)
     here.set_epoch(2)
     assert other_order == here.draw_order()
 
@@ -345,7 +365,7 @@ def test_multi_loader_skips_empty_datasets():
         loader.set_epoch(epoch)
         names = [name for name, _ in loader]
         assert sorted(names) == ["a", "a", "a", "b", "b"]
-    assert list(data.MultiDatasetLoader({"x": [], "y": []})) == []
+    assert list(data.MultiDatasetLoader(tagged({"x": 0, "y": 0}))) == []
     assert len(data.MultiDatasetLoader({})) == 0 and list(data.MultiDatasetLoader({})) == []
 
 
@@ -361,21 +381,331 @@ class EpochAware:
     def __len__(self):
         return self.n
 
-    def __iter__(self):
+    def iter_from(self, start):
         epoch = self.epochs[-1] if self.epochs else None
-        return iter([(self.name, i, epoch) for i in range(self.n)])
+        return iter([(self.name, i, epoch) for i in range(start, self.n)])
 
 
 def test_multi_loader_forwards_set_epoch():
-    aware, plain = EpochAware("aware", 4), [("plain", i, None) for i in range(3)]
-    loader = data.MultiDatasetLoader({"aware": aware, "plain": plain}, seed=0)
+    aware, other = EpochAware("aware", 4), EpochAware("other", 3)
+    loader = data.MultiDatasetLoader({"aware": aware, "other": other}, seed=0)
     loader.set_epoch(3)
     loader.set_epoch(4)
-    assert aware.epochs == [3, 4]
+    assert aware.epochs == other.epochs == [3, 4]
     assert loader.epoch == 4
     items = [batch for _, batch in loader]
     assert len(items) == 7
     assert [b for b in items if b[0] == "aware"] == [("aware", i, 4) for i in range(4)]
+    assert [b for b in items if b[0] == "other"] == [("other", i, 4) for i in range(3)]
+
+
+def test_multi_loader_set_epoch_start_resumes_mid_epoch_without_replaying():
+    for epoch in (0, 1, 5):
+        full_loader = data.MultiDatasetLoader(tagged(SIZES), seed=2)
+        full_loader.set_epoch(epoch)
+        full = list(full_loader)
+        assert len(full) == 100
+        for start in (0, 1, 17, 50, 99, 100):
+            loaders = tagged(SIZES)
+            loader = data.MultiDatasetLoader(loaders, seed=2)
+            loader.set_epoch(epoch, start=start)
+            assert list(loader) == full[start:], (epoch, start)
+            # Each dataset is asked for its batches from the number already used, not from 0.
+            done = collections.Counter(name for name, _ in full[:start])
+            assert {name: b.starts for name, b in loaders.items()} == {name: [done[name]] for name in SIZES}
+            assert all(b.epochs == [epoch] for b in loaders.values())
+            # The next epoch starts at its beginning again.
+            loader.set_epoch(epoch + 1)
+            full_loader.set_epoch(epoch + 1)
+            assert list(loader) == list(full_loader)
+            full_loader.set_epoch(epoch)
+    # Iterating again without set_epoch repeats the same (resumed) epoch: epochs do not advance by themselves.
+    loader = data.MultiDatasetLoader(tagged(SIZES), seed=2)
+    loader.set_epoch(1, start=40)
+    assert list(loader) == list(loader) and len(list(loader)) == 60
+
+
+# ---- DatasetBatches: sharding over processes, pure batches, resumption -----------------------------
+
+def in_memory_split(num_rows, num_negatives=6):
+    """A split of num_rows hand-built rows (row r's query is tagged q_tag(r)), as load_splits gives it."""
+    import datasets
+
+    return datasets.Dataset(to_table(make_rows(num_rows, num_negatives)))
+
+
+def batches_of(split, *, bs=4, k=3, train=True, seed=0, stream=0, rank=0, world=1, max_seq_length=100):
+    return data.DatasetBatches(split, batch_size=bs, num_neg=k, max_seq_length=max_seq_length, eos_id=EOS,
+                               train=train, seed=seed, stream=stream, rank=rank, world=world)
+
+
+def row_ids(batch):
+    """The split rows of a batch, from its query tags."""
+    return [tag_of(s) - q_tag(0) for s in real_sequences(batch)[: batch["num_queries"]]]
+
+
+def negative_picks(batch):
+    """Each row's picked negatives, as 1-based negative numbers."""
+    return [[t - n_tag(r, 0) for t in negative_tags(batch, i)] for i, r in enumerate(row_ids(batch))]
+
+
+def check_rows_intact(batch):
+    """Each query comes with its own positive and its own negatives, the sequences uncut."""
+    rows, n = row_ids(batch), batch["num_queries"]
+    seqs = real_sequences(batch)
+    assert [tag_of(s) for s in seqs[n: 2 * n]] == [p_tag(r) for r in rows]
+    for i, r in enumerate(rows):
+        assert all(1 <= j <= 6 for j in negative_picks(batch)[i]), negative_picks(batch)
+        assert len(set(negative_tags(batch, i))) == batch["num_neg"]
+    for s in seqs:
+        assert s == seq(tag_of(s), len(s))
+
+
+def ceil(a, b):
+    return -(-a // b)
+
+
+def same_batch(a, b):
+    return (torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["lengths"], b["lengths"])
+            and a["num_queries"] == b["num_queries"] and a["num_neg"] == b["num_neg"])
+
+
+def same_batches(xs, ys):
+    xs, ys = list(xs), list(ys)
+    return len(xs) == len(ys) and all(same_batch(a, b) for a, b in zip(xs, ys))
+
+
+@pytest.mark.parametrize("num_rows,world", [(23, 2), (23, 3), (27, 2), (27, 3), (30, 3), (37, 2)])
+def test_dataset_batches_shard_an_epoch_over_processes(num_rows, world):
+    bs = 4
+    assert num_rows % (bs * world), "the test wants a row count that does not divide evenly"
+    split = in_memory_split(num_rows)
+    num_batches = ceil(num_rows, bs)
+    single = batches_of(split, bs=bs, seed=7, stream=1)
+    assert len(single) == num_batches
+    epoch_order = list(single)  # the epoch's global batches, in order
+    assert sorted(r for b in epoch_order for r in row_ids(b)) == list(range(num_rows))
+    assert [b["num_queries"] for b in epoch_order] == [bs] * (num_batches - 1) + [num_rows - bs * (num_batches - 1)]
+    assert epoch_order[-1]["num_queries"] < bs, "the last batch is partial"
+    for b in epoch_order:
+        check_rows_intact(b)
+    for epoch in (0, 1):
+        single.set_epoch(epoch)
+        epoch_order = list(single)
+        per_rank = []
+        for rank in range(world):
+            shard = batches_of(split, bs=bs, seed=7, stream=1, rank=rank, world=world)
+            shard.set_epoch(epoch)
+            per_rank.append(list(shard))
+            assert len(shard) == len(per_rank[-1]) == ceil(num_batches, world), "every process: the same count"
+        # Round robin: step j of process `rank` is global batch j * world + rank; past the end, from the start.
+        dealt = [per_rank[rank][j] for j in range(len(per_rank[0])) for rank in range(world)]
+        padding = len(dealt) - num_batches
+        assert padding == (-num_batches) % world
+        assert same_batches(dealt[:num_batches], epoch_order)
+        assert same_batches(dealt[num_batches:], epoch_order[:padding]), "the extra batches repeat the first ones"
+        covered = collections.Counter(r for b in dealt for r in row_ids(b))
+        assert set(covered) == set(range(num_rows)), "every row at least once an epoch"
+        if padding == 0:
+            assert set(covered.values()) == {1}, "every row exactly once"
+        else:
+            again = {r for b in epoch_order[:padding] for r in row_ids(b)}
+            assert {r for r, c in covered.items() if c > 1} == again
+
+
+def test_dataset_batches_with_fewer_rows_than_processes_times_batch_size():
+    for num_rows, world in ((3, 3), (5, 3), (2, 4), (7, 2)):
+        split = in_memory_split(num_rows)
+        epoch_order = list(batches_of(split, bs=4))
+        shards = [list(batches_of(split, bs=4, rank=rank, world=world)) for rank in range(world)]
+        assert all(len(s) == 1 for s in shards), (num_rows, world)
+        for rank, (b,) in enumerate(shards):
+            assert same_batch(b, epoch_order[rank % len(epoch_order)])
+        assert {r for (b,) in shards for r in row_ids(b)} == set(range(num_rows))
+    (only,) = batches_of(in_memory_split(3), bs=4, world=2, rank=1)
+    assert only["num_queries"] == 3 and sorted(row_ids(only)) == [0, 1, 2]
+
+
+def test_dataset_batches_are_a_pure_function_of_epoch_and_index():
+    split = in_memory_split(29)
+    for world in (1, 2):
+        for rank in range(world):
+            reference = {}
+            walker = batches_of(split, seed=3, stream=2, rank=rank, world=world)
+            for epoch in range(3):
+                walker.set_epoch(epoch)
+                for j, b in enumerate(walker):
+                    reference[epoch, j] = b
+            assert len(reference) == 3 * len(walker)
+            keys = list(reference)
+            random.Random(world * 10 + rank).shuffle(keys)
+            reused = batches_of(split, seed=3, stream=2, rank=rank, world=world)
+            for epoch, j in keys:
+                fresh = batches_of(split, seed=3, stream=2, rank=rank, world=world)
+                fresh.set_epoch(epoch)
+                assert same_batch(fresh.batch(j), reference[epoch, j]), (world, rank, epoch, j)
+                reused.set_epoch(epoch)  # one instance hopping between epochs and batches in any order
+                assert same_batch(reused.batch(j), reference[epoch, j]), (world, rank, epoch, j)
+            # Epochs differ from each other (otherwise the above proves little).
+            assert not same_batch(reference[0, 0], reference[1, 0])
+            assert len({tuple(reference[e, j]["input_ids"].tolist()) for e, j in keys}) == len(keys)
+
+
+def test_dataset_batches_do_not_advance_by_iterating_and_reshuffle_by_set_epoch():
+    split = in_memory_split(25)
+    loader = batches_of(split, seed=1)
+    first = list(loader)
+    assert same_batches(loader, first), "iterating again without set_epoch: the same epoch"
+    loader.set_epoch(1)
+    second = list(loader)
+    assert [row_ids(b) for b in second] != [row_ids(b) for b in first], "another epoch, another shuffle"
+    assert sorted(r for b in second for r in row_ids(b)) == list(range(25))
+    assert [r for b in first for r in row_ids(b)] != list(range(25)), "training rows are shuffled"
+    loader.set_epoch(0)
+    assert same_batches(loader, first), "back to epoch 0: its batches again"
+
+
+def test_dataset_batches_iter_from_is_the_tail_of_the_epoch():
+    split = in_memory_split(30)
+    for world, rank in ((1, 0), (3, 2)):
+        loader = batches_of(split, seed=4, rank=rank, world=world)
+        for epoch in (0, 2):
+            loader.set_epoch(epoch)
+            full = list(loader)
+            for start in range(len(full) + 1):
+                fresh = batches_of(split, seed=4, rank=rank, world=world)
+                fresh.set_epoch(epoch)
+                built = []
+                fresh.batch = lambda j, build=fresh.batch: built.append(j) or build(j)
+                assert same_batches(fresh.iter_from(start), full[start:]), (world, epoch, start)
+                assert built == list(range(start, len(full))), "the skipped batches are not built"
+
+
+def test_multi_loader_over_dataset_batches_resumes_at_any_position():
+    sizes = {"alpha": 21, "beta": 9, "gamma": 14}
+    splits = {name: in_memory_split(n) for name, n in sizes.items()}
+
+    def multi(rank=0, world=1):
+        loaders = {name: batches_of(split, bs=3, seed=6, stream=i, rank=rank, world=world)
+                   for i, (name, split) in enumerate(splits.items())}
+        built = collections.Counter()
+        for name, loader in loaders.items():
+            loader.batch = lambda j, build=loader.batch, name=name: built.update([name]) or build(j)
+        return data.MultiDatasetLoader(loaders, seed=6), built
+
+    for world, rank in ((1, 0), (2, 1)):
+        reference, _ = multi(rank, world)
+        epochs = []
+        for epoch in (0, 1):
+            reference.set_epoch(epoch)
+            epochs.append(list(reference))
+            assert len(epochs[-1]) == len(reference) == sum(ceil(ceil(n, 3), world) for n in sizes.values())
+        length = len(epochs[0])
+        assert [name for name, _ in epochs[0]] != [name for name, _ in epochs[1]]
+        for epoch, full in enumerate(epochs):
+            for start in sorted({0, 1, 2, length // 2, length - 1, length}):
+                loader, built = multi(rank, world)
+                loader.set_epoch(epoch, start=start)
+                tail = list(loader)
+                assert [name for name, _ in tail] == [name for name, _ in full[start:]], (world, epoch, start)
+                assert all(same_batch(a, b) for (_, a), (_, b) in zip(tail, full[start:]))
+                assert sum(built.values()) == length - start, "no batch before `start` is built"
+                # Across the epoch boundary: the next epoch in full.
+                if epoch == 0:
+                    loader.set_epoch(1)
+                    after = list(loader)
+                    assert [name for name, _ in after] == [name for name, _ in epochs[1]]
+                    assert all(same_batch(a, b) for (_, a), (_, b) in zip(after, epochs[1]))
+
+
+def test_negatives_depend_on_the_global_batch_index_not_the_rank():
+    split = in_memory_split(26)  # 7 batches of 4 (the last of 2)
+    for epoch in (0, 3):
+        single = batches_of(split, seed=9, stream=4)
+        single.set_epoch(epoch)
+        global_batches = list(single)
+        for world in (2, 3):
+            for rank in range(world):
+                shard = batches_of(split, seed=9, stream=4, rank=rank, world=world)
+                shard.set_epoch(epoch)
+                for j, b in enumerate(shard):
+                    g = (j * world + rank) % len(global_batches)
+                    assert row_ids(b) == row_ids(global_batches[g])
+                    assert negative_picks(b) == negative_picks(global_batches[g]), (epoch, world, rank, j)
+        picks = [p for b in global_batches for p in negative_picks(b)]
+        assert any(p != [1, 2, 3] for p in picks), "training samples its negatives"
+        assert len({tuple(p) for p in picks}) > 10, "drawn afresh for each row, not one choice per batch"
+    # Another epoch samples afresh: other negatives for the same row, and not the same picks by batch
+    # position either (negatives seeded by the batch index alone would repeat them on other rows).
+    by_row, by_position = [], []
+    for epoch in (0, 1):
+        single.set_epoch(epoch)
+        by_row.append({r: p for b in single for r, p in zip(row_ids(b), negative_picks(b))})
+        by_position.append([negative_picks(b) for b in single])
+    assert by_row[0] != by_row[1]
+    assert by_position[0] != by_position[1]
+
+
+def test_streams_and_seeds_shuffle_and_sample_differently():
+    split = in_memory_split(24)
+
+    def epoch_of(**kw):
+        batches = list(batches_of(split, **kw))
+        return [row_ids(b) for b in batches], [negative_picks(b) for b in batches], batches
+
+    base_rows, base_picks, base = epoch_of(seed=0, stream=0)
+    assert same_batches(epoch_of(seed=0, stream=0)[2], base), "same seed and stream: the same batches"
+    for kw in ({"seed": 0, "stream": 1}, {"seed": 0, "stream": 2}, {"seed": 1, "stream": 0}):
+        rows, picks, _ = epoch_of(**kw)
+        assert rows != base_rows, kw
+        # Negatives of the same rows differ too (compared row by row, whatever batch the row is in).
+        by_row = {r: p for rs, ps in zip(rows, picks) for r, p in zip(rs, ps)}
+        base_by_row = {r: p for rs, ps in zip(base_rows, base_picks) for r, p in zip(rs, ps)}
+        assert by_row != base_by_row, kw
+    # Two datasets of the same size under different streams do not draw the same permutation.
+    assert epoch_of(seed=5, stream=0)[0] != epoch_of(seed=5, stream=1)[0]
+
+
+def test_validation_batches_are_in_order_with_the_first_negatives_every_epoch():
+    split = in_memory_split(14)
+    for world in (1, 2, 3):
+        for rank in range(world):
+            first = None
+            for epoch in (0, 1, 4):
+                for stream in (0, 3):
+                    loader = batches_of(split, train=False, seed=epoch + 11, stream=stream, rank=rank, world=world)
+                    loader.set_epoch(epoch)
+                    batches = list(loader)
+                    if first is None:
+                        first = batches
+                    assert same_batches(batches, first), (world, rank, epoch, stream)
+            # Global batch g holds rows 4g .. 4g+3 in order; round robin over the processes.
+            for j, b in enumerate(first):
+                g = (j * world + rank) % 4
+                assert row_ids(b) == list(range(4 * g, min(4 * g + 4, 14)))
+                assert negative_picks(b) == [[1, 2, 3]] * len(row_ids(b))
+            assert len(first) == ceil(4, world)
+
+
+def test_make_loader_takes_seed_and_sizes_from_the_config():
+    split = in_memory_split(19)
+    cfg = config.Config(model_path="m", train_data_path="d", train_batch_size=3, num_hard_neg=4, max_seq_length=4,
+                        seed=12)
+    got = data.make_loader(split, "retrieval", cfg, EOS, train=True, stream=2, rank=1, world=2)
+    expected = batches_of(split, bs=3, k=4, seed=12, stream=2, rank=1, world=2, max_seq_length=4)
+    assert len(got) == len(expected) == 4
+    for epoch in (0, 1):
+        got.set_epoch(epoch)
+        expected.set_epoch(epoch)
+        assert same_batches(got, expected)
+    assert not same_batches(got, batches_of(split, bs=3, k=4, seed=0, stream=2, rank=1, world=2,
+                                            max_seq_length=4))
+    b = next(iter(got))
+    assert b["num_neg"] == 4 and int(b["lengths"].max()) == 4
+    one = next(iter(data.make_loader(split, "classification", cfg, EOS, train=False)))
+    assert one["num_neg"] == 1 and one["num_queries"] == 3
+    with pytest.raises(TypeError):
+        data.make_loader(split, "retrieval", cfg, EOS, seed=0, train=True)
 
 
 # ---- make_loader over a real tokenized split ------------------------------------------------------
@@ -455,10 +785,10 @@ def check_loader_batches(loader, split, columns, k, tok, bs, max_seq_length=64, 
 def test_make_loader_train_and_validation(tiny, tokenized, tmp_path, tok):
     path = os.path.join(tokenized, "msmarco.parquet")
     columns = data.token_columns(path, 3)
-    cfg = make_cfg(tiny, tokenized, tmp_path / "cache", validation_fraction=0.2)
+    cfg = make_cfg(tiny, tokenized, tmp_path / "cache", validation_fraction=0.2, seed=0)
     train, valid = data.load_splits(path, columns, cfg)
 
-    loader = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, seed=0, train=True)
+    loader = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, train=True)
     assert len(loader) == 12
     picks1, picks2 = {}, {}
     queries = check_loader_batches(loader, train, columns, 3, tok, 4, picks=picks1)
@@ -466,21 +796,25 @@ def test_make_loader_train_and_validation(tiny, tokenized, tmp_path, tok):
     assert queries != [tuple(q) for q in train["query_input_ids"]], "training batches are shuffled"
     # Training samples negatives from all 10 (not always negative_1..3), afresh in the next epoch.
     assert any(max(p) > 3 for p in picks1.values()), picks1
+    assert check_loader_batches(loader, train, columns, 3, tok, 4) == queries, "iterating again: the same epoch"
+    loader.set_epoch(1)
     queries2 = check_loader_batches(loader, train, columns, 3, tok, 4, picks=picks2)
+    assert sorted(queries2) == sorted(queries)
     assert queries2 != queries, "the next epoch is shuffled differently"
     assert picks2 != picks1, "the next epoch draws other negatives"
-    other_seed = data.make_loader(train, "retrieval", cfg, tok.eos_token_id, seed=1, train=True)
+    other_cfg = make_cfg(tiny, tokenized, tmp_path / "cache", validation_fraction=0.2, seed=1)
+    other_seed = data.make_loader(train, "retrieval", other_cfg, tok.eos_token_id, train=True)
     assert check_loader_batches(other_seed, train, columns, 3, tok, 4) != queries
 
     # Same seed -> same batches.
-    first = list(data.make_loader(train, "retrieval", cfg, tok.eos_token_id, seed=0, train=True))
-    second = list(data.make_loader(train, "retrieval", cfg, tok.eos_token_id, seed=0, train=True))
+    first = list(data.make_loader(train, "retrieval", cfg, tok.eos_token_id, train=True))
+    second = list(data.make_loader(train, "retrieval", cfg, tok.eos_token_id, train=True))
     assert len(first) == len(second) == 12
     for a, b in zip(first, second):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["lengths"], b["lengths"])
 
     # Validation: in order, with the first k negatives, the same every pass.
-    vloader = data.make_loader(valid, "retrieval", cfg, tok.eos_token_id, seed=0, train=False)
+    vloader = data.make_loader(valid, "retrieval", cfg, tok.eos_token_id, train=False)
     vpicks = {}
     vqueries = check_loader_batches(vloader, valid, columns, 3, tok, 4, picks=vpicks)
     assert vqueries == [tuple(q) for q in valid["query_input_ids"]]
@@ -497,9 +831,9 @@ def test_make_loader_train_and_validation(tiny, tokenized, tmp_path, tok):
 def test_make_loader_cuts_to_max_seq_length(tiny, tokenized, tmp_path, tok):
     path = os.path.join(tokenized, "banking77.parquet")
     columns = data.token_columns(path, 3)
-    cfg = make_cfg(tiny, tokenized, tmp_path / "cache", max_seq_length=6)
+    cfg = make_cfg(tiny, tokenized, tmp_path / "cache", max_seq_length=6, seed=1)
     train, _ = data.load_splits(path, columns, cfg)
-    loader = data.make_loader(train, "clustering", cfg, tok.eos_token_id, seed=1, train=True)
+    loader = data.make_loader(train, "clustering", cfg, tok.eos_token_id, train=True)
     cut = 0
     for batch in loader:
         assert len(batch["lengths"]) == batch["num_queries"] * 5
@@ -517,7 +851,7 @@ def test_make_loader_classification_uses_one_negative(tiny, tokenized, tmp_path,
     assert columns == ["query_input_ids", "passage_input_ids", "negative_1_input_ids"]
     cfg = make_cfg(tiny, tokenized, tmp_path / "cache", num_hard_neg=7)
     train, _ = data.load_splits(path, columns, cfg)
-    loader = data.make_loader(train, "classification", cfg, tok.eos_token_id, seed=0, train=True)
+    loader = data.make_loader(train, "classification", cfg, tok.eos_token_id, train=True)
     batches = list(loader)
     assert len(batches) == len(loader) == (len(train) + 3) // 4
     for batch in batches[:-1]:

@@ -333,7 +333,7 @@ def test_loader_batches_embed_the_same_packed_and_padded(tiny, tokenized, post_t
     split = datasets.Dataset(pq.read_table(path, columns=data.token_columns(path, 2)))
     cfg = config.Config(model_path=f"{tiny}/backbone", train_data_path=tokenized, train_batch_size=3,
                         num_hard_neg=2, max_seq_length=20)
-    loader = data.make_loader(split, "retrieval", cfg, post_tok.eos_token_id, seed=0, train=True)
+    loader = data.make_loader(split, "retrieval", cfg, post_tok.eos_token_id, train=True)
     packed = embedder(tiny, "packed").eval()
     padded = model.Embedder(model.load_backbone(f"{tiny}/backbone", dtype="float32").eval(), "padded",
                             post_tok.pad_token_id)

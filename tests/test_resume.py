@@ -1,0 +1,384 @@
+"""Long runs: full-state checkpoints, exact resume (1 and 2 processes), a kill in the middle of a
+checkpoint write, corrupt checkpoints, SIGTERM, non-finite losses, uneven data, determinism.
+
+The reference is an uninterrupted run; a resumed run must log the same per-step losses after the
+resume point and reach the same final weights."""
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+from conftest import REPO_DIR, assert_user_error, run_cli, write_config
+from errors import UserError
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+BIN = os.path.dirname(sys.executable)
+TWO = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def make_config(root, tiny, data, name, **overrides):
+    """A config whose outputs go to root/name."""
+    values = dict(model_path=f"{tiny}/backbone", train_data_path=data, experiment_id="run",
+                  output_dir=str(root / name / "out"), tb_dir=str(root / name / "tb"), cache_dir=str(root / "cache"),
+                  train_batch_size=32, max_seq_length=32, num_hard_neg=2, learning_rate=2e-3, min_lr=1e-5,
+                  warmup_steps=3, train_epochs=2, log_interval=1, checkpointing_steps=0, validation_steps=0,
+                  gradient_checkpointing=False)
+    values.update(overrides)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    return write_config(root / name / "config.json", **values), values
+
+
+def launch(config, processes=1, port=None, script="run.py", **kw):
+    if processes == 1:
+        return run_cli(script, "--config", config, env={"OMP_NUM_THREADS": "1"}, **kw)
+    return run_cli(script, "--config", config, env=TWO, **kw,
+                   prefix=[os.path.join(BIN, "torchrun"), "--nproc_per_node", str(processes), "--master_port", port])
+
+
+def run_dir(values):
+    return os.path.join(values["output_dir"], "run")
+
+
+def curves(values):
+    """{tag: {step: value}} of every training loss logged to TensorBoard."""
+    events = EventAccumulator(os.path.join(values["tb_dir"], "run"))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)}
+            for tag in events.Tags()["scalars"] if tag.startswith("train/") or tag == "lr"}
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+
+
+def assert_same_curves(reference, other, after=0):
+    """Every curve of `other` equals the reference's at the same steps, and covers every step > after."""
+    for tag, points in reference.items():
+        tail = {s: v for s, v in points.items() if s > after}
+        got = other.get(tag, {})
+        assert set(got) == set(tail), (tag, sorted(got), sorted(tail))
+        for s in tail:
+            assert got[s] == pytest.approx(tail[s], rel=1e-5, abs=1e-7), (tag, s)
+
+
+K = 5  # the reference's checkpointing_steps: step_5 lies inside the first epoch
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tokenized, tmp_path_factory):
+    """Uninterrupted runs with 1 and 2 processes, a full-state checkpoint every K steps:
+    {processes: config values, plus "steps"}."""
+    root = tmp_path_factory.mktemp("reference")
+    out = {}
+    for processes, port in ((1, None), (2, "29536")):
+        config, values = make_config(root, tiny, tokenized, f"p{processes}", checkpointing_steps=K,
+                                     save_total_limit=0)
+        proc = launch(config, processes, port)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        values["steps"] = int(re.search(r"(\d+) steps,", proc.stdout).group(1))
+        out[processes] = values
+    return out
+
+
+def test_checkpoints_hold_weights_and_training_state(reference):
+    values = reference[1]
+    saved = sorted(os.listdir(run_dir(values)))
+    steps = [f"step_{s}" for s in range(K, values["steps"] + 1, K)]
+    assert saved == sorted(["args.json", "epoch_1", "epoch_2"] + steps)
+    for name in saved[1:]:
+        folder = os.path.join(run_dir(values), name)
+        assert os.path.isfile(os.path.join(folder, "model.safetensors"))  # inference weights, as before
+        assert checkpoint.problem_with(folder) is None
+    state = checkpoint.read_trainer_state(os.path.join(run_dir(values), f"step_{K}"))
+    assert state["step"] == K and state["world_size"] == 1 and state["config"]["seed"] == 0
+
+
+def test_same_seed_same_curve_run_to_run(tmp_path, tiny, tokenized, reference):
+    """Determinism, and checkpoints do not perturb training: a run without checkpoints logs the
+    same losses and reaches the same weights as the reference."""
+    config, values = make_config(tmp_path, tiny, tokenized, "again")
+    assert launch(config).returncode == 0
+    assert_same_curves(curves(reference[1]), curves(values))
+    assert_same_weights(os.path.join(run_dir(reference[1]), "epoch_2"), os.path.join(run_dir(values), "epoch_2"))
+
+
+@pytest.mark.parametrize("processes,port,start", [(1, None, f"step_{K}"), (1, None, "epoch_1"),
+                                                  (2, "29537", f"step_{K}")])
+def test_resume_is_exact(tmp_path, tiny, tokenized, reference, processes, port, start):
+    """A new run resumed from the reference's mid-epoch or epoch-end checkpoint: the same losses
+    after the resume point, the same final weights."""
+    ref = reference[processes]
+    source = os.path.join(run_dir(ref), start)
+    config, resumed = make_config(tmp_path, tiny, tokenized, "resumed", resume_from=source)
+    proc = launch(config, processes, port)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    at = checkpoint.read_trainer_state(source)["step"]
+    assert 0 < at < ref["steps"]
+    assert f"resuming from {source} (step {at})" in proc.stdout
+    assert_same_curves(curves(ref), curves(resumed), after=at)
+    assert_same_weights(os.path.join(run_dir(ref), "epoch_2"), os.path.join(run_dir(resumed), "epoch_2"))
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+import run
+
+real_save, calls = torch.save, []
+
+
+def save_then_die(obj, f, *args, **kwargs):
+    # The second checkpoint's optimizer file: write half of it, then die as a node failure would.
+    if str(f).endswith("optimizer.bin"):
+        calls.append(f)
+        if len(calls) == 2:
+            real_save(obj, f, *args, **kwargs)
+            os.truncate(f, os.path.getsize(f) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save_then_die
+run.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, tiny, tokenized, reference):
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(repo=REPO_DIR))
+    config, values = make_config(tmp_path, tiny, tokenized, "killed", checkpointing_steps=6,
+                                 resume_from="latest")
+    proc = launch(config, script=str(killer))
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    left = sorted(os.listdir(run_dir(values)))
+    assert left == [".step_12.partial", "args.json", "step_6"], left  # killed while writing step_12
+
+    # The same command again: resumes from step_6, the last complete checkpoint.
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resuming from {run_dir(values)}/step_6 (step 6)" in proc.stdout
+    assert_same_weights(os.path.join(run_dir(reference[1]), "epoch_2"), os.path.join(run_dir(values), "epoch_2"))
+    assert not glob.glob(os.path.join(run_dir(values), ".*")), "the partial folder was replaced"
+
+
+def corrupt_copy(src, dst, how):
+    shutil.copytree(src, dst)
+    state = os.path.join(dst, "training_state")
+    if how == "truncated":
+        path = os.path.join(state, "optimizer.bin")
+        os.truncate(path, os.path.getsize(path) - 100)
+    elif how == "garbage":  # same size, so the manifest cannot tell: the load has to fail
+        path = os.path.join(state, "rng_0.pt")
+        size = os.path.getsize(path)
+        open(path, "wb").write(b"\x00garbage" * (size // 8) + b"\x00" * (size % 8))
+    elif how == "no manifest":
+        os.remove(os.path.join(state, "manifest.json"))
+
+
+def test_resume_latest_skips_incomplete_and_corrupt_checkpoints(tmp_path, tiny, tokenized, reference):
+    good = os.path.join(run_dir(reference[1]), f"step_{K}")
+    config, values = make_config(tmp_path, tiny, tokenized, "resumed", resume_from="latest")
+    os.makedirs(run_dir(values))
+    shutil.copytree(good, os.path.join(run_dir(values), f"step_{K}"))
+    for step, how in ((2 * K, "truncated"), (3 * K, "garbage"), (4 * K, "no manifest")):
+        corrupt_copy(good, os.path.join(run_dir(values), f"step_{step}"), how)
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: skipping checkpoint")]
+    assert len(warnings) == 3, proc.stderr
+    assert f"step_{4 * K}: no training_state/manifest.json" in warnings[0]
+    assert f"step_{3 * K}: unreadable" in warnings[1]
+    assert f"step_{2 * K}: training_state/optimizer.bin has" in warnings[2]
+    assert f"resuming from {run_dir(values)}/step_{K} (step {K})" in proc.stdout
+    assert_same_weights(os.path.join(run_dir(reference[1]), "epoch_2"), os.path.join(run_dir(values), "epoch_2"))
+
+
+class FakeAccelerator:
+    """What checkpoint.restore needs of an Accelerator, for error paths that fail before loading."""
+
+    def __init__(self, num_processes=1):
+        self.num_processes, self.process_index, self.is_main_process = num_processes, 0, True
+        self.device = torch.device("cpu")
+        self.loaded = []
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+    def load_state(self, path):
+        self.loaded.append(path)
+
+    def print(self, *args):
+        print(*args)
+
+
+def test_restore_errors_are_clear(tmp_path, reference):
+    good = os.path.join(run_dir(reference[1]), f"step_{K}")
+    corrupt_copy(good, str(tmp_path / "bad"), "truncated")
+    for resume_from, fragment in ((str(tmp_path / "bad"), "optimizer.bin has"),
+                                  (str(tmp_path / "nowhere"), "not a folder")):
+        with pytest.raises(UserError, match=fragment):
+            checkpoint.restore(FakeAccelerator(), resume_from, str(tmp_path))
+    with pytest.raises(UserError, match=r"written by 1 process\(es\), this run has 2; launch with 1"):
+        checkpoint.restore(FakeAccelerator(num_processes=2), good, str(tmp_path))
+    with pytest.raises(UserError, match=r"written by 1 process\(es\)"):  # latest does not skip a mismatch
+        checkpoint.restore(FakeAccelerator(num_processes=2), "latest", run_dir(reference[1]))
+    # The training_state folder itself names its checkpoint too.
+    accelerator = FakeAccelerator()
+    assert checkpoint.restore(accelerator, os.path.join(good, "training_state"), "")["step"] == K
+    assert accelerator.loaded == [os.path.join(good, "training_state")]
+    assert checkpoint.restore(accelerator, "", str(tmp_path)) is None
+
+
+def test_resume_errors_and_edge_cases_end_to_end(tmp_path, tiny, tokenized, reference):
+    good = os.path.join(run_dir(reference[1]), f"step_{K}")
+    config, _ = make_config(tmp_path, tiny, tokenized, "batch", resume_from=good, train_batch_size=16)
+    assert_user_error(launch(config), "train_batch_size changed")
+    # latest with no checkpoint: a fresh start; the same command after the run: nothing to do.
+    config, values = make_config(tmp_path, tiny, tokenized, "fresh", resume_from="latest", train_steps=2)
+    proc = launch(config)
+    assert proc.returncode == 0 and "no complete checkpoint" in proc.stdout, proc.stdout + proc.stderr
+    proc = launch(config)
+    assert proc.returncode == 0 and "already finished (2 of 2 steps)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_save_total_limit_keeps_the_newest_training_states(tmp_path, tiny, tokenized):
+    config, values = make_config(tmp_path, tiny, tokenized, "limit", checkpointing_steps=3, train_steps=12,
+                                 save_total_limit=2)
+    assert launch(config).returncode == 0
+    folders = sorted(d for d in os.listdir(run_dir(values)) if d.startswith("step_"))
+    assert folders == ["step_12", "step_3", "step_6", "step_9"]
+    with_state = sorted(d for d in folders if os.path.isdir(os.path.join(run_dir(values), d, "training_state")))
+    assert with_state == ["step_12", "step_9"]
+    for d in folders:  # every checkpoint keeps its inference weights
+        assert os.path.isfile(os.path.join(run_dir(values), d, "model.safetensors"))
+
+
+def children(pid):
+    """Process ids whose parent is pid."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
+@pytest.mark.parametrize("processes,port", [(1, None), (2, "29539")])
+def test_sigterm_finishes_the_step_checkpoints_and_exits(tmp_path, tiny, tokenized, reference, processes, port):
+    """SIGTERM (to the process; with 2 processes to one worker only): a checkpoint at the step it
+    arrived, exit 0; the same command with resume_from latest then ends where the reference ends."""
+    config, values = make_config(tmp_path, tiny, tokenized, "term", resume_from="latest")
+    if processes == 1:
+        cmd = [sys.executable, "run.py", "--config", config]
+    else:
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", port, "run.py",
+               "--config", config]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **TWO}
+    proc = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        events = os.path.join(values["tb_dir"], "run")
+        deadline = time.time() + 120
+        while not glob.glob(os.path.join(events, "events*")) and time.time() < deadline:
+            time.sleep(0.05)  # the writer opens just before the first step
+        time.sleep(0.5)
+        target = proc.pid if processes == 1 else max(children(proc.pid))
+        os.kill(target, signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    line = [s for s in out.splitlines() if s.startswith("stopped by")]
+    assert len(line) == 1, out
+    step = int(line[0].split(" at step ")[1].split(":")[0])
+    assert 0 < step < reference[processes]["steps"], "stopped mid-run"
+    assert os.path.isdir(os.path.join(run_dir(values), f"step_{step}", "training_state"))
+    assert not os.path.exists(os.path.join(run_dir(values), "epoch_2"))
+
+    proc = launch(config, processes, port)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"(step {step})" in proc.stdout
+    assert_same_weights(os.path.join(run_dir(reference[processes]), "epoch_2"),
+                        os.path.join(run_dir(values), "epoch_2"))
+
+
+def poisoned_backbone(tiny, dst, rows):
+    """A copy of the tiny backbone with NaN embedding rows for the given token ids."""
+    shutil.copytree(f"{tiny}/backbone", dst)
+    path = os.path.join(dst, "model.safetensors")
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[key][rows] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    return dst
+
+
+def rare_token(tokenized):
+    """A token id that occurs in the queries of a few rows of one dataset only."""
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(tokenized, "*.parquet"))):
+        for i, ids in enumerate(pq.read_table(path, columns=["query_input_ids"]).column(0).to_pylist()):
+            for t in set(ids[:-1]):
+                rows.setdefault(t, set()).add((path, i))
+    return min((t for t, r in rows.items() if len(r) >= 3 and len({p for p, _ in r}) == 1),
+               key=lambda t: len(rows[t]))
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny, tokenized):
+    backbone = poisoned_backbone(tiny, str(tmp_path / "backbone"), [rare_token(tokenized)])
+    config, values = make_config(tmp_path, tiny, tokenized, "nan", model_path=backbone, train_steps=16)
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    skipped = [line for line in proc.stderr.splitlines() if "non-finite loss or gradient" in line]
+    assert 1 <= len(skipped) < 16, proc.stderr
+    logged = curves(values)
+    assert logged["train/skipped_steps"][16] == len(skipped)
+    losses = [v for tag, points in logged.items() if tag.endswith(("/hard", "/inbatch")) for v in points.values()]
+    assert losses and all(v == v and abs(v) < 1e6 for v in losses), "no NaN reaches the logged means"
+    final = weights(os.path.join(run_dir(values), "step_16"))
+    embed = next(k for k in final if k.endswith("embed_tokens.weight"))
+    assert all(torch.isfinite(t).all() for k, t in final.items() if k != embed), "no update from a NaN step"
+
+
+def test_max_bad_steps_stops_with_a_checkpoint(tmp_path, tiny, tokenized):
+    everything = list(range(400))
+    backbone = poisoned_backbone(tiny, str(tmp_path / "backbone"), everything)
+    config, values = make_config(tmp_path, tiny, tokenized, "allnan", model_path=backbone, max_bad_steps=3)
+    proc = launch(config)
+    assert_user_error(proc, "3 steps in a row", "max_bad_steps", "step_3")
+    assert os.path.isdir(os.path.join(run_dir(values), "step_3", "training_state"))
+
+
+def test_uneven_data_does_not_hang(tmp_path, tiny, tokenized):
+    """2 processes x batch 16: one dataset smaller than a batch per process, one with a last partial batch."""
+    data = tmp_path / "uneven"
+    data.mkdir()
+    for name, rows in (("msmarco", 5), ("imdb", 40)):
+        table = pq.read_table(os.path.join(tokenized, f"{name}.parquet")).slice(0, rows)
+        pq.write_table(table, data / f"{name}.parquet")
+    config, values = make_config(tmp_path, tiny, str(data), "uneven", validation_steps=1, train_batch_size=16)
+    proc = launch(config, 2, "29540", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # msmarco: 4 train rows -> 1 batch, on both processes; imdb: 39 -> 3 batches -> 2 per process.
+    assert "2 datasets, 3 batches per epoch per process, 6 steps, 2 process(es)" in proc.stdout
+    assert os.path.isfile(os.path.join(run_dir(values), "epoch_2", "model.safetensors"))
