@@ -112,6 +112,22 @@ def forward_backward(model, batch, task, cfg, accelerator):
     return losses
 
 
+def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler):
+    """One optimizer step on one batch: its losses, or None if it was skipped because a loss or the
+    gradient norm was not finite. The lr schedule advances either way."""
+    losses = forward_backward(model, batch, task, cfg, accelerator)
+    if losses is not None:
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # None: DeepSpeed clips
+        if norm is not None and not torch.isfinite(norm):
+            losses = None
+    if losses is not None:
+        optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+    clamp_lr(scheduler.optimizer, cfg.min_lr)
+    return losses
+
+
 @torch.no_grad()
 def validate(model, valid_loaders, task_of, cfg, accelerator):
     model.eval()
@@ -280,25 +296,17 @@ def main(argv=None):
                       f"{total_steps} steps, {accelerator.num_processes} process(es)")
     stop = StopSignal()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    saved = None
+    saved, stopped = None, False
     model.train()
     for epoch in range(step // per_epoch, cfg.train_epochs):
         train_loader.set_epoch(epoch, start=step - epoch * per_epoch)
         for name, batch in islice(train_loader, max(total_steps - step, 0)):
-            losses = forward_backward(model, to_device(batch, accelerator.device), task_of[name], cfg, accelerator)
-            ok = losses is not None
-            if ok:
-                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                ok = norm is None or bool(torch.isfinite(norm))  # DeepSpeed clips inside its step
-            if ok:
-                optimizer.step()
-            optimizer.zero_grad()
-            scheduler.step()  # a skipped step keeps the lr schedule on the step count
-            clamp_lr(adamw, cfg.min_lr)
+            batch = to_device(batch, accelerator.device)
+            losses = train_step(model, batch, task_of[name], cfg, accelerator, optimizer, scheduler)
             step += 1
 
             bar.update(1)
-            if ok:
+            if losses is not None:
                 tracker.add(name, losses)
                 bad_in_a_row = 0
             else:
@@ -323,8 +331,10 @@ def main(argv=None):
                 path = saved if saved == os.path.join(cfg.run_dir, f"step_{step}") else save(f"step_{step}")
                 accelerator.print(f"stopped by {stop.received or 'a signal to another process'} at step {step}: "
                                   f'checkpoint {path}; continue with "resume_from": "latest"')
-                accelerator.end_training()
-                return
+                stopped = True
+                break
+        if stopped:
+            break
         # An epoch end, or train_steps reached inside an epoch: validate and save either way.
         log(writer, validate(model, valid_loaders, task_of, cfg, accelerator), step)
         if step == (epoch + 1) * per_epoch:
@@ -336,7 +346,8 @@ def main(argv=None):
     bar.close()
     if writer is not None:
         writer.close()
-    accelerator.print(f"final checkpoint: {saved}")
+    if not stopped:
+        accelerator.print(f"final checkpoint: {saved}")
     accelerator.end_training()
 
 

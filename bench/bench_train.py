@@ -90,7 +90,8 @@ def run(quick=False, hidden=128, layers=2, scale=None, max_len=None, warmup=1, s
     attn = {layout: m.backbone.config._attn_implementation for layout, (m, _) in models.items()}
     with torch.no_grad():
         b = batches[0]
-        emb = {layout: m(b["input_ids"], b["lengths"], num_queries=b["num_queries"]) for layout, (m, _) in models.items()}
+        emb = {layout: m(b["input_ids"], b["lengths"], num_queries=b["num_queries"])
+               for layout, (m, _) in models.items()}
     max_diff = float((emb["packed"] - emb["padded"]).abs().max())
     assert torch.allclose(emb["packed"], emb["padded"], atol=1e-3, rtol=1e-3), f"layouts disagree by {max_diff}"
 
@@ -144,7 +145,8 @@ def _num(value):
 
 
 def main(argv=None):
-    p = benchutil.add_quick_flag(argparse.ArgumentParser(description="Figure 4: training throughput, packed vs padded."))
+    p = benchutil.add_quick_flag(
+        argparse.ArgumentParser(description="Figure 4: training throughput, packed vs padded."))
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--scale", type=float, default=None, help="length scale (bench/lengths.py)")
