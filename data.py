@@ -44,11 +44,19 @@ def task_type_of(name, dataset_types, path):
 
 
 def token_columns(path, needed_negatives):
-    """The token columns a dataset file must have: query, passage and at least the needed negatives."""
+    """The token columns a dataset file must have: query, passage and at least the needed negatives,
+    each a list of integer ids; and at least 2 rows (one for validation). Reads the footer only."""
     try:
-        names = set(pq.read_schema(path).names)
+        metadata = pq.read_metadata(path)
+        schema = metadata.schema.to_arrow_schema()
     except Exception as err:  # pyarrow raises several types for a broken file
         raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})")
+    if len(set(schema.names)) != len(schema.names):
+        twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
+        raise UserError(f"{path}: column name(s) {twice} appear more than once; keep one of each")
+    if metadata.num_rows < 2:
+        raise UserError(f"{path}: {metadata.num_rows} row(s); a dataset needs at least 2 (one for validation)")
+    names = set(schema.names)
     for col in ("query_input_ids", "passage_input_ids"):
         if col not in names:
             raise UserError(f"{path}: no column '{col}'; tokenize the raw data with tokenize_data_qwen.py first")
@@ -58,14 +66,45 @@ def token_columns(path, needed_negatives):
     if n < needed_negatives:
         raise UserError(f"{path}: {n} hard negatives per row (negative_1 ... negative_{n}), fewer than the "
                         f"{needed_negatives} the config asks for; lower num_hard_neg or add negatives")
-    return ["query_input_ids", "passage_input_ids"] + [f"negative_{i}_input_ids" for i in range(1, n + 1)]
+    columns = ["query_input_ids", "passage_input_ids"] + [f"negative_{i}_input_ids" for i in range(1, n + 1)]
+    for col in columns:
+        typ = schema.field(col).type
+        if not ((pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)):
+            raise UserError(f"{path}: column '{col}' is {typ}, not a list of token ids; tokenize the raw data "
+                            "with tokenize_data_qwen.py")
+    return columns
+
+
+def _rows(mask):
+    rows = np.flatnonzero(mask)
+    return ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
+
+
+def check_token_values(table, columns, path):
+    """Every token list present and non-empty, with no null id: cheap (offsets and validity bitmaps
+    only), unlike the id range, which collate checks batch by batch."""
+    for col in columns:
+        lists = table.column(col)
+        if lists.null_count:
+            raise UserError(f"{path}: column '{col}' has {lists.null_count} null token list(s) (rows "
+                            f"{_rows(lists.is_null().to_numpy(zero_copy_only=False))}); re-tokenize the file")
+        lengths = np.asarray(pc.list_value_length(lists), dtype=np.int64)
+        if (lengths == 0).any():
+            raise UserError(f"{path}: column '{col}' has {(lengths == 0).sum()} empty token list(s) (rows "
+                            f"{_rows(lengths == 0)}); every text needs at least its eos token")
+        if pc.list_flatten(lists).null_count:
+            raise UserError(f"{path}: column '{col}' has null token ids inside its lists; re-tokenize the file")
 
 
 def load_splits(path, columns, cfg):
     """The dataset's train / validation split (seeded), cached under cfg.cache_dir."""
-    ds = datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cfg.cache_dir)
-    if len(ds) < 2:
-        raise UserError(f"{path}: {len(ds)} row(s); a dataset needs at least 2 (one for validation)")
+    try:
+        ds = datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cfg.cache_dir)
+    except Exception as err:  # a corrupt page surfaces here, under several exception types
+        cause = err.__cause__ or err
+        raise UserError(f"{path}: cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
+                        "re-tokenize or re-download it")
+    check_token_values(ds.data, columns, path)
     split = ds.select_columns(columns).train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
     return split["train"], split["test"]
 
@@ -100,12 +139,13 @@ def pick_negatives(num_rows, num_available, num_neg, rng):
     return np.argsort(rng.random((num_rows, num_available)), axis=1)[:, :num_neg]
 
 
-def collate(table, *, num_neg, max_seq_length, eos_id, rng=None):
+def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None):
     """An Arrow table of one dataset's rows -> {input_ids [T], lengths [n], num_queries, num_neg}.
 
     The n = bs x (2 + num_neg) sequences, in the order bs queries, bs positives, then each query's
     negatives in turn, are concatenated into flat `input_ids`; each is cut to max_seq_length with
-    its last token forced to eos. Vectorized: no per-token Python work.
+    its last token forced to eos. Vectorized: no per-token Python work. An id outside
+    [0, vocab_size) is an error (a file tokenized with another tokenizer, or corrupt).
     """
     bs = table.num_rows
     negative_cols = sorted((c for c in table.column_names if c.startswith("negative_")),
@@ -123,6 +163,10 @@ def collate(table, *, num_neg, max_seq_length, eos_id, rng=None):
     out_ends = np.cumsum(lengths)
     keep = np.arange(out_ends[-1]) + np.repeat(np.cumsum(full) - full - (out_ends - lengths), lengths)
     input_ids = flat[keep].astype(np.int64)
+    if len(input_ids) and (input_ids.min() < 0 or (vocab_size and input_ids.max() >= vocab_size)):
+        bad = input_ids.min() if input_ids.min() < 0 else input_ids.max()
+        raise UserError(f"token id {bad} outside the vocabulary [0, {vocab_size or '...'}): was the file "
+                        "tokenized with the model's tokenizer (tokenize_data_qwen.py --model_path)?")
     input_ids[out_ends - 1] = eos_id
     return {"input_ids": torch.from_numpy(input_ids), "lengths": torch.from_numpy(lengths),
             "num_queries": bs, "num_neg": num_neg}
@@ -140,11 +184,12 @@ class DatasetBatches:
     """
 
     def __init__(self, split, *, batch_size, num_neg, max_seq_length, eos_id, train, seed=0, stream=0,
-                 rank=0, world=1):
-        self.rows = ArrowRows(split)
+                 rank=0, world=1, name="", vocab_size=None):
+        self.rows, self.name = ArrowRows(split), name
         self.batch_size, self.train, self.rank, self.world = batch_size, train, rank, world
         self.entropy = [seed, stream]
-        self.collate = partial(collate, num_neg=num_neg, max_seq_length=max_seq_length, eos_id=eos_id)
+        self.collate = partial(collate, num_neg=num_neg, max_seq_length=max_seq_length, eos_id=eos_id,
+                               vocab_size=vocab_size)
         self.num_batches = -(-len(self.rows) // batch_size)
         self.epoch, self.order = 0, None
 
@@ -162,8 +207,11 @@ class DatasetBatches:
                           else np.arange(n))
         g = (j * self.world + self.rank) % self.num_batches  # its index among all processes' batches
         rng = np.random.default_rng([*self.entropy, self.epoch, 1, g]) if self.train else None
-        return self.collate(self.rows.__getitems__(self.order[g * self.batch_size: (g + 1) * self.batch_size]),
-                            rng=rng)
+        try:
+            return self.collate(self.rows.__getitems__(self.order[g * self.batch_size: (g + 1) * self.batch_size]),
+                                rng=rng)
+        except UserError as err:
+            raise UserError(f"{self.name}: {err}") from None
 
     def iter_from(self, start):
         return (self.batch(j) for j in range(start, len(self)))
@@ -226,9 +274,10 @@ def check_datasets(cfg, dataset_types):
     return out
 
 
-def make_loader(split, task, cfg, eos_id, *, train, stream=0, rank=0, world=1):
+def make_loader(split, task, cfg, eos_id, *, train, stream=0, rank=0, world=1, name="", vocab_size=None):
     """One process's batches of a dataset split: shuffled with sampled negatives for training, in
-    order with the first negatives for validation. `stream` tells datasets apart in the seeding."""
+    order with the first negatives for validation. `stream` tells datasets apart in the seeding;
+    `name` labels errors."""
     return DatasetBatches(split, batch_size=cfg.train_batch_size, num_neg=num_negatives_needed(task, cfg.num_hard_neg),
                           max_seq_length=cfg.max_seq_length, eos_id=eos_id, train=train, seed=cfg.seed,
-                          stream=stream, rank=rank, world=world)
+                          stream=stream, rank=rank, world=world, name=name, vocab_size=vocab_size)

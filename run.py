@@ -190,14 +190,16 @@ def build_model(cfg, tokenizer, deepspeed):
     return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad)
 
 
-def build_loaders(splits, cfg, tokenizer, accelerator):
+def build_loaders(splits, cfg, tokenizer, vocab_size, accelerator):
     """This process's train batches (one MultiDatasetLoader) and validation batches {name: batches}."""
-    shard = dict(rank=accelerator.process_index, world=accelerator.num_processes)
-    eos = tokenizer.eos_token_id
-    train = {name: make_loader(split, task, cfg, eos, train=True, stream=i, **shard)
+    def loader(name, split, task, **kw):
+        return make_loader(split, task, cfg, tokenizer.eos_token_id, rank=accelerator.process_index,
+                           world=accelerator.num_processes, vocab_size=vocab_size,
+                           name=os.path.join(cfg.train_data_path, f"{name}.parquet"), **kw)
+
+    train = {name: loader(name, split, task, train=True, stream=i)
              for i, (name, (task, split, _)) in enumerate(splits.items())}
-    valid = {name: make_loader(split, task, cfg, eos, train=False, **shard)
-             for name, (task, _, split) in splits.items()}
+    valid = {name: loader(name, split, task, train=False) for name, (task, _, split) in splits.items()}
     return MultiDatasetLoader(train, seed=cfg.seed), valid
 
 
@@ -262,7 +264,7 @@ def main(argv=None):
     model = build_model(cfg, tokenizer, deepspeed)
     adamw = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
                               weight_decay=cfg.weight_decay)
-    train_loader, valid_loaders = build_loaders(splits, cfg, tokenizer, accelerator)
+    train_loader, valid_loaders = build_loaders(splits, cfg, tokenizer, model.backbone.config.vocab_size, accelerator)
     model, optimizer = accelerator.prepare(model, adamw)
     per_epoch = len(train_loader)
     total_steps = cfg.train_steps if cfg.train_steps > 0 else per_epoch * cfg.train_epochs

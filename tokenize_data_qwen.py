@@ -5,9 +5,25 @@ and writes the same file to --output_dir with int-list columns `query_input_ids`
 `passage_input_ids`, `negative_{i}_input_ids` added. Each text: no special tokens, cut to
 max_seq_length - 1 tokens, eos appended. Passages and negatives are deduplicated first, so each
 unique text is tokenized once, in batches, over a pool of worker processes.
+
+Re-running is cheap and safe. Each output file is written atomically (a temp file
+`NAME.parquet.tmp-PID`, then a rename) and records in its parquet schema metadata (key
+`f2llm_tokenize`) what it was made from: the input file's size and modification time
+(`st_size`, `st_mtime_ns`; for a folder of parquet parts, over all its files), max_seq_length
+and a fingerprint of the tokenizer. A later run skips every output whose record matches, so after
+an interrupted job the same command finishes only the missing files; an output without a record,
+or with a different one, is tokenized again (one line says why), and --overwrite tokenizes
+everything again. Size plus mtime rather than a hash of the input because it costs one stat()
+where a hash reads every file in full; the price: an input rewritten with the same size within
+the file system's timestamp resolution, or with its mtime set back, goes unnoticed (use
+--overwrite after such edits). An in-place run (output file == input file) always tokenizes
+again, since the input's stamp then is the output's own. Temp files left by a killed run are
+removed at start.
 """
 import argparse
 import glob
+import hashlib
+import json
 import multiprocessing
 import os
 import re
@@ -22,6 +38,9 @@ from errors import UserError, exit_on_user_error
 from model import load_tokenizer
 
 CHUNK = 1000  # texts per worker task: large enough for batched fast tokenization
+RECORD_KEY = b"f2llm_tokenize"  # parquet schema metadata: what an output file was made from
+RECORD_VERSION = 1  # bump when this script's output for the same input and settings changes
+TEMP_FILE = re.compile(r".+\.parquet\.tmp-(\d+)")  # write_atomic's temp files (the number is a pid)
 
 
 def text_columns(schema, path):
@@ -50,16 +69,40 @@ def text_columns(schema, path):
     return columns
 
 
+def rows_shown(rows):
+    return ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+
+
+def check_utf8(table, columns, path):
+    """Parquet readers do not validate UTF-8: a file written with bytes that are not UTF-8 in a
+    string column reads without error and would fail later, deep in Arrow's string kernels."""
+    for name in columns:
+        offset, bad_rows = 0, []
+        for chunk in table.column(name).chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid:
+                for i, raw in enumerate(chunk.cast(pa.large_binary()).to_pylist()):  # no validation on this cast
+                    try:
+                        raw is None or raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad_rows.append(offset + i)
+            offset += len(chunk)
+        if bad_rows:
+            raise UserError(f"{path}: column '{name}' has {len(bad_rows)} text(s) that are not valid UTF-8 "
+                            f"(rows {rows_shown(bad_rows)}); write the file with UTF-8 strings and run again")
+
+
 def check_texts(table, columns, path):
-    """Null, empty or whitespace-only texts are an error: nothing is dropped silently."""
+    """Text that is not UTF-8, null, empty or whitespace-only is an error: nothing is dropped silently."""
+    check_utf8(table, columns, path)
     problems = []
     for name in columns:
         col = table.column(name)
         bad = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
         bad_rows = pc.indices_nonzero(pc.fill_null(bad, True)).to_pylist()
         if bad_rows:
-            shown = ", ".join(map(str, bad_rows[:5])) + (", ..." if len(bad_rows) > 5 else "")
-            problems.append(f"'{name}' {len(bad_rows)} (rows {shown})")
+            problems.append(f"'{name}' {len(bad_rows)} (rows {rows_shown(bad_rows)})")
     if problems:
         raise UserError(f"{path}: null or empty texts in column {'; '.join(problems)}; "
                         f"fill or remove those rows and run again")
@@ -116,9 +159,144 @@ def tokenize_table(table, columns, pool, desc):
 
 
 def write_atomic(table, path):
+    """Write to `path.tmp-PID`, then rename: `path` is either the old file or the whole new one."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write {path}: {err}") from err
+        raise
+
+
+def tokenizer_fingerprint(tokenizer):
+    """sha256 of the tokenizer's full definition (fast tokenizers: the tokenizer.json content, without
+    its truncation / padding state, which calls change) and of its eos token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:  # a slow tokenizer: its class and vocabulary
+        spec = [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())]
+    text = json.dumps([spec, tokenizer.eos_token, tokenizer.eos_token_id], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def input_stamp(path):
+    """Size and mtime_ns of the input file; for a folder `NAME.parquet` of parquet parts (as Spark
+    writes them), of all the files in it: total size, newest mtime (the folder's own included, which
+    changes when a part is added or removed) and their number."""
+    try:
+        stat = os.stat(path)
+    except OSError as err:  # a dangling link, a file removed since the listing
+        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
+    if not os.path.isdir(path):
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    size, mtime_ns, files = 0, stat.st_mtime_ns, 0
+    for folder, _, names in os.walk(path):
+        mtime_ns = max(mtime_ns, os.stat(folder).st_mtime_ns)
+        for name in names:
+            part = os.stat(os.path.join(folder, name))
+            size, mtime_ns, files = size + part.st_size, max(mtime_ns, part.st_mtime_ns), files + 1
+    return {"size": size, "mtime_ns": mtime_ns, "files": files}
+
+
+def make_record(input_path, max_seq_length, fingerprint):
+    """What an output is made from: the input's stamp (size, mtime_ns) and the settings."""
+    return {"version": RECORD_VERSION, "input": input_stamp(input_path), "max_seq_length": max_seq_length,
+            "tokenizer": fingerprint}
+
+
+def read_input(path):
+    """The raw table of an input file; a file that cannot be read is a UserError that says why."""
+    try:
+        table = pq.read_table(path)
+        _ = table.schema.names  # decodes the names: a corrupt footer can hold bytes that are not UTF-8
+        return table
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: a column name is not valid UTF-8 ({err.reason} at byte {err.start}); "
+                        "the file is corrupt or was written by a broken tool") from None
+    except (pa.ArrowException, OSError) as err:
+        try:
+            names = pq.read_schema(path).names
+        except Exception:  # not readable at all: report read_table's error
+            names = []
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise UserError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once; "
+                            "give every column its own name") from None
+        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+
+
+def with_record(table, record):
+    """The table with `record` in its schema metadata (other metadata kept, an older record replaced)."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), RECORD_KEY: json.dumps(record).encode()})
+
+
+def read_record(path):
+    """The record stored in an output file, or None if it has none or cannot be read."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata[RECORD_KEY])
+    except Exception:  # no record, not a parquet file, a folder, ...: pyarrow raises several types
+        return None
+
+
+def why_tokenize(input_path, output_path, record, overwrite):
+    """None if output_path already holds the tokenization `record` describes; else why it is (re)made
+    ("" for a new file)."""
+    if not os.path.exists(output_path):
+        return ""
+    if overwrite:
+        return "--overwrite"
+    if os.path.exists(input_path) and os.path.samefile(input_path, output_path):
+        return "in place (the input is the output: its stamp cannot tell whether the texts changed)"
+    have = read_record(output_path)
+    if have is None:
+        return "the existing output has no tokenization record (an older run or another tool wrote it)"
+    if have == record:
+        return None
+    if have.get("version") != record["version"]:
+        return "the existing output was written by another version of this script"
+    if have.get("max_seq_length") != record["max_seq_length"]:
+        return f"max_seq_length changed ({have.get('max_seq_length')} -> {record['max_seq_length']})"
+    if have.get("tokenizer") != record["tokenizer"]:
+        return "the tokenizer changed"
+    return "the input file changed (size or modification time) since it was tokenized"
+
+
+def remove_stale_temp_files(output_dir):
+    """Delete `*.parquet.tmp-PID` files of runs that are gone (killed): the pid is not running, or
+    is ours (a reused pid). A temp file of a run still alive on this machine is left alone."""
+    for name in sorted(os.listdir(output_dir)):
+        match = TEMP_FILE.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if not match or not os.path.isfile(path):
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _running(pid):
+            continue
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        print(f"removed {name}: a temp file left by an interrupted run", flush=True)
+
+
+def _running(pid):
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
 
 
 def parse_args(argv=None):
@@ -128,6 +306,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True, help="where the tokenized files go")
     p.add_argument("--max_seq_length", type=int, default=1024, help="tokens per text, eos included")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer worker processes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="tokenize every file again, even those already tokenized with the same input and settings")
     return p.parse_args(argv)
 
 
@@ -141,25 +321,40 @@ def main(argv=None):
     files = sorted(glob.glob(os.path.join(args.input_dir, "*.parquet")))
     if not files:
         raise UserError(f"no *.parquet files in {args.input_dir}")
-    load_tokenizer(args.model_path)  # fail here, once, rather than in every worker
-    os.makedirs(args.output_dir, exist_ok=True)
-    pool = make_pool(args.model_path, args.max_seq_length, args.num_proc)
+    tokenizer = load_tokenizer(args.model_path)  # fail here, once, rather than in every worker
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {args.output_dir}: {err.strerror}") from None
+    remove_stale_temp_files(args.output_dir)
+    pool, pool_started, done, skipped = None, False, 0, 0
     try:
         for path in files:
             name = os.path.basename(path)[: -len(".parquet")]
-            try:
-                table = pq.read_table(path)
-            except (pa.ArrowException, OSError) as err:
-                raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})")
+            out_path = os.path.join(args.output_dir, f"{name}.parquet")
+            record = make_record(path, args.max_seq_length, fingerprint)  # stamp taken before reading
+            reason = why_tokenize(path, out_path, record, args.overwrite)
+            if reason is None:
+                print(f"skip {name}: already tokenized (same input file, max_seq_length and tokenizer)", flush=True)
+                skipped += 1
+                continue
+            if reason:
+                print(f"retokenize {name}: {reason}", flush=True)
+            table = read_input(path)
             columns = text_columns(table.schema, path)
             check_texts(table, columns, path)
             table = table.drop_columns([c for c in table.column_names if c.endswith("_input_ids")])
+            if not pool_started:  # only once some file needs it: a run that skips everything starts no workers
+                pool, pool_started = make_pool(args.model_path, args.max_seq_length, args.num_proc), True
             table = tokenize_table(table, columns, pool, name)
-            write_atomic(table, os.path.join(args.output_dir, f"{name}.parquet"))
+            write_atomic(with_record(table, record), out_path)
+            done += 1
     finally:
         if pool is not None:
             pool.close()
             pool.join()
+    print(f"tokenized {done} file(s), skipped {skipped} already tokenized, into {args.output_dir}", flush=True)
 
 
 if __name__ == "__main__":

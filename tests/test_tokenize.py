@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -234,6 +236,10 @@ def test_in_place_rerun(tokenized, runs):
     """--output_dir == --input_dir: files replaced atomically, no duplicate columns, no temp files."""
     out_dir = ok(runs, "inplace")
     assert sorted(os.listdir(out_dir)) == [f"{d}.parquet" for d in DATASETS]
+    # the input's stamp is the output's own, so an in-place run cannot skip: it always redoes the files
+    assert sorted(line.split(":")[0] for line in runs["inplace"][0].stdout.splitlines()
+                  if line.startswith("retokenize ")) == [f"retokenize {d}" for d in DATASETS]
+    assert "in place" in runs["inplace"][0].stdout
     for name in DATASETS:
         assert pq.read_table(f"{out_dir}/{name}.parquet").equals(pq.read_table(f"{tokenized}/{name}.parquet"))
 
@@ -492,3 +498,319 @@ def test_text_columns_allows_no_negatives():
 def test_check_texts_accepts_valid_text():
     table = pa.table({"query": ["a", " b "], "passage": ["c", "d"]})
     tokenize_data_qwen.check_texts(table, ["query", "passage"], "f")  # no error
+
+
+# ---- re-running: skip what is done, redo what changed, survive a killed run ---------------------
+
+def stamps(folder):
+    """{file: (inode, mtime_ns)}: a rewritten file (a rename onto it) gets a new inode."""
+    return {n: (os.stat(os.path.join(folder, n)).st_ino, os.stat(os.path.join(folder, n)).st_mtime_ns)
+            for n in sorted(os.listdir(folder))}
+
+
+def lines(proc, prefix):
+    return sorted(line for line in proc.stdout.splitlines() if line.startswith(prefix))
+
+
+def skip_lines(names):
+    return sorted(f"skip {n}: already tokenized (same input file, max_seq_length and tokenizer)" for n in names)
+
+
+def assert_same_outputs(out_dir, reference_dir, names=DATASETS):
+    """Exactly the reference files (no temp files), with the same tables and the same records."""
+    assert sorted(os.listdir(out_dir)) == [f"{n}.parquet" for n in names]
+    for n in names:
+        got, want = f"{out_dir}/{n}.parquet", f"{reference_dir}/{n}.parquet"
+        assert pq.read_table(got).equals(pq.read_table(want)), n
+        assert tokenize_data_qwen.read_record(got) == tokenize_data_qwen.read_record(want), n
+
+
+@pytest.fixture
+def done(tokenized, tmp_path):
+    """A copy of the `tokenized` output folder: the finished job of `tiny/raw` at max_seq_length 64."""
+    out = tmp_path / "out"
+    shutil.copytree(tokenized, out)
+    return out
+
+
+@pytest.fixture
+def pool_spy(monkeypatch):
+    """Counts make_pool calls: a run with nothing to tokenize starts no workers."""
+    calls = []
+    original = tokenize_data_qwen.make_pool
+
+    def spying(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(tokenize_data_qwen, "make_pool", spying)
+    return calls
+
+
+def test_output_records_input_and_settings(tiny, tokenized):
+    """Each output's schema metadata holds the input's size and mtime_ns, max_seq_length and the
+    tokenizer fingerprint; the fingerprint is stable across loads and calls, and differs per tokenizer."""
+    load, fingerprint_of = tokenize_data_qwen.load_tokenizer, tokenize_data_qwen.tokenizer_fingerprint
+    tokenizer = load(f"{tiny}/backbone")
+    fingerprint = fingerprint_of(tokenizer)
+    tokenizer(["a long text to cut"], truncation=True, max_length=3)  # changes the backend's truncation state
+    assert fingerprint_of(tokenizer) == fingerprint
+    assert fingerprint_of(load(f"{tiny}/backbone")) == fingerprint
+    for name in DATASETS:
+        stat = os.stat(f"{tiny}/raw/{name}.parquet")
+        assert tokenize_data_qwen.read_record(f"{tokenized}/{name}.parquet") == {
+            "version": tokenize_data_qwen.RECORD_VERSION, "max_seq_length": 64, "tokenizer": fingerprint,
+            "input": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
+    assert tokenize_data_qwen.read_record(f"{tiny}/raw/{DATASETS[0]}.parquet") is None
+
+
+def test_fingerprint_differs_per_tokenizer(tiny, tiny_base):
+    load, fingerprint = tokenize_data_qwen.load_tokenizer, tokenize_data_qwen.tokenizer_fingerprint
+    assert fingerprint(load(f"{tiny}/backbone")) != fingerprint(load(f"{tiny_base}/backbone"))
+
+
+def test_output_with_record_still_loads_with_datasets(tokenized, tmp_path):
+    """The metadata does not disturb `datasets` (what run.py reads the files with)."""
+    import datasets
+
+    path = f"{tokenized}/msmarco.parquet"
+    ds = datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=str(tmp_path))
+    assert ds.num_rows == ROWS["msmarco"]
+    assert ds["passage_input_ids"] == pq.read_table(path).column("passage_input_ids").to_pylist()
+
+
+def test_rerun_skips_every_file_without_rewriting(tiny, done, pool_spy):
+    before = stamps(done)
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "skip ") == skip_lines(DATASETS)
+    assert not lines(proc, "retokenize ")
+    assert "tokenized 0 file(s), skipped 4 already tokenized" in proc.stdout
+    assert stamps(done) == before  # not rewritten
+    assert pool_spy == []  # nothing to tokenize: no workers started
+
+
+def test_rerun_after_deleting_one_output_writes_only_it(tiny, tokenized, done):
+    os.remove(done / "msmarco.parquet")
+    before = stamps(done)
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "skip ") == skip_lines(["banking77", "imdb", "natural_questions"])
+    assert not lines(proc, "retokenize ")  # a missing output is simply made
+    after = stamps(done)
+    assert {n: after[n] for n in before} == before  # the others untouched
+    assert_same_outputs(done, tokenized)
+
+
+def test_changed_max_seq_length_retokenizes(tiny, done, runs):
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done, max_seq_length=8)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "retokenize ") == sorted(f"retokenize {n}: max_seq_length changed (64 -> 8)" for n in DATASETS)
+    assert not lines(proc, "skip ")
+    assert_same_outputs(done, ok(runs, "short8"))
+
+
+def test_changed_tokenizer_retokenizes(tiny_base, done, runs):
+    """The `tiny_base` raw files are the same data as `tiny`'s but other files (another stamp): the
+    tokenizer is checked before the input stamp, so the reason given is the tokenizer."""
+    proc = tokenize_main(*tokenize_args(f"{tiny_base}/backbone", f"{tiny_base}/raw", done)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "retokenize ") == sorted(f"retokenize {n}: the tokenizer changed" for n in DATASETS)
+    assert_same_outputs(done, ok(runs, "base"))
+
+
+def test_touched_or_modified_input_retokenizes(tiny, tmp_path, tok):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write(good_rows(3), raw / "a.parquet")
+    write(good_rows(4), raw / "b.parquet")
+    args = tokenize_args(f"{tiny}/backbone", raw, out)[1:]
+    assert tokenize_main(*args).returncode == 0
+    first = stamps(out)
+
+    stat = os.stat(raw / "a.parquet")  # touched: same bytes, new mtime
+    os.utime(raw / "a.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    proc = tokenize_main(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "retokenize ") == ["retokenize a: the input file changed (size or modification time) "
+                                          "since it was tokenized"]
+    assert lines(proc, "skip ") == skip_lines(["b"])
+    second = stamps(out)
+    assert second["b.parquet"] == first["b.parquet"] and second["a.parquet"] != first["a.parquet"]
+
+    rows = good_rows(5)  # modified: new texts
+    rows[0]["passage"] = "a completely new passage"
+    write(rows, raw / "b.parquet")
+    proc = tokenize_main(*args)
+    assert lines(proc, "retokenize ") == ["retokenize b: the input file changed (size or modification time) "
+                                          "since it was tokenized"]
+    assert lines(proc, "skip ") == skip_lines(["a"])
+    table = pq.read_table(out / "b.parquet")
+    assert table.num_rows == 5
+    assert table.column("passage_input_ids").to_pylist() == expected_ids(tok, table.column("passage").to_pylist(), 64)
+    assert stamps(out)["a.parquet"] == second["a.parquet"]
+    assert tokenize_data_qwen.read_record(out / "b.parquet")["input"]["size"] == os.stat(raw / "b.parquet").st_size
+
+
+def test_overwrite_rewrites_everything(tiny, tokenized, done):
+    before = stamps(done)
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:], "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "retokenize ") == sorted(f"retokenize {n}: --overwrite" for n in DATASETS)
+    assert not lines(proc, "skip ")
+    after = stamps(done)
+    assert all(after[n] != before[n] for n in before)
+    assert_same_outputs(done, tokenized)
+
+
+def test_output_without_record_is_retokenized(tiny, tokenized, done):
+    """An output written by an older version (no metadata) or not a parquet file at all is redone."""
+    pq.write_table(pq.read_table(done / "imdb.parquet").replace_schema_metadata(None), done / "imdb.parquet")
+    (done / "msmarco.parquet").write_bytes(b"PAR1 half a file")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reason = "the existing output has no tokenization record (an older run or another tool wrote it)"
+    assert lines(proc, "retokenize ") == [f"retokenize imdb: {reason}", f"retokenize msmarco: {reason}"]
+    assert lines(proc, "skip ") == skip_lines(["banking77", "natural_questions"])
+    assert_same_outputs(done, tokenized)
+
+
+def dead_pid():
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_file_is_removed_and_ignored(tiny, tokenized, done):
+    """A killed run's temp file is not taken for an output (by this script or by run.py's file
+    search) and the next run removes it; a temp file of a process still running is left alone."""
+    stale = f"imdb.parquet.tmp-{dead_pid()}"
+    live = f"msmarco.parquet.tmp-{os.getppid()}"
+    (done / stale).write_bytes(b"PAR1 half-written")
+    (done / live).write_bytes(b"PAR1 being written")
+    os.remove(done / "imdb.parquet")
+    import data
+
+    assert [name for name, _ in data.find_datasets(str(done))] == ["banking77", "msmarco", "natural_questions"]
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"removed {stale}: a temp file left by an interrupted run" in proc.stdout.splitlines()
+    assert live not in proc.stdout
+    assert lines(proc, "skip ") == skip_lines(["banking77", "msmarco", "natural_questions"])
+    assert sorted(os.listdir(done)) == sorted([f"{n}.parquet" for n in DATASETS] + [live])
+    os.remove(done / live)
+    assert_same_outputs(done, tokenized)
+
+
+def test_interrupted_run_then_rerun_gives_the_uninterrupted_files(tiny, tokenized, done):
+    """The state a killed run leaves: some outputs done, one missing with a half-written temp file of
+    a pid that is gone, one not started. The re-run finishes exactly what is missing."""
+    os.remove(done / "msmarco.parquet")
+    os.remove(done / "natural_questions.parquet")
+    whole = (tmp := done / f"msmarco.parquet.tmp-{dead_pid()}")
+    shutil.copy(f"{tokenized}/msmarco.parquet", whole)
+    with open(tmp, "r+b") as f:
+        f.truncate(os.path.getsize(tmp) // 2)
+    before = stamps(done)
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "skip ") == skip_lines(["banking77", "imdb"])
+    assert "tokenized 2 file(s), skipped 2 already tokenized" in proc.stdout
+    after = stamps(done)
+    assert after["banking77.parquet"] == before["banking77.parquet"] and after["imdb.parquet"] == before["imdb.parquet"]
+    assert_same_outputs(done, tokenized)
+
+
+def test_ctrl_c_during_a_write_leaves_no_temp_file(tiny, tokenized, done, monkeypatch):
+    """An exception while a file is being written (Ctrl-C, disk full) removes its temp file and
+    keeps the previous output; the next run finishes the job."""
+    os.remove(done / "imdb.parquet")
+    real_write = pq.write_table
+
+    def interrupted(table, where, **kwargs):
+        real_write(table, where, **kwargs)
+        with open(where, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenize_data_qwen.pq, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_data_qwen.main(tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
+    assert sorted(os.listdir(done)) == ["banking77.parquet", "msmarco.parquet", "natural_questions.parquet"]
+    monkeypatch.setattr(tokenize_data_qwen.pq, "write_table", real_write)
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_outputs(done, tokenized)
+
+
+KILL_AT_SECOND_RENAME = """
+import os, signal, sys
+import tokenize_data_qwen
+renames = []
+real_replace = os.replace
+def replace(src, dst):
+    renames.append(dst)
+    if len(renames) == 2:  # the second file is fully in its temp file: killed before the rename
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+os.replace = replace
+tokenize_data_qwen.main(sys.argv[1:])
+"""
+
+
+def test_killed_cli_run_then_rerun_gives_the_uninterrupted_files(tiny, tokenized, tmp_path):
+    """The real CLI killed with SIGKILL (no cleanup possible) between writing a temp file and
+    renaming it; the same command then finishes the job, and the files equal an uninterrupted run's."""
+    out = tmp_path / "out"
+    args = tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", out)[1:]
+    killed = run_cli("-c", KILL_AT_SECOND_RENAME, *args)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    left = sorted(os.listdir(out))
+    assert left[0] == "banking77.parquet" and re.fullmatch(r"imdb\.parquet\.tmp-\d+", left[1]) and len(left) == 2
+    proc = tokenize_main(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"removed {left[1]}: a temp file left by an interrupted run" in proc.stdout
+    assert lines(proc, "skip ") == skip_lines(["banking77"])
+    assert_same_outputs(out, tokenized)
+
+
+def test_output_path_that_is_a_folder_is_a_user_error(tiny, tmp_path):
+    write(good_rows(), tmp_path / "raw" / "a.parquet")
+    os.makedirs(tmp_path / "out" / "a.parquet")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", tmp_path / "raw", tmp_path / "out")[1:])
+    assert_user_error(proc, "cannot write", str(tmp_path / "out" / "a.parquet"))
+    assert os.listdir(tmp_path / "out") == ["a.parquet"]
+
+
+def test_input_folder_of_parts_is_stamped_over_its_files(tiny, tmp_path):
+    """`NAME.parquet` may be a folder of parquet parts (as Spark writes them, read by pyarrow as one
+    table): its stamp covers every part, so changing, adding or removing one redoes the output."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write(good_rows(3), raw / "d.parquet" / "part-0.parquet")
+    write(good_rows(4), raw / "d.parquet" / "part-1.parquet")
+    args = tokenize_args(f"{tiny}/backbone", raw, out)[1:]
+    assert tokenize_main(*args).returncode == 0
+    assert pq.read_table(out / "d.parquet").num_rows == 7
+    assert lines(tokenize_main(*args), "skip ") == skip_lines(["d"])
+    changed = "retokenize d: the input file changed (size or modification time) since it was tokenized"
+
+    stat = os.stat(raw / "d.parquet" / "part-1.parquet")  # a part rewritten in place
+    write(good_rows(5), raw / "d.parquet" / "part-1.parquet")
+    os.utime(raw / "d.parquet" / "part-1.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert lines(tokenize_main(*args), "retokenize ") == [changed]
+    assert pq.read_table(out / "d.parquet").num_rows == 8
+
+    write(good_rows(2), raw / "d.parquet" / "part-2.parquet")  # a part added
+    assert lines(tokenize_main(*args), "retokenize ") == [changed]
+    assert pq.read_table(out / "d.parquet").num_rows == 10
+    assert lines(tokenize_main(*args), "skip ") == skip_lines(["d"])
+
+
+def test_dangling_input_link_and_output_dir_that_is_a_file(tiny, tmp_path):
+    os.makedirs(tmp_path / "raw")
+    os.symlink(tmp_path / "gone.parquet", tmp_path / "raw" / "a.parquet")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", tmp_path / "raw", tmp_path / "out")[1:])
+    assert_user_error(proc, str(tmp_path / "raw" / "a.parquet"), "cannot read")
+    (tmp_path / "file").write_text("")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", tmp_path / "raw", tmp_path / "file")[1:])
+    assert_user_error(proc, "cannot create the output folder", str(tmp_path / "file"))
