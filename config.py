@@ -15,6 +15,7 @@ from errors import UserError
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TASK_TYPES = ("retrieval", "classification", "clustering")
 BATCH_LAYOUTS = ("packed", "grouped", "padded")
+SCHEDULER_TYPES = ("cosine", "constant_with_warmup")
 
 
 def _opt(default, help, **kw):
@@ -70,6 +71,8 @@ class Config:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")
     validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.")
     seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw.")
+    scheduler_type: str = _opt("cosine", "`cosine`: linear warmup, then cosine decay to 0 over the run (clamped at "
+                                         "min_lr); `constant_with_warmup` (F2LLM-v2): linear warmup, then constant.")
     resume_from: str = _opt("", "`latest`: continue from the newest complete checkpoint in output_dir/experiment_id "
                                 "(or start afresh if there is none); a `step_N` / `epoch_N` path: from that one; "
                                 "empty: start afresh.")
@@ -120,6 +123,8 @@ def _validate(cfg, path):
     for key in ("learning_rate", "min_lr", "weight_decay"):
         if getattr(cfg, key) < 0:
             bad(key, "must be 0 or more")
+    if cfg.scheduler_type not in SCHEDULER_TYPES:
+        bad("scheduler_type", "must be 'cosine' or 'constant_with_warmup'")
     if cfg.max_bad_steps < 1:
         bad("max_bad_steps", "must be at least 1")
     if cfg.max_grad_norm <= 0:

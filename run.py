@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 import checkpoint
 from checkpoint import warn
@@ -142,6 +142,13 @@ def validate(model, valid_loaders, task_of, cfg, accelerator):
 
 def to_device(batch, device):
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def make_scheduler(optimizer, cfg, total_steps):
+    """The lr schedule: linear warmup, then cosine decay over total_steps or (v2) constant."""
+    if cfg.scheduler_type == "constant_with_warmup":
+        return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+    return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
 
 
 def clamp_lr(optimizer, min_lr):
@@ -270,7 +277,7 @@ def main(argv=None):
     total_steps = cfg.train_steps if cfg.train_steps > 0 else per_epoch * cfg.train_epochs
     # Stepped once per optimizer step here, not by accelerate (which steps it once per process).
     # It and the min_lr clamp act on AdamW's param groups, which DDP and DeepSpeed ZeRO step with.
-    scheduler = get_cosine_schedule_with_warmup(adamw, cfg.warmup_steps, total_steps)
+    scheduler = make_scheduler(adamw, cfg, total_steps)
     accelerator.register_for_checkpointing(scheduler)
 
     tracker = LossTracker(splits, task_of)

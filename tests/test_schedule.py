@@ -1,0 +1,43 @@
+"""The lr schedule: linear warmup, then cosine decay (published) or constant (F2LLM-v2), clamped at min_lr."""
+import math
+
+import pytest
+import torch
+
+from config import Config, load_config
+from conftest import write_config
+from errors import UserError
+from run import clamp_lr, make_scheduler
+
+
+def lrs(scheduler_type, steps=20, warmup=4, lr=1e-3, min_lr=1e-5):
+    cfg = Config(model_path="m", train_data_path="t", learning_rate=lr, min_lr=min_lr, warmup_steps=warmup,
+                 scheduler_type=scheduler_type)
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = make_scheduler(adamw, cfg, steps)
+    out = []
+    for _ in range(steps):
+        adamw.step()
+        scheduler.step()
+        clamp_lr(adamw, min_lr)
+        out.append(adamw.param_groups[0]["lr"])
+    return out
+
+
+def test_cosine_warms_up_then_decays_to_the_clamp():
+    got = lrs("cosine")
+    assert got[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert got[9] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 6 / 16)))
+    assert all(a >= b for a, b in zip(got[3:], got[4:])) and got[-1] == 1e-5
+
+
+def test_constant_with_warmup_stays_at_the_peak():
+    got = lrs("constant_with_warmup")
+    assert got[:3] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
+    assert got[3:] == pytest.approx([1e-3] * 17)
+
+
+def test_unknown_scheduler_type_is_a_clear_error(tmp_path):
+    path = write_config(tmp_path / "c.json", model_path="m", train_data_path="t", scheduler_type="linear")
+    with pytest.raises(UserError, match="scheduler_type.*'cosine' or 'constant_with_warmup'"):
+        load_config(path)
