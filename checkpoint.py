@@ -139,30 +139,31 @@ def _step_of(path):
 
 
 def candidates(run_dir):
-    """The `step_N` / `epoch_N` folders of run_dir with a training state (complete or not), newest first."""
+    """[(step, path)] of the `step_N` / `epoch_N` folders of run_dir with a training state (complete or
+    not), newest first."""
     found = []
     for path in glob.glob(os.path.join(run_dir, "step_*")) + glob.glob(os.path.join(run_dir, "epoch_*")):
         if os.path.isdir(os.path.join(path, STATE_DIR)):
             step = _step_of(path)
             found.append((-1 if step is None else step, path))
-    return [path for _, path in sorted(found, reverse=True)]
+    return sorted(found, reverse=True)
 
 
 def prune(run_dir, keep):
     """Delete the training state of all complete checkpoints but those of the newest `keep` steps;
     their weights stay."""
-    complete = [path for path in candidates(run_dir) if problem_with(path) is None]
-    steps = sorted({_step_of(path) for path in complete}, reverse=True)[:keep]
-    for path in complete:
-        if _step_of(path) not in steps:
+    complete = [(step, path) for step, path in candidates(run_dir) if problem_with(path) is None]
+    kept = sorted({step for step, _ in complete}, reverse=True)[:keep]
+    for step, path in complete:
+        if step not in kept:
             state = os.path.join(path, STATE_DIR)
             os.remove(os.path.join(state, MANIFEST))  # first, so that a half-deleted state reads incomplete
             shutil.rmtree(state)
 
 
-def _agreed_failure(accelerator, failed):
-    """True if the load failed on any process: all processes go on to the same next candidate."""
-    flag = torch.tensor(float(failed), device=accelerator.device)
+def any_process(accelerator, flag):
+    """True if `flag` is true on any process (one all-reduce): all processes take the same branch."""
+    flag = torch.tensor(float(flag), device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
@@ -185,7 +186,7 @@ def restore(accelerator, resume_from, run_dir):
         return None
     latest = resume_from == "latest"
     if latest:
-        paths = candidates(run_dir)
+        paths = [path for _, path in candidates(run_dir)]
     else:
         path = resume_from.rstrip("/")
         paths = [os.path.dirname(path) if os.path.basename(path) == STATE_DIR else path]
@@ -200,7 +201,7 @@ def restore(accelerator, resume_from, run_dir):
                 state = read_trainer_state(path)
             except Exception as err:  # a corrupt file can raise almost anything while unpickling
                 problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        if not _agreed_failure(accelerator, problem is not None):
+        if not any_process(accelerator, problem is not None):
             accelerator.print(f"resuming from {path} (step {state['step']})")
             return state
         problem = problem or "failed to load on another process"

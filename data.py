@@ -75,9 +75,9 @@ def token_columns(path, needed_negatives):
     return columns
 
 
-def _rows(mask):
-    rows = np.flatnonzero(mask)
-    return ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
+def rows_shown(rows):
+    """The first few row numbers, for an error message."""
+    return ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
 
 
 def check_token_values(table, columns, path):
@@ -86,12 +86,13 @@ def check_token_values(table, columns, path):
     for col in columns:
         lists = table.column(col)
         if lists.null_count:
+            rows = np.flatnonzero(lists.is_null().to_numpy(zero_copy_only=False))
             raise UserError(f"{path}: column '{col}' has {lists.null_count} null token list(s) (rows "
-                            f"{_rows(lists.is_null().to_numpy(zero_copy_only=False))}); re-tokenize the file")
+                            f"{rows_shown(rows)}); re-tokenize the file")
         lengths = np.asarray(pc.list_value_length(lists), dtype=np.int64)
         if (lengths == 0).any():
             raise UserError(f"{path}: column '{col}' has {(lengths == 0).sum()} empty token list(s) (rows "
-                            f"{_rows(lengths == 0)}); every text needs at least its eos token")
+                            f"{rows_shown(np.flatnonzero(lengths == 0))}); every text needs at least its eos token")
         if pc.list_flatten(lists).null_count:
             raise UserError(f"{path}: column '{col}' has null token ids inside its lists; re-tokenize the file")
 
@@ -163,10 +164,10 @@ def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None
     out_ends = np.cumsum(lengths)
     keep = np.arange(out_ends[-1]) + np.repeat(np.cumsum(full) - full - (out_ends - lengths), lengths)
     input_ids = flat[keep].astype(np.int64)
-    if len(input_ids) and (input_ids.min() < 0 or (vocab_size and input_ids.max() >= vocab_size)):
-        bad = input_ids.min() if input_ids.min() < 0 else input_ids.max()
-        raise UserError(f"token id {bad} outside the vocabulary [0, {vocab_size or '...'}): was the file "
-                        "tokenized with the model's tokenizer (tokenize_data_qwen.py --model_path)?")
+    lo, hi = (input_ids.min(), input_ids.max()) if len(input_ids) else (0, 0)
+    if lo < 0 or (vocab_size and hi >= vocab_size):
+        raise UserError(f"token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab_size or '...'}): "
+                        "was the file tokenized with the model's tokenizer (tokenize_data_qwen.py --model_path)?")
     input_ids[out_ends - 1] = eos_id
     return {"input_ids": torch.from_numpy(input_ids), "lengths": torch.from_numpy(lengths),
             "num_queries": bs, "num_neg": num_neg}

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 import checkpoint
-from checkpoint import warn
+from checkpoint import any_process, warn
 from config import TASK_TYPES, load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, load_splits, make_loader
 from errors import UserError, exit_on_user_error
@@ -94,8 +94,8 @@ def embed(model, batch):
 
 def all_finite(losses, accelerator):
     """True when every process's losses are finite; one all-reduce, so all processes agree."""
-    bad = torch.stack([~torch.isfinite(value.detach()) for value in losses.values()]).any().float()
-    return accelerator.reduce(bad, reduction="sum").item() == 0
+    bad = torch.stack([~torch.isfinite(value.detach()) for value in losses.values()]).any()
+    return not any_process(accelerator, bad)
 
 
 def forward_backward(model, batch, task, cfg, accelerator):
@@ -170,8 +170,7 @@ class StopSignal:
 
     def agreed(self, accelerator):
         """The signal if any process received one (all processes stop at the same step)."""
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return accelerator.reduce(flag, reduction="sum").item() > 0
+        return any_process(accelerator, self.received is not None)
 
 
 def parse_args(argv=None):

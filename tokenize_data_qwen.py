@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data import tokenize
+from data import rows_shown, tokenize
 from errors import UserError, exit_on_user_error
 from model import load_tokenizer
 
@@ -67,10 +67,6 @@ def text_columns(schema, path):
         if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
             raise UserError(f"{path}: column '{name}' has type {typ}; texts must be strings")
     return columns
-
-
-def rows_shown(rows):
-    return ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
 
 
 def check_utf8(table, columns, path):
