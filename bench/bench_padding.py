@@ -85,9 +85,7 @@ def main(argv=None):
     p.add_argument("--num_batches", type=int, default=None)
     args = p.parse_args(argv)
     result = run(args.quick, args.num_batches)
-    print(report(result))
-    benchutil.print_json(result)
-    return result
+    return benchutil.emit(result, report)
 
 
 if __name__ == "__main__":

@@ -210,9 +210,7 @@ def main(argv=None):
     p.add_argument("--num_proc", type=int, default=None, help="worker processes for both (default: CPU count)")
     args = p.parse_args(argv)
     result = run(args.quick, args.num_rows, args.num_proc)
-    print(report(result))
-    benchutil.print_json(result)
-    return result
+    return benchutil.emit(result, report)
 
 
 if __name__ == "__main__":

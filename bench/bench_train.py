@@ -158,9 +158,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.quick, args.hidden, args.layers, args.scale, args.max_len, args.warmup, args.steps)
-    print(report(result))
-    benchutil.print_json(result)
-    return result
+    return benchutil.emit(result, report)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,10 @@ def add_quick_flag(parser):
 
 def print_json(result):
     print(json.dumps(result, sort_keys=False), flush=True)
+
+
+def emit(result, report):
+    """A benchmark's ending: its human-readable report, then its JSON line; returns the result."""
+    print(report(result))
+    print_json(result)
+    return result
