@@ -16,6 +16,10 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TASK_TYPES = ("retrieval", "classification", "clustering")
 BATCH_LAYOUTS = ("packed", "grouped", "padded")
 SCHEDULER_TYPES = ("cosine", "constant_with_warmup")
+PROMPT_NAMES = ("query", "document")
+LORA_KEYS = {"r": int, "alpha": float, "dropout": float, "target_modules": list}
+LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05,
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def _opt(default, help, **kw):
@@ -81,11 +85,35 @@ class Config:
     max_bad_steps: int = _opt(10, "Stop (with a checkpoint) after this many steps in a row with a non-finite loss "
                                   "or gradient; such a step is skipped.")
 
+    num_hard_neg_clustering: int = _opt(-1, "Hard negatives per query for clustering datasets; -1: num_hard_neg "
+                                            "(published v1). F2LLM-v2 uses 9.")
+    use_mrl: bool = _opt(False, "F2LLM-v2 Matryoshka loss: both losses also on the first m dimensions of each "
+                                "embedding, for every m in mrl_dims.")
+    mrl_dims: list = _opt(None, "Matryoshka dimensions (each below the hidden size); null: 8, 16, 32, ... up to "
+                                "half the hidden size.")
+    teacher_model_path: str = _opt("", "F2LLM-v2 knowledge distillation: an embedding checkpoint with the same "
+                                       "tokenizer whose embeddings (cut to the student's size) the student matches "
+                                       "by MSE. Empty: no distillation.")
+    kd_weight: float = _opt(1.0, "Weight of the distillation loss (with teacher_model_path).")
+    lora: dict = _opt(None, "LoRA through peft instead of full fine-tuning: {\"r\": 16, \"alpha\": 32, \"dropout\": "
+                            "0.05, \"target_modules\": [...]} (missing keys take these values; target_modules: "
+                            "every attention and MLP projection). Merged into the saved weights. null: off.")
+    prompts: dict = _opt(None, "Instructions recorded in each checkpoint for sentence-transformers and MTEB, e.g. "
+                               "{\"query\": \"Instruct: ...\\nQuery: \"}; keys query and document. Training data "
+                               "carries its own.")
+    eval_queries: int = _opt(1000, "Retrieval metrics at each validation: up to this many validation queries per "
+                                   "retrieval dataset, each ranked against the positives and negatives of those "
+                                   "rows. 0: off.")
+
     def __post_init__(self):
         if self.adam_betas is None:
             self.adam_betas = [0.9, 0.98]
         if self.dataset_types is None:
             self.dataset_types = {}
+        if self.prompts is None:
+            self.prompts = {}
+        if self.lora is not None and isinstance(self.lora, dict):
+            self.lora = {**LORA_DEFAULTS, **self.lora}
 
     @property
     def run_dir(self):
@@ -149,6 +177,27 @@ def _validate(cfg, path):
         bad("dtype", "must be 'auto', 'bfloat16' or 'float32'")
     if len(cfg.adam_betas) != 2 or not all(_type_ok(b, float) and 0 <= b < 1 for b in cfg.adam_betas):
         bad("adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.98]")
+    if cfg.num_hard_neg_clustering < -1:
+        bad("num_hard_neg_clustering", "must be -1 (same as num_hard_neg) or 0 or more")
+    if cfg.eval_queries < 0:
+        bad("eval_queries", "must be 0 (off) or more")
+    if cfg.mrl_dims is not None and (not cfg.mrl_dims or not all(_type_ok(m, int) and m > 0 for m in cfg.mrl_dims)):
+        bad("mrl_dims", "must be a list of positive integers, e.g. [64, 128, 256], or null")
+    if cfg.kd_weight < 0:
+        bad("kd_weight", "must be 0 or more")
+    for name, text in cfg.prompts.items():
+        if name not in PROMPT_NAMES or not isinstance(text, str):
+            bad("prompts", f"must map 'query' and/or 'document' to a string, got {name!r}: {json.dumps(text)}")
+    if cfg.lora is not None:
+        for key, value in cfg.lora.items():
+            if key not in LORA_KEYS:
+                bad("lora", f"has unknown key '{key}'; valid keys: {', '.join(LORA_KEYS)}")
+            if not _type_ok(value, LORA_KEYS[key]):
+                bad("lora", f"key '{key}' must be of type {LORA_KEYS[key].__name__}, got {json.dumps(value)}")
+        if cfg.lora["r"] < 1 or cfg.lora["alpha"] <= 0 or not 0 <= cfg.lora["dropout"] < 1:
+            bad("lora", "needs r >= 1, alpha > 0 and 0 <= dropout < 1")
+        if not cfg.lora["target_modules"] or not all(isinstance(m, str) for m in cfg.lora["target_modules"]):
+            bad("lora", "target_modules must be a non-empty list of module names, e.g. [\"q_proj\", \"v_proj\"]")
     for name, task in cfg.dataset_types.items():
         if task not in TASK_TYPES:
             bad("dataset_types", f"gives dataset '{name}' the type '{task}'; use one of {', '.join(TASK_TYPES)}")

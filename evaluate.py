@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from errors import UserError, exit_on_user_error
-from model import Embedder, encode, load_backbone, load_tokenizer
+from model import load_encoder
 
 
 def mrr_at_k(scores, relevant, k=10):
@@ -25,7 +25,7 @@ def mrr_at_k(scores, relevant, k=10):
     return (hits.any(dim=1).float() / ranks).mean().item()
 
 
-def evaluate_file(embedder, tokenizer, path, max_seq_length, batch_size):
+def evaluate_file(encoder, path, batch_size):
     table = pq.read_table(path)
     if "query" not in table.column_names or "passage" not in table.column_names:
         raise UserError(f"{path}: evaluation needs columns query and passage (negative_i optional)")
@@ -34,8 +34,8 @@ def evaluate_file(embedder, tokenizer, path, max_seq_length, batch_size):
     corpus = sorted({t for c in doc_cols for t in table.column(c).to_pylist()})
     index = {t: i for i, t in enumerate(corpus)}
     relevant = torch.tensor([index[t] for t in table.column("passage").to_pylist()])
-    q = encode(embedder, tokenizer, queries, max_seq_length, batch_size)
-    d = encode(embedder, tokenizer, corpus, max_seq_length, batch_size)
+    q = encoder.encode(queries, batch_size=batch_size)
+    d = encoder.encode(corpus, batch_size=batch_size)
     return mrr_at_k(q @ d.T, relevant)
 
 
@@ -50,13 +50,10 @@ def main(argv=None):
     files = sorted(glob.glob(os.path.join(args.data_dir, "*.parquet")))
     if not files:
         raise UserError(f"no *.parquet files in {args.data_dir}")
-    tokenizer = load_tokenizer(args.checkpoint)
-    embedder = Embedder(load_backbone(args.checkpoint))
-    if torch.cuda.is_available():
-        embedder.cuda()
+    encoder = load_encoder(args.checkpoint, max_seq_length=args.max_seq_length)
     scores = []
     for path in files:
-        scores.append(evaluate_file(embedder, tokenizer, path, args.max_seq_length, args.batch_size))
+        scores.append(evaluate_file(encoder, path, args.batch_size))
         print(f"{os.path.basename(path)[:-len('.parquet')]:32s} MRR@10 {scores[-1]:.4f}")
     print(f"{'mean':32s} MRR@10 {sum(scores) / len(scores):.4f}")
 

@@ -4,6 +4,8 @@ The embedding of a sequence is the last hidden state at its last real token, the
 to every text. It is not normalised here: the loss and the evaluation normalise.
 """
 import importlib.util
+import json
+import os
 
 import torch
 import transformers
@@ -152,22 +154,71 @@ def flatten(sequences):
     return torch.tensor([t for s in sequences for t in s], dtype=torch.long), lengths
 
 
-@torch.no_grad()
-def encode(embedder, tokenizer, texts, max_seq_length=1024, batch_size=32, normalize=True):
-    """Embed texts in batches, tokenised as in training; returns a float32 tensor [n, d] on the CPU."""
-    embedder.eval()
-    device = next(embedder.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
-    out = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        input_ids, lengths = flatten(tokenize(tokenizer, [texts[i] for i in idx], max_seq_length))
-        emb = embedder(input_ids.to(device), lengths.to(device)).float()
-        if normalize:
-            emb = torch.nn.functional.normalize(emb, dim=-1)
-        for i, e in zip(idx, emb.cpu()):
-            out[i] = e
-    return torch.stack(out)
+class Encoder:
+    """A model ready to embed: tokenizer + Embedder, with the checkpoint's max_seq_length and prompts.
+
+    `encode` takes texts (tokenised as in training: no special tokens, cut, eos appended), optionally
+    behind a named prompt; `encode_ids` takes token lists that already end in eos (tokenized data).
+    Both return float32 [n, d] on the CPU, L2-normalised unless normalize=False.
+    """
+
+    def __init__(self, embedder, tokenizer, max_seq_length=1024, prompts=None):
+        self.embedder, self.tokenizer = embedder, tokenizer
+        self.max_seq_length = max_seq_length
+        self.prompts = dict(prompts or {})
+
+    @property
+    def device(self):
+        return next(self.embedder.parameters()).device
+
+    def encode(self, texts, prompt_name=None, batch_size=32, normalize=True):
+        if prompt_name is not None and prompt_name not in self.prompts:
+            raise UserError(f"no prompt named '{prompt_name}' (this model has: {', '.join(self.prompts) or 'none'})")
+        prefix = self.prompts.get(prompt_name, "") if prompt_name else ""
+        ids = tokenize(self.tokenizer, [prefix + t for t in texts], self.max_seq_length)
+        return self.encode_ids(ids, batch_size, normalize)
+
+    def _cut(self, seq):
+        """As collate cuts: at most max_seq_length tokens, the last one eos."""
+        seq, cut = list(seq), self.max_seq_length
+        return seq if len(seq) <= cut else seq[: cut - 1] + [self.tokenizer.eos_token_id]
+
+    @torch.no_grad()
+    def encode_ids(self, sequences, batch_size=32, normalize=True):
+        was_training = self.embedder.training
+        self.embedder.eval()
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
+        out = torch.empty(0)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            input_ids, lengths = flatten([self._cut(sequences[i]) for i in idx])
+            emb = self.embedder(input_ids.to(self.device), lengths.to(self.device)).float()
+            if normalize:
+                emb = nn.functional.normalize(emb, dim=-1)
+            if not out.numel():
+                out = torch.empty(len(sequences), emb.shape[1])
+            out[torch.tensor(idx)] = emb.cpu()
+        self.embedder.train(was_training)
+        return out
+
+
+def load_encoder(path, device=None, dtype="auto", max_seq_length=None, layout="padded"):
+    """An Encoder for a checkpoint (or any backbone folder with its tokenizer), on `device`
+    (default: cuda if available). max_seq_length and prompts come from the checkpoint's
+    sentence-transformers files when present (defaults 1024 and none)."""
+    def read(name):
+        file = os.path.join(path, name)
+        return json.load(open(file)) if os.path.isfile(file) else {}
+
+    tokenizer = load_tokenizer(path)
+    try:
+        backbone = load_backbone(path, dtype=dtype, packed=layout == "packed")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model from {path}: {str(err).splitlines()[0]}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    embedder = Embedder(backbone, layout, tokenizer.pad_token_id).to(device)
+    max_seq_length = max_seq_length or read("sentence_bert_config.json").get("max_seq_length", 1024)
+    return Encoder(embedder, tokenizer, max_seq_length, read("config_sentence_transformers.json").get("prompts"))
 
 
 def load_tokenizer(model_path):
