@@ -132,6 +132,12 @@ class ArrowRows:
         return self.split[list(indices)]
 
 
+def rows_of(split):
+    """The rows of a split from load_splits as one Arrow table per batch of indices, with token
+    columns query_input_ids, passage_input_ids, negative_{i}_input_ids."""
+    return split if isinstance(split, ArrowRows) else ArrowRows(split)
+
+
 def pick_negatives(num_rows, num_available, num_neg, rng):
     """[num_rows, num_neg] negative column indices: drawn without replacement by `rng` (a numpy
     Generator), or the first num_neg of every row when rng is None (validation)."""
@@ -186,7 +192,7 @@ class DatasetBatches:
 
     def __init__(self, split, *, batch_size, num_neg, max_seq_length, eos_id, train, seed=0, stream=0,
                  rank=0, world=1, name="", vocab_size=None):
-        self.rows, self.name = ArrowRows(split), name
+        self.rows, self.name = rows_of(split), name
         self.batch_size, self.train, self.rank, self.world = batch_size, train, rank, world
         self.entropy = [seed, stream]
         self.collate = partial(collate, num_neg=num_neg, max_seq_length=max_seq_length, eos_id=eos_id,
