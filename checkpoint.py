@@ -76,9 +76,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(accelerator, model, tokenizer, path, trainer_state, keep):
+def save(accelerator, model, tokenizer, path, trainer_state, keep, max_seq_length=1024, prompts=None):
     """Write checkpoint `path` atomically (collective: every process calls it), then keep the
-    training state of only the newest `keep` checkpoints (0: all)."""
+    training state of only the newest `keep` checkpoints (0: all). max_seq_length and prompts go
+    into the inference model's sentence-transformers configuration."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing

@@ -297,7 +297,7 @@ def main(argv=None):
                          "bad_steps_in_a_row": bad_in_a_row, "skipped_steps": skipped,
                          "tracker": tracker.state_dict(accelerator), "config": dataclasses.asdict(cfg)}
         return checkpoint.save(accelerator, model, tokenizer, os.path.join(cfg.run_dir, name), trainer_state,
-                               cfg.save_total_limit)
+                               cfg.save_total_limit, cfg.max_seq_length, cfg.prompts)
 
     writer = open_writer(cfg, accelerator)
     accelerator.print(f"{len(splits)} datasets, {per_epoch} batches per epoch per process, "
