@@ -1,7 +1,8 @@
 """Full-state checkpoints: written atomically, found again after a crash, pruned.
 
-A checkpoint `run_dir/step_N` (or `epoch_N`) holds the inference weights and the tokenizer at its
-top (`save_pretrained`: AutoModel loads it as before) and, in `training_state/`, what a run needs
+A checkpoint `run_dir/step_N` (or `epoch_N`) holds the inference model at its top (weights and
+tokenizer by `save_pretrained`, so AutoModel loads it, plus the sentence-transformers files, so
+`SentenceTransformer(path)` does; LoRA adapters merged in) and, in `training_state/`, what a run needs
 to continue exactly: model, optimizer, lr scheduler and every process's RNG states
 (`accelerator.save_state`), `trainer_state.json` (step, config, logging sums) and, written last,
 a manifest of every file's size. The folder is written as `.step_N.partial` and renamed when
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from errors import UserError
+from lora import is_lora, merged_state_dict
+from model import save_inference_model
 
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
@@ -89,8 +92,13 @@ def save(accelerator, model, tokenizer, path, trainer_state, keep, max_seq_lengt
     torch.save(rng_state(), _rng_file(state_dir, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).backbone.save_pretrained(tmp, save_function=accelerator.save)
-        tokenizer.save_pretrained(tmp)
+        backbone = accelerator.unwrap_model(model).backbone
+        if is_lora(backbone):  # the adapters merged in, so that the weights load without peft
+            backbone, weights = backbone.get_base_model(), merged_state_dict(backbone)
+        else:
+            weights = None
+        save_inference_model(backbone, tokenizer, tmp, max_seq_length, prompts, save_function=accelerator.save,
+                             state_dict=weights)
         with open(os.path.join(state_dir, TRAINER_STATE), "w") as f:
             json.dump(trainer_state, f, indent=1)
         _write_manifest(tmp)

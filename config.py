@@ -89,8 +89,8 @@ class Config:
                                             "(published v1). F2LLM-v2 uses 9.")
     use_mrl: bool = _opt(False, "F2LLM-v2 Matryoshka loss: both losses also on the first m dimensions of each "
                                 "embedding, for every m in mrl_dims.")
-    mrl_dims: list = _opt(None, "Matryoshka dimensions (each below the hidden size); null: 8, 16, 32, ... up to "
-                                "half the hidden size.")
+    mrl_dims: list = _opt(None, "Matryoshka dimensions, each below the hidden size; null: every power of two from "
+                                "8 below the hidden size.")
     teacher_model_path: str = _opt("", "F2LLM-v2 knowledge distillation: an embedding checkpoint with the same "
                                        "tokenizer whose embeddings (cut to the student's size) the student matches "
                                        "by MSE. Empty: no distillation.")

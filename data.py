@@ -1,5 +1,11 @@
 """Tokenized datasets, the collate of one homogeneous batch, and the multi-dataset loader.
 
+Two tokenized layouts (tokenize_data_qwen.py --layout): v1, one file per dataset with token columns
+query_input_ids, passage_input_ids, negative_{i}_input_ids; v2 (F2LLM-v2), one query file per
+dataset whose columns passage_id, negative_{i}_id hold ids into its corpus `corpus/NAME.parquet`
+(doc_id, input_ids). A v2 split resolves the ids per batch, so everything past load_splits sees
+v1 token columns.
+
 Every batch holds rows of one dataset only. Sequence order in a batch: the bs queries, the bs
 positives, then each query's k hard negatives in turn (see loss.split_embeddings). A batch is
 flat token ids plus per-sequence lengths; the model packs or pads it (model.Embedder).
@@ -32,8 +38,20 @@ def find_datasets(data_path):
     return [(os.path.basename(p)[: -len(".parquet")], p) for p in paths]
 
 
-def num_negatives_needed(task_type, num_hard_neg):
-    return 1 if task_type == "classification" else num_hard_neg
+def negatives_key(task_type, cfg):
+    """The config key that sets a task type's hard negatives per query (None: classification, always 1)."""
+    if task_type == "classification":
+        return None
+    if task_type == "clustering" and cfg.num_hard_neg_clustering >= 0:
+        return "num_hard_neg_clustering"
+    return "num_hard_neg"
+
+
+def num_negatives_needed(task_type, cfg):
+    """Hard negatives per query: 1 for classification (binary labels: the other label), else the
+    task type's key (clustering: num_hard_neg_clustering, F2LLM-v2; -1 falls back to num_hard_neg)."""
+    key = negatives_key(task_type, cfg)
+    return 1 if key is None else getattr(cfg, key)
 
 
 def task_type_of(name, dataset_types, path):
@@ -43,9 +61,14 @@ def task_type_of(name, dataset_types, path):
     return dataset_types[name]
 
 
-def token_columns(path, needed_negatives):
-    """The token columns a dataset file must have: query, passage and at least the needed negatives,
-    each a list of integer ids; and at least 2 rows (one for validation). Reads the footer only."""
+def corpus_path(path):
+    """The v2 corpus of the query file `DIR/NAME.parquet`: `DIR/corpus/NAME.parquet` (out of the
+    training side's `*.parquet` glob)."""
+    return os.path.join(os.path.dirname(path), "corpus", os.path.basename(path))
+
+
+def read_schema(path):
+    """(row count, Arrow schema) from a parquet footer, with unique column names."""
     try:
         metadata = pq.read_metadata(path)
         schema = metadata.schema.to_arrow_schema()
@@ -54,25 +77,65 @@ def token_columns(path, needed_negatives):
     if len(set(schema.names)) != len(schema.names):
         twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
         raise UserError(f"{path}: column name(s) {twice} appear more than once; keep one of each")
-    if metadata.num_rows < 2:
-        raise UserError(f"{path}: {metadata.num_rows} row(s); a dataset needs at least 2 (one for validation)")
+    return metadata.num_rows, schema
+
+
+def is_token_list(typ):
+    return (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)
+
+
+def token_columns(path, needed_negatives, key="num_hard_neg"):
+    """The columns a dataset file must have, each checked for type, in order query, passage, negatives
+    (at least the needed ones): v1 `*_input_ids` lists of token ids, or v2 `query_input_ids` plus
+    integer document ids `passage_id`, `negative_{i}_id` with a well-formed corpus file. At least 2
+    rows (one for validation). Reads footers only. `key` is the config key the error names."""
+    num_rows, schema = read_schema(path)
+    if num_rows < 2:
+        raise UserError(f"{path}: {num_rows} row(s); a dataset needs at least 2 (one for validation)")
     names = set(schema.names)
-    for col in ("query_input_ids", "passage_input_ids"):
-        if col not in names:
-            raise UserError(f"{path}: no column '{col}'; tokenize the raw data with tokenize_data_qwen.py first")
+    if "query_input_ids" not in names:
+        raise UserError(f"{path}: no column 'query_input_ids'; tokenize the raw data with tokenize_data_qwen.py first")
+    if "passage_input_ids" in names:
+        suffix = "_input_ids"
+    elif "passage_id" in names:
+        suffix = "_id"
+    else:
+        raise UserError(f"{path}: no column 'passage_input_ids' (v1 layout) or 'passage_id' (v2 layout); tokenize "
+                        "the raw data with tokenize_data_qwen.py")
     n = 0
-    while f"negative_{n + 1}_input_ids" in names:
+    while f"negative_{n + 1}{suffix}" in names:
         n += 1
     if n < needed_negatives:
+        fix = f"lower {key} or add negatives" if key else "add a negative_1 column (the other label)"
         raise UserError(f"{path}: {n} hard negatives per row (negative_1 ... negative_{n}), fewer than the "
-                        f"{needed_negatives} the config asks for; lower num_hard_neg or add negatives")
-    columns = ["query_input_ids", "passage_input_ids"] + [f"negative_{i}_input_ids" for i in range(1, n + 1)]
+                        f"{needed_negatives} the config asks for; {fix}")
+    columns = ["query_input_ids", f"passage{suffix}"] + [f"negative_{i}{suffix}" for i in range(1, n + 1)]
     for col in columns:
         typ = schema.field(col).type
-        if not ((pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type)):
+        if col.endswith("_input_ids") and not is_token_list(typ):
             raise UserError(f"{path}: column '{col}' is {typ}, not a list of token ids; tokenize the raw data "
                             "with tokenize_data_qwen.py")
+        if col.endswith("_id") and not pa.types.is_integer(typ):
+            raise UserError(f"{path}: column '{col}' is {typ}, not integer document ids; re-run "
+                            "tokenize_data_qwen.py --layout v2")
+    if suffix == "_id":
+        check_corpus_columns(path)
     return columns
+
+
+def check_corpus_columns(path):
+    """A v2 query file's corpus exists, with an integer `doc_id` and an `input_ids` list of token ids."""
+    corpus = corpus_path(path)
+    if not os.path.isfile(corpus):
+        raise UserError(f"{path}: its corpus {corpus} is missing; re-run tokenize_data_qwen.py --layout v2")
+    _, schema = read_schema(corpus)
+    for col, ok, what in (("doc_id", pa.types.is_integer, "integer ids"), ("input_ids", is_token_list,
+                                                                            "a list of token ids")):
+        if col not in schema.names:
+            raise UserError(f"{corpus}: no column '{col}'; re-run tokenize_data_qwen.py --layout v2")
+        if not ok(schema.field(col).type):
+            raise UserError(f"{corpus}: column '{col}' is {schema.field(col).type}, not {what}; re-run "
+                            "tokenize_data_qwen.py --layout v2")
 
 
 def rows_shown(rows):
@@ -97,17 +160,62 @@ def check_token_values(table, columns, path):
             raise UserError(f"{path}: column '{col}' has null token ids inside its lists; re-tokenize the file")
 
 
-def load_splits(path, columns, cfg):
-    """The dataset's train / validation split (seeded), cached under cfg.cache_dir."""
+def read_dataset(path, cfg):
+    """A parquet file as a memory-mapped `datasets` Dataset, cached under cfg.cache_dir."""
     try:
-        ds = datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cfg.cache_dir)
+        return datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cfg.cache_dir)
     except Exception as err:  # a corrupt page surfaces here, under several exception types
         cause = err.__cause__ or err
         raise UserError(f"{path}: cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
                         "re-tokenize or re-download it")
-    check_token_values(ds.data, columns, path)
+
+
+def check_ids(table, columns, num_docs, path):
+    """Every document id present and within [0, num_docs), whole columns at a time."""
+    for col in columns:
+        ids = table.column(col)
+        if ids.null_count:
+            rows = np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))
+            raise UserError(f"{path}: column '{col}' has {ids.null_count} null document id(s) (rows "
+                            f"{rows_shown(rows)}); re-run tokenize_data_qwen.py --layout v2")
+        lo, hi = (v.as_py() for v in pc.min_max(ids).values())
+        if lo < 0 or hi >= num_docs:
+            values = ids.to_numpy()
+            bad = np.flatnonzero((values < 0) | (values >= num_docs))
+            raise UserError(f"{path}: column '{col}' has {len(bad)} id(s) outside the corpus's [0, {num_docs}) "
+                            f"(rows {rows_shown(bad)}, e.g. {values[bad[0]]}); re-run tokenize_data_qwen.py "
+                            "--layout v2")
+
+
+def load_corpus(path, cfg):
+    """A v2 corpus's `input_ids` column (memory-mapped), after checking doc_id == row position and
+    the token lists."""
+    corpus = read_dataset(path, cfg).data.table
+    start = 0
+    for chunk in corpus.column("doc_id").chunks:  # chunk by chunk: no corpus-sized copies
+        if chunk.null_count or not np.array_equal(chunk.to_numpy(), np.arange(start, start + len(chunk))):
+            raise UserError(f"{path}: column 'doc_id' is not the row position 0 ... {corpus.num_rows - 1}, which "
+                            "the query file's ids point at; re-run tokenize_data_qwen.py --layout v2")
+        start += len(chunk)
+    check_token_values(corpus, ["input_ids"], path)
+    return corpus.column("input_ids")
+
+
+def load_splits(path, columns, cfg):
+    """The dataset's train / validation split (seeded), cached under cfg.cache_dir. A v2 query file
+    (columns from token_columns) is split exactly like its v1 file, and each split comes as
+    CorpusRows, which resolves the document ids from the corpus."""
+    ds = read_dataset(path, cfg)
+    id_columns = [c for c in columns if c.endswith("_id")]
+    check_token_values(ds.data, [c for c in columns if c.endswith("_input_ids")], path)
+    documents = None
+    if id_columns:
+        documents = load_corpus(corpus_path(path), cfg)
+        check_ids(ds.data, id_columns, len(documents), path)
     split = ds.select_columns(columns).train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
-    return split["train"], split["test"]
+    if documents is None:
+        return split["train"], split["test"]
+    return CorpusRows(split["train"], documents), CorpusRows(split["test"], documents)
 
 
 def tokenize(tokenizer, texts, max_seq_length):
@@ -126,10 +234,31 @@ class ArrowRows:
         return len(self.split)
 
     def __getitem__(self, index):
-        return self.split[[index]]
+        return self.__getitems__([index])
 
     def __getitems__(self, indices):
         return self.split[list(indices)]
+
+
+class CorpusRows(ArrowRows):
+    """A v2 split: query rows whose passage_id, negative_{i}_id point into the corpus's token lists
+    (`documents`); each batch's ids become passage_input_ids, negative_{i}_input_ids with one Arrow
+    take, so a batch is the same table as the v1 file's rows."""
+
+    def __init__(self, split, documents):
+        super().__init__(split)
+        self.documents = documents
+
+    def __getitems__(self, indices):
+        table = super().__getitems__(indices)
+        id_columns = table.column_names[1:]
+        ids = pa.concat_arrays([table.column(c).combine_chunks().cast(pa.int64()) for c in id_columns])
+        docs = self.documents.take(ids)
+        bs = table.num_rows
+        columns = {"query_input_ids": table.column("query_input_ids")}
+        for i, col in enumerate(id_columns):
+            columns[col[: -len("_id")] + "_input_ids"] = docs.slice(i * bs, bs)
+        return pa.table(columns)
 
 
 def rows_of(split):
@@ -277,7 +406,7 @@ def check_datasets(cfg, dataset_types):
     out = []
     for name, path in find_datasets(cfg.train_data_path):
         task = task_type_of(name, dataset_types, path)
-        out.append((name, path, task, token_columns(path, num_negatives_needed(task, cfg.num_hard_neg))))
+        out.append((name, path, task, token_columns(path, num_negatives_needed(task, cfg), negatives_key(task, cfg))))
     return out
 
 
@@ -285,6 +414,6 @@ def make_loader(split, task, cfg, eos_id, *, train, stream=0, rank=0, world=1, n
     """One process's batches of a dataset split: shuffled with sampled negatives for training, in
     order with the first negatives for validation. `stream` tells datasets apart in the seeding;
     `name` labels errors."""
-    return DatasetBatches(split, batch_size=cfg.train_batch_size, num_neg=num_negatives_needed(task, cfg.num_hard_neg),
+    return DatasetBatches(split, batch_size=cfg.train_batch_size, num_neg=num_negatives_needed(task, cfg),
                           max_seq_length=cfg.max_seq_length, eos_id=eos_id, train=train, seed=cfg.seed,
                           stream=stream, rank=rank, world=world, name=name, vocab_size=vocab_size)

@@ -1,61 +1,255 @@
-"""Retrieval evaluation of a checkpoint: MRR@10 on raw F2LLM-format parquet files.
+"""Retrieval evaluation: nDCG@10, MRR@10 and recall@10, per dataset and averaged.
 
-    python evaluate.py CHECKPOINT DATA_DIR
+    python evaluate.py CHECKPOINT DATA_DIR [--split validation|all] [--config CONFIG] [--max_queries N]
 
-For each `*.parquet` in DATA_DIR, each query is ranked against the file's corpus (every distinct
-passage and negative); the relevant document is the query's own passage. Prints one line per
-file and, last, the mean.
+Each query is ranked against the documents of the rows evaluated with it: every distinct positive
+and hard negative among them; its relevant document is its own positive. run.py computes the same
+metrics on the validation split at each validation (`retrieval_set`, `retrieval_metrics`); this
+script prints them for a checkpoint as a table (`format_table`). DATA_DIR holds tokenized files
+(what tokenize_data_qwen.py writes) or raw ones (query, passage, negative_i), tokenized here with
+the checkpoint's tokenizer; both hold out the validation rows by the rule of data.load_splits, so
+a raw file and its tokenized copy give the same table.
 """
 import argparse
 import glob
 import os
+import tempfile
 
+import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from datasets.table import InMemoryTable
 
+from config import Config, load_config, load_dataset_types
+from data import (CorpusRows, check_ids, check_token_values, corpus_path, load_corpus, load_splits, rows_of,
+                  token_columns, tokenize)
 from errors import UserError, exit_on_user_error
 from model import load_encoder
+from tokenize_data_qwen import check_texts, text_columns
+
+METRICS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@10": "recall@10"}  # key -> column title
 
 
-def mrr_at_k(scores, relevant, k=10):
-    """scores: [q, n] similarity; relevant: [q] index of each query's relevant document."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    hits = top == relevant[:, None]
-    ranks = hits.float().argmax(dim=1) + 1
-    return (hits.any(dim=1).float() / ranks).mean().item()
+def retrieval_set(split, max_queries=None):
+    """The first max_queries rows (all if None) of a split -> (queries, docs, relevant).
+
+    queries: token lists; docs: the distinct token lists among those rows' positives and negatives,
+    in order of first appearance (row by row: positive, then negative_1, negative_2, ...), so that a
+    text that is one row's positive and another's negative is one document; relevant: per query,
+    the list of its relevant doc indices (its positive).
+    """
+    rows = rows_of(split)
+    n = len(rows) if max_queries is None else min(max_queries, len(rows))
+    table = rows.__getitems__(list(range(n)))
+    negatives = sorted((c for c in table.column_names if c.startswith("negative_")), key=lambda c: int(c.split("_")[1]))
+    index = {}  # token tuple -> doc index
+    relevant = []
+    for row in zip(*(table.column(c).to_pylist() for c in ["passage_input_ids"] + negatives)):
+        ids = [index.setdefault(tuple(seq), len(index)) for seq in row]
+        relevant.append([ids[0]])
+    return table.column("query_input_ids").to_pylist(), [list(doc) for doc in index], relevant
 
 
-def evaluate_file(encoder, path, batch_size):
-    table = pq.read_table(path)
-    if "query" not in table.column_names or "passage" not in table.column_names:
-        raise UserError(f"{path}: evaluation needs columns query and passage (negative_i optional)")
-    queries = table.column("query").to_pylist()
-    doc_cols = ["passage"] + [c for c in table.column_names if c.startswith("negative_")]
-    corpus = sorted({t for c in doc_cols for t in table.column(c).to_pylist()})
-    index = {t: i for i, t in enumerate(corpus)}
-    relevant = torch.tensor([index[t] for t in table.column("passage").to_pylist()])
-    q = encoder.encode(queries, batch_size=batch_size)
-    d = encoder.encode(corpus, batch_size=batch_size)
-    return mrr_at_k(q @ d.T, relevant)
+def retrieval_metrics(scores, relevant, k=10):
+    """Binary-relevance nDCG@k, MRR@k and recall@k, each the mean over queries (Python floats).
+
+    scores: [q, n] similarities of q queries to n docs; relevant: per query, a non-empty list of
+    relevant doc indices. Ties count against the relevant docs: a relevant doc ranks below every
+    irrelevant doc with an equal score (relevant docs tied among themselves in doc-index order),
+    so the metrics do not depend on the order of the docs and a model that scores everything
+    alike gets no credit. A NaN score ranks last.
+    """
+    if any(not r for r in relevant):
+        raise ValueError("every query needs at least one relevant document")
+    scores = scores.float().nan_to_num(nan=float("-inf"))
+    device, (q, n) = scores.device, scores.shape
+    num_rel = torch.tensor([len(r) for r in relevant], device=device)
+    width = int(num_rel.max())
+    rel = torch.tensor([r + r[:1] * (width - len(r)) for r in relevant], device=device)  # [q, R], padded
+    counted = torch.arange(width, device=device) < num_rel[:, None]
+    is_rel = torch.zeros(q, n, dtype=torch.bool, device=device).scatter_(1, rel, True)
+    doc = torch.arange(n, device=device)
+    ranks = torch.empty(q, width, device=device)
+    for j in range(width):
+        d = rel[:, j : j + 1]
+        s = scores.gather(1, d)
+        ranks[:, j] = 1 + ((scores > s) | ((scores == s) & (~is_rel | (doc < d)))).sum(1)
+    hit = counted & (ranks <= k)
+    gain = torch.where(hit, 1 / torch.log2(ranks + 1), 0.0).sum(1)
+    ideal = (1 / torch.log2(torch.arange(2, k + 2, device=device))).cumsum(0)[num_rel.clamp(max=k) - 1]
+    first = torch.where(hit, ranks, float("inf")).min(1).values
+    return {f"ndcg@{k}": (gain / ideal).mean().item(), f"mrr@{k}": (1 / first).mean().item(),
+            f"recall@{k}": (hit.sum(1) / num_rel).mean().item()}
+
+
+def format_table(results):
+    """{dataset: metrics} (at least one) -> a text table: one row per dataset, then "mean", the
+    mean of the datasets' metrics; columns nDCG@10, MRR@10, recall@10."""
+    rows = [*results.items(), ("mean", {key: sum(m[key] for m in results.values()) / len(results) for key in METRICS})]
+    width = max(len(name) for name in [*results, "dataset", "mean"])
+    lines = [f"{'dataset':<{width}}" + "".join(f"  {title:>9}" for title in METRICS.values())]
+    lines += [f"{name:<{width}}" + "".join(f"  {m[key]:>9.4f}" for key in METRICS) for name, m in rows]
+    return "\n".join(lines)
+
+
+def evaluate_split(encoder, split, max_queries=None, batch_size=64):
+    """The retrieval metrics of an Encoder on a split's first max_queries rows, and the number of
+    queries and docs. Token ids outside the model's vocabulary are a UserError."""
+    queries, docs, relevant = retrieval_set(split, max_queries)
+    vocab = encoder.embedder.backbone.get_input_embeddings().num_embeddings
+    lo, hi = min(min(seq) for seq in queries + docs), max(max(seq) for seq in queries + docs)
+    if lo < 0 or hi >= vocab:
+        raise UserError(f"token id {lo if lo < 0 else hi} outside the model's vocabulary [0, {vocab}): was the data "
+                        "tokenized with this checkpoint's tokenizer?")
+    scores = encoder.encode_ids(queries, batch_size) @ encoder.encode_ids(docs, batch_size).T
+    return retrieval_metrics(scores, relevant), len(queries), len(docs)
+
+
+def columns_of(path):
+    """A file's token columns (a tokenized file) or text columns (a raw one), checked from its footer."""
+    try:
+        metadata = pq.read_metadata(path)
+        schema = metadata.schema.to_arrow_schema()
+    except Exception as err:  # pyarrow raises several types for a broken file
+        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})")
+    names = schema.names
+    if "query_input_ids" in names:
+        return token_columns(path, 0)
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: column name(s) {sorted({n for n in names if names.count(n) > 1})} appear more "
+                        "than once; keep one of each")
+    if metadata.num_rows < 2:
+        raise UserError(f"{path}: {metadata.num_rows} row(s); a dataset needs at least 2 (one for validation)")
+    return text_columns(schema, path)
+
+
+def first_rows(path, columns, n):
+    """The first n rows (all if None) of a parquet file's columns, reading no further than needed."""
+    batches = []
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+        batches.append(batch)
+        if n is not None and sum(len(b) for b in batches) >= n:
+            break
+    return pa.Table.from_batches(batches).slice(0, n)
+
+
+def resolve_ids(table, columns, path, cfg):
+    """Tokenized rows, checked, as v1 token columns: a v2 file's document ids (`*_id` columns) are
+    looked up in its corpus, as data.load_splits' splits do."""
+    check_token_values(table, [c for c in columns if c.endswith("_input_ids")], path)
+    id_columns = [c for c in columns if c.endswith("_id")]
+    if not id_columns:
+        return table
+    documents = load_corpus(corpus_path(path), cfg)
+    check_ids(table, id_columns, len(documents), path)
+    return CorpusRows(datasets.Dataset(InMemoryTable(table)), documents).__getitems__(range(table.num_rows))
+
+
+def tokenize_rows(table, columns, tokenizer, max_seq_length):
+    """Raw text columns -> the token columns `{column}_input_ids` tokenize_data_qwen.py would write."""
+    texts = sorted({t for c in columns for t in table.column(c).to_pylist()})
+    ids = dict(zip(texts, tokenize(tokenizer, texts, max_seq_length)))
+    return pa.table({f"{c}_input_ids": pa.array([ids[t] for t in table.column(c).to_pylist()], pa.list_(pa.int32()))
+                     for c in columns})
+
+
+def eval_rows(path, columns, cfg, split, max_queries, tokenizer, max_seq_length):
+    """The rows of a file to evaluate, as a split with token columns: `validation`, the rows
+    data.load_splits holds out (same seed and validation_fraction), in its order; `all`, the file's
+    rows in order. At most the first max_queries (None: all). Raw files are tokenized here."""
+    raw = columns[0] == "query"
+    if split == "validation":
+        if raw:
+            table = pq.read_table(path, columns=columns)
+            check_texts(table, columns, path)
+            # data.load_splits' split rule: it depends on the number of rows only
+            held_out = datasets.Dataset(InMemoryTable(table)).train_test_split(test_size=cfg.validation_fraction,
+                                                                               seed=cfg.seed)["test"]
+        else:
+            held_out = load_splits(path, columns, cfg)[1]
+        table = rows_of(held_out).__getitems__(range(min(max_queries or len(held_out), len(held_out))))
+    else:
+        table = first_rows(path, columns, max_queries)
+        if raw:
+            check_texts(table, columns, path)
+        else:
+            table = resolve_ids(table, columns, path, cfg)
+    if raw:
+        table = tokenize_rows(table, columns, tokenizer, max_seq_length)
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def eval_config(args, cache_dir):
+    """The config that decides the split (seed, validation_fraction), cache_dir, eval_queries and dataset
+    types: --config's, else the defaults with a temporary cache_dir."""
+    if args.config:
+        return load_config(args.config)
+    return Config(model_path=args.checkpoint, train_data_path=args.data_dir, cache_dir=cache_dir)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a checkpoint folder (or any backbone folder with its tokenizer)")
+    p.add_argument("data_dir", help="folder of *.parquet files, tokenized (tokenize_data_qwen.py) or raw (query, "
+                                    "passage, negative_i); one dataset per file")
+    p.add_argument("--config", help="training config: its seed, validation_fraction, cache_dir, eval_queries and "
+                                    "dataset types are used (default: the Config defaults, a temporary cache)")
+    p.add_argument("--split", choices=("validation", "all"), default="validation",
+                   help="validation: the rows training held out for validation; all: every row")
+    p.add_argument("--max_queries", type=int, help="queries per dataset: its first N rows of the split; 0: all "
+                                                   "(default: the config's eval_queries, 1000)")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per forward pass")
+    p.add_argument("--max_seq_length", type=int, help="tokens per sequence (default: the checkpoint's, else 1024)")
+    args = p.parse_args(argv)
+    if args.max_queries is not None and args.max_queries < 0:
+        raise UserError(f"--max_queries {args.max_queries}: must be 0 (all) or a number of queries")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
+    if args.max_seq_length is not None and args.max_seq_length < 2:
+        raise UserError(f"--max_seq_length {args.max_seq_length}: must be at least 2 (one token of text plus eos)")
+    return args
 
 
 @exit_on_user_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a checkpoint folder (or any backbone with its tokenizer)")
-    p.add_argument("data_dir", help="folder of raw *.parquet files with query, passage, negative_i")
-    p.add_argument("--max_seq_length", type=int, default=1024)
-    p.add_argument("--batch_size", type=int, default=64)
-    args = p.parse_args(argv)
-    files = sorted(glob.glob(os.path.join(args.data_dir, "*.parquet")))
-    if not files:
-        raise UserError(f"no *.parquet files in {args.data_dir}")
-    encoder = load_encoder(args.checkpoint, max_seq_length=args.max_seq_length)
-    scores = []
-    for path in files:
-        scores.append(evaluate_file(encoder, path, args.batch_size))
-        print(f"{os.path.basename(path)[:-len('.parquet')]:32s} MRR@10 {scores[-1]:.4f}")
-    print(f"{'mean':32s} MRR@10 {sum(scores) / len(scores):.4f}")
+    args = parse_args(argv)
+    if not os.path.isdir(args.checkpoint):
+        raise UserError(f"checkpoint {args.checkpoint} not found: pass a checkpoint folder (output_dir/experiment_id/"
+                        "step_N or epoch_N) or a backbone folder with its tokenizer")
+    if not os.path.isdir(args.data_dir):
+        raise UserError(f"DATA_DIR {args.data_dir} not found: pass a folder of *.parquet files")
+    paths = sorted(glob.glob(os.path.join(args.data_dir, "*.parquet")))
+    if not paths:
+        raise UserError(f"DATA_DIR {args.data_dir} holds no *.parquet files: pass a folder of tokenized or raw "
+                        "F2LLM-format files (query, passage, negative_i)")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cfg = eval_config(args, cache_dir)
+        types = load_dataset_types(cfg)
+        # 0 caps nothing (in a training config, eval_queries 0 turns the metrics off; here they are the point)
+        max_queries = (cfg.eval_queries if args.max_queries is None else args.max_queries) or None
+        planned = []
+        for path in paths:
+            name = os.path.basename(path)[: -len(".parquet")]
+            columns = columns_of(path)  # every file checked before the model loads
+            task = types.get(name, "retrieval")
+            if task == "retrieval":
+                planned.append((name, path, columns))
+            else:
+                print(f"skip {name}: a {task} dataset (only retrieval datasets are evaluated)")
+        if not planned:
+            raise UserError(f"DATA_DIR {args.data_dir} holds no retrieval dataset (see configs/dataset_types.json "
+                            "and the config's dataset_types)")
+        encoder = load_encoder(args.checkpoint, max_seq_length=args.max_seq_length)
+        results = {}
+        for name, path, columns in planned:
+            split = eval_rows(path, columns, cfg, args.split, max_queries, encoder.tokenizer, encoder.max_seq_length)
+            try:
+                results[name], num_queries, num_docs = evaluate_split(encoder, split, max_queries, args.batch_size)
+            except UserError as err:
+                raise UserError(f"{path}: {err}") from None
+            print(f"{name}: {num_queries} queries ({args.split} rows) ranked against {num_docs} documents")
+    print(format_table(results))
 
 
 if __name__ == "__main__":

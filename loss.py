@@ -4,7 +4,11 @@
 `inbatch_loss`: each query against the positives of every query in the global batch; retrieval only,
 because in classification and clustering data other queries' positives may share the query's label.
 Both work in a plain process; in a distributed run `inbatch_loss` gathers the positives of all processes.
+F2LLM-v2 adds `matryoshka_loss` (both losses again on the first m dimensions) and `kd_loss`
+(distillation from a teacher's embeddings).
 """
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -66,9 +70,12 @@ def inbatch_loss(query, passage, temperature=0.05, gather_with_grad=True):
 
     query, passage: [bs, d] local embeddings, row i of `passage` the positive of query i.
     """
-    query = F.normalize(query, dim=-1)
-    all_passages, offset = gather_positives(F.normalize(passage, dim=-1), gather_with_grad)
-    logits = query @ all_passages.T / temperature
+    return gathered_inbatch_loss(query, *gather_positives(passage, gather_with_grad), temperature)
+
+
+def gathered_inbatch_loss(query, all_passages, offset, temperature=0.05):
+    """inbatch_loss given the global batch's positives (query i's own at row offset + i)."""
+    logits = F.normalize(query, dim=-1) @ F.normalize(all_passages, dim=-1).T / temperature
     labels = torch.arange(len(query), device=query.device) + offset
     return F.cross_entropy(logits.float(), labels)
 
@@ -95,10 +102,50 @@ def split_embeddings(embeddings, num_queries, num_neg):
     return query, passage, negatives
 
 
-def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, gather_with_grad=True):
-    """The recipe's losses for one homogeneous batch: {"hard": ..., "inbatch": ... (retrieval only)}."""
+def matryoshka_dims(hidden_size, dims=None):
+    """The Matryoshka dimensions below hidden_size: `dims`, or 8, 16, 32, ... by default."""
+    if dims is not None:
+        return sorted(dims)
+    return [2 ** i for i in range(3, max(3, math.ceil(math.log2(hidden_size))))]
+
+
+def matryoshka_weight(n, dim, hidden_size):
+    """F2LLM-v2's scale of the n-th loss term (n = 1 the full dimension) on the first `dim` dimensions."""
+    return 1 / (n * math.sqrt(hidden_size / dim))
+
+
+def kd_loss(student, teacher):
+    """Distillation: squared distance between each L2-normalised student embedding and the teacher's
+    (cut to the student's size, then normalised), averaged over sequences. 2 - 2 cos, so its scale
+    is that of a cosine whatever the two hidden sizes."""
+    teacher = F.normalize(teacher[:, : student.shape[1]].to(student.dtype), dim=-1)
+    return (F.normalize(student, dim=-1) - teacher).pow(2).sum(-1).mean()
+
+
+def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, gather_with_grad=True,
+                 mrl_dims=(), teacher=None, kd_weight=1.0):
+    """The recipe's losses for one homogeneous batch: {"hard": ..., "inbatch": ... (retrieval only)},
+    plus F2LLM-v2's "mrl" when mrl_dims is given (Matryoshka: both losses on the first m dimensions for
+    each m, the term on m scaled by matryoshka_weight, the full dimension counting as term 1) and "kd"
+    (kd_weight x kd_loss) when the teacher's embeddings of the same sequences are given. The total
+    loss is the sum of the values."""
     query, passage, negatives = split_embeddings(embeddings, num_queries, num_neg)
-    losses = {"hard": hard_loss(query, passage, negatives, temperature)}
-    if task_type == "retrieval":
-        losses["inbatch"] = inbatch_loss(query, passage, temperature, gather_with_grad)
+    retrieval = task_type == "retrieval"
+    if retrieval:
+        all_passages, offset = gather_positives(passage, gather_with_grad)  # once, then cut per dimension
+
+    def both(dim=None):
+        cut = (lambda x: x[..., :dim]) if dim else (lambda x: x)
+        out = {"hard": hard_loss(cut(query), cut(passage), None if negatives is None else cut(negatives), temperature)}
+        if retrieval:
+            out["inbatch"] = gathered_inbatch_loss(cut(query), cut(all_passages), offset, temperature)
+        return out
+
+    losses = both()
+    hidden = embeddings.shape[-1]
+    if mrl_dims:
+        losses["mrl"] = sum(matryoshka_weight(n, dim, hidden) * sum(both(dim).values())
+                            for n, dim in enumerate(mrl_dims, start=2))
+    if teacher is not None:
+        losses["kd"] = kd_weight * kd_loss(embeddings, teacher)
     return losses

@@ -1,21 +1,30 @@
-"""The backbone (a Qwen3 `AutoModel`, no LM head) and last-token pooling.
+"""The backbone (a Qwen3 `AutoModel`, no LM head), last-token pooling, and the encoder.
 
 The embedding of a sequence is the last hidden state at its last real token, the eos appended
 to every text. It is not normalised here: the loss and the evaluation normalise.
+
+Saved checkpoints are also sentence-transformers models (`save_inference_model`). Embed texts
+from the command line:
+
+    python model.py CHECKPOINT --input texts.txt --output embeddings.npy [--prompt_name query]
 """
+import argparse
 import importlib.util
 import json
 import os
+import sys
 
+import numpy as np
 import torch
 import transformers
 from packaging import version
+from tokenizers import Tokenizer, processors
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from config import BATCH_LAYOUTS
 from data import tokenize
-from errors import UserError
+from errors import UserError, exit_on_user_error
 
 
 def pick_attn_implementation(requested="auto", packed=False):
@@ -234,3 +243,114 @@ def load_tokenizer(model_path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# ---- the inference model: AutoModel and sentence-transformers ----------------------------------
+
+def _write_json(path, name, value):
+    os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+    with open(os.path.join(path, name), "w") as f:
+        json.dump(value, f, indent=2)
+
+
+def _append_eos_with_special_tokens(path, eos, eos_id):
+    """Make the tokenizer saved in `path` append eos when called with special tokens (as
+    sentence-transformers calls it, truncating the text to max_length - 1 tokens as data.tokenize
+    does), the way Qwen3-Embedding ships its tokenizer. add_special_tokens=False is unchanged."""
+    file = os.path.join(path, "tokenizer.json")
+    backend = Tokenizer.from_file(file)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=[(eos, eos_id)])
+    backend.save(file)
+
+
+def save_inference_model(backbone, tokenizer, path, max_seq_length=1024, prompts=None, save_function=torch.save,
+                         state_dict=None):
+    """Write backbone and tokenizer with `save_pretrained` (AutoModel loads the folder) plus the
+    sentence-transformers files: Transformer, last-token Pooling, Normalize, max_seq_length and
+    the config's prompts. `SentenceTransformer(path).encode` then gives `load_encoder(path).encode`'s
+    vectors. The caller's tokenizer is not changed: only the saved copy appends eos. `state_dict`
+    replaces the backbone's own weights (LoRA: the merged ones)."""
+    backbone.save_pretrained(path, save_function=save_function, state_dict=state_dict)
+    tokenizer.save_pretrained(path)
+    _append_eos_with_special_tokens(path, tokenizer.eos_token, tokenizer.eos_token_id)
+    _write_json(path, "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+    _write_json(path, "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    _write_json(path, "1_Pooling/config.json", {
+        "word_embedding_dimension": backbone.config.hidden_size, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True, "include_prompt": True})
+    _write_json(path, "config_sentence_transformers.json", {
+        "prompts": dict(prompts or {}), "default_prompt_name": None, "similarity_fn_name": "cosine"})
+
+
+# ---- the encoder CLI ----------------------------------------------------------------------------
+
+def read_texts(path):
+    """The texts of `path` ("-": stdin): one per line, or the "text" field of each line of a .jsonl.
+    Every line counts, an empty one too, so that row i of the output is line i of the input."""
+    # lines end at "\n" only (not at the other breaks str.splitlines knows, such as U+2028)
+    try:
+        if path == "-":
+            lines = [line.removesuffix("\n") for line in sys.stdin]
+        else:
+            with open(path, encoding="utf-8") as f:
+                lines = [line.removesuffix("\n") for line in f]
+    except FileNotFoundError:
+        raise UserError(f"input file {path} not found: pass --input with one text per line (or a .jsonl)") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"cannot read input {path}: {err.strerror}") from None
+    if not path.endswith(".jsonl"):
+        return lines
+    texts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, TypeError, KeyError):
+            text = None
+        if not isinstance(text, str):
+            raise UserError(f'{path} line {number}: expected a JSON object with a string "text" field')
+        texts.append(text)
+    return texts
+
+
+@exit_on_user_error
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Embed texts with a checkpoint: a float32 .npy [n, d], L2-normalised.")
+    p.add_argument("checkpoint", help="a checkpoint folder (or any backbone with its tokenizer)")
+    p.add_argument("--input", default="-", help='one text per line, or a .jsonl with a "text" field; - for stdin')
+    p.add_argument("--output", default="embeddings.npy", help="where the .npy goes")
+    p.add_argument("--prompt_name", help="put the checkpoint's prompt of this name (query, document) before each text")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--max_seq_length", type=int, help="tokens per text, eos included (default: the checkpoint's)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.checkpoint):
+        raise UserError(f"checkpoint {args.checkpoint} not found: pass a checkpoint folder, e.g. output/RUN/step_N")
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    if args.max_seq_length is not None and args.max_seq_length < 2:
+        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is available; use --device cpu")
+    texts = read_texts(args.input)
+    if not texts:
+        raise UserError(f"{args.input} holds no texts")
+    encoder = load_encoder(args.checkpoint, device=args.device, max_seq_length=args.max_seq_length)
+    embeddings = encoder.encode(texts, prompt_name=args.prompt_name, batch_size=args.batch_size).numpy()
+    try:
+        with open(args.output, "wb") as f:  # np.save(name) would append .npy to any other name
+            np.save(f, embeddings)
+    except OSError as err:
+        raise UserError(f"cannot write {args.output}: {err.strerror}") from None
+    print(f"{args.output}: {embeddings.shape[0]} x {embeddings.shape[1]} float32")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,15 +8,18 @@ warmup + cosine schedule clamped at min_lr. `--prepare_only` builds the train/va
 cache in one process and exits (the recommended warm-up before a many-process launch).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import time
 from collections import defaultdict
 from functools import partial
 from itertools import islice
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.tensorboard import SummaryWriter
@@ -25,32 +28,38 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 import checkpoint
 from checkpoint import any_process, warn
-from config import TASK_TYPES, load_config, load_dataset_types
+from config import load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, load_splits, make_loader
 from errors import UserError, exit_on_user_error
 from grad_cache import cached_backward
-from loss import f2llm_losses
-from model import Embedder, load_backbone, load_tokenizer
+from evaluate import retrieval_metrics, retrieval_set
+from loss import f2llm_losses, matryoshka_dims
+from lora import add_lora
+from model import Embedder, flatten, load_backbone, load_tokenizer
 
 
 class LossTracker:
-    """Sums of each dataset's losses since the last report; reported as means over all processes."""
+    """Sums of each dataset's losses since the last report; reported as means over all processes.
+    `kinds`: the loss terms a step can have ("inbatch", "hard", and with F2LLM-v2 options "mrl",
+    "kd"); every process must pass the same ones, as report() reduces them in one tensor."""
 
-    def __init__(self, names, task_of):
+    def __init__(self, names, task_of, kinds=("inbatch", "hard")):
         self.names = sorted(names)
         self.task_of = task_of
+        self.kinds = (*kinds, "total")
         self.sums = {}
         self.counts = defaultdict(int)
 
     def add(self, name, losses):
         """Accumulates on the device: no host sync per step."""
-        for kind, value in losses.items():
+        for kind, value in {**losses, "total": sum(losses.values())}.items():
             self.sums[name, kind] = self.sums.get((name, kind), 0) + value.detach().double()
             self.counts[name, kind] += 1
 
     def report(self, accelerator, prefix):
-        """{prefix/dataset/kind: mean} and {prefix/task_type/kind: mean of its datasets}; resets."""
-        keys = [(n, k) for n in self.names for k in ("inbatch", "hard")]
+        """{prefix/dataset/kind: mean}, {prefix/task_type/kind: mean of its datasets} and
+        {prefix/loss: mean total loss per step}; resets."""
+        keys = [(n, k) for n in self.names for k in self.kinds]
         zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         totals = torch.stack([torch.stack([self.sums.get(key, zero), zero + self.counts[key]]) for key in keys])
         totals = accelerator.reduce(totals, reduction="sum").tolist()
@@ -63,6 +72,9 @@ class LossTracker:
                 by_task[self.task_of[name], kind].append(total / count)
         for (task, kind), means in sorted(by_task.items()):
             out[f"{prefix}/{task}/{kind}"] = sum(means) / len(means)
+        totals = [(total, count) for (_, kind), (total, count) in zip(keys, totals) if kind == "total"]
+        if sum(count for _, count in totals):
+            out[f"{prefix}/loss"] = sum(total for total, _ in totals) / sum(count for _, count in totals)
         return out
 
     def state_dict(self, accelerator):
@@ -82,10 +94,44 @@ class LossTracker:
                 self.counts[name, kind] = int(count)
 
 
+class Throughput:
+    """Real (unpadded) tokens and steps per second of training, summed over processes; the time
+    spent validating and checkpointing (inside `paused()`) does not count."""
+
+    def __init__(self):
+        self.tokens, self.steps, self.seconds, self.start = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, tokens):
+        self.tokens += tokens
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.seconds += time.perf_counter() - self.start
+        yield
+        self.start = time.perf_counter()
+
+    def report(self, accelerator):
+        """{train/tokens_per_s, train/steps_per_s} since the last report (collective); resets."""
+        with self.paused():
+            tokens = accelerator.reduce(torch.tensor(float(self.tokens), device=accelerator.device), "sum").item()
+            seconds = max(self.seconds, 1e-9)
+            out = {"train/tokens_per_s": tokens / seconds, "train/steps_per_s": self.steps / seconds}
+            self.tokens, self.steps, self.seconds = 0, 0, 0.0
+        return out
+
+
 def batch_losses(embeddings, batch, task, cfg):
-    """The recipe's losses of one batch: {"hard": ..., "inbatch": ...(retrieval only)}."""
+    """The recipe's losses of one batch: {"hard": ..., "inbatch": ...(retrieval only)}, plus "mrl" with
+    use_mrl and "kd" when the batch carries its teacher embeddings."""
+    mrl_dims = matryoshka_dims(embeddings.shape[-1], cfg.mrl_dims) if cfg.use_mrl else ()
     return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, cfg.temperature,
-                        cfg.gather_with_grad)
+                        cfg.gather_with_grad, mrl_dims, batch.get("teacher"), cfg.kd_weight)
+
+
+def loss_kinds(cfg, distill=False):
+    """The loss terms a step logs: the recipe's two, plus the F2LLM-v2 ones the config turns on."""
+    return ("inbatch", "hard") + (("mrl",) if cfg.use_mrl else ()) + (("kd",) if distill else ())
 
 
 def embed(model, batch):
@@ -112,9 +158,13 @@ def forward_backward(model, batch, task, cfg, accelerator):
     return losses
 
 
-def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler):
+def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler, teacher=None):
     """One optimizer step on one batch: its losses, or None if it was skipped because a loss or the
-    gradient norm was not finite. The lr schedule advances either way."""
+    gradient norm was not finite. The lr schedule advances either way. With a teacher (knowledge
+    distillation), its embeddings of the batch join the loss."""
+    if teacher is not None:
+        with torch.no_grad():
+            batch = {**batch, "teacher": embed(teacher, batch)}
     losses = forward_backward(model, batch, task, cfg, accelerator)
     if losses is not None:
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # None: DeepSpeed clips
@@ -129,15 +179,51 @@ def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler):
 
 
 @torch.no_grad()
-def validate(model, valid_loaders, task_of, cfg, accelerator):
+def validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator):
+    """The validation losses of every dataset, and the retrieval metrics of the eval_sets."""
     model.eval()
-    tracker = LossTracker(valid_loaders, task_of)
+    tracker = LossTracker(valid_loaders, task_of, loss_kinds(cfg))
     for name in sorted(valid_loaders):
         for batch in valid_loaders[name]:
             batch = to_device(batch, accelerator.device)
             tracker.add(name, batch_losses(embed(model, batch), batch, task_of[name], cfg))
     model.train()
-    return tracker.report(accelerator, "valid")
+    return {**tracker.report(accelerator, "valid"), **retrieval_eval(model, eval_sets, cfg, accelerator)}
+
+
+@torch.no_grad()
+def embed_shared(model, sequences, chunk, accelerator):
+    """Normalised embeddings [n, d] of token lists, on every process; each process embeds every
+    world-th sequence, in chunks of `chunk` sequences, and the shares are gathered."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = sequences[rank::world]
+    parts = [F.normalize(model(*(t.to(accelerator.device) for t in flatten(mine[i : i + chunk]))).float(), dim=-1)
+             for i in range(0, len(mine), chunk)]
+    local = torch.cat(parts) if parts else torch.empty(0, model.backbone.config.hidden_size,
+                                                        device=accelerator.device)
+    if world == 1:
+        return local
+    gathered = accelerator.gather(accelerator.pad_across_processes(local[None], dim=1))  # [world, m, d]
+    # process r's i-th row is sequence r + i * world: interleave the shares back into order
+    return gathered.transpose(0, 1).reshape(-1, local.shape[-1])[: len(sequences)]
+
+
+@torch.no_grad()
+def retrieval_eval(model, eval_sets, cfg, accelerator):
+    """nDCG@10, MRR@10 and recall@10 of each retrieval dataset's validation queries, ranked against
+    the positives and negatives of those rows, and their means under valid/retrieval/."""
+    module = accelerator.unwrap_model(model)  # a plain forward: processes may run different chunk counts
+    module.eval()
+    out, chunk = {}, cfg.train_batch_size * (2 + cfg.num_hard_neg)
+    for name, (queries, docs, relevant) in eval_sets.items():
+        scores = embed_shared(module, queries, chunk, accelerator) @ embed_shared(module, docs, chunk, accelerator).T
+        out.update({f"valid/{name}/{key}": value for key, value in retrieval_metrics(scores, relevant).items()})
+    for key in ("ndcg@10", "mrr@10", "recall@10"):
+        values = [out[f"valid/{name}/{key}"] for name in eval_sets]
+        if values:
+            out[f"valid/retrieval/{key}"] = sum(values) / len(values)
+    module.train()
+    return out
 
 
 def to_device(batch, device):
@@ -192,8 +278,30 @@ def build_model(cfg, tokenizer, deepspeed):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if deepspeed else "float32")
     backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing,
                              packed=cfg.batch_layout == "packed")
+    hidden = backbone.config.hidden_size
+    if cfg.use_mrl and any(dim >= hidden for dim in matryoshka_dims(hidden, cfg.mrl_dims)):
+        raise UserError(f"mrl_dims {cfg.mrl_dims} must all be below the model's hidden size {hidden}")
+    if cfg.lora:
+        backbone = add_lora(backbone, cfg.lora)
     mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None
     return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad)
+
+
+def build_teacher(cfg, tokenizer, hidden_size, device):
+    """The frozen teacher Embedder for knowledge distillation, or None without teacher_model_path.
+    It must share the student's tokenizer (it embeds the same token ids) and be at least as wide."""
+    if not cfg.teacher_model_path:
+        return None
+    if load_tokenizer(cfg.teacher_model_path).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"teacher_model_path {cfg.teacher_model_path}: its tokenizer differs from model_path's; "
+                        "the teacher embeds the student's token ids, so both need the same tokenizer")
+    backbone = load_backbone(cfg.teacher_model_path, cfg.attn_implementation, cfg.dtype,
+                             packed=cfg.batch_layout == "packed")
+    if backbone.config.hidden_size < hidden_size:
+        raise UserError(f"teacher_model_path {cfg.teacher_model_path}: hidden size {backbone.config.hidden_size} "
+                        f"is below the student's {hidden_size}; its embeddings are cut to the student's size")
+    backbone.requires_grad_(False)
+    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id).to(device).eval()
 
 
 def build_loaders(splits, cfg, tokenizer, vocab_size, accelerator):
@@ -266,9 +374,13 @@ def main(argv=None):
     with accelerator.main_process_first():  # one process builds the split cache, the others read it
         splits = dict(sorted(prepare(cfg, checked).items()))
     task_of = {name: task for name, (task, _, _) in splits.items()}
+    eval_sets = {name: retrieval_set(valid, cfg.eval_queries) for name, (task, _, valid) in splits.items()
+                 if task == "retrieval" and cfg.eval_queries}
 
     model = build_model(cfg, tokenizer, deepspeed)
-    adamw = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+    teacher = build_teacher(cfg, tokenizer, model.backbone.config.hidden_size, accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    adamw = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
                               weight_decay=cfg.weight_decay)
     train_loader, valid_loaders = build_loaders(splits, cfg, tokenizer, model.backbone.config.vocab_size, accelerator)
     model, optimizer = accelerator.prepare(model, adamw)
@@ -279,7 +391,7 @@ def main(argv=None):
     scheduler = make_scheduler(adamw, cfg, total_steps)
     accelerator.register_for_checkpointing(scheduler)
 
-    tracker = LossTracker(splits, task_of)
+    tracker = LossTracker(splits, task_of, loss_kinds(cfg, distill=teacher is not None))
     step, bad_in_a_row, skipped = 0, 0, 0
     state = checkpoint.restore(accelerator, cfg.resume_from, cfg.run_dir)
     if state is not None:
@@ -302,15 +414,16 @@ def main(argv=None):
     writer = open_writer(cfg, accelerator)
     accelerator.print(f"{len(splits)} datasets, {per_epoch} batches per epoch per process, "
                       f"{total_steps} steps, {accelerator.num_processes} process(es)")
-    stop = StopSignal()
+    stop, throughput = StopSignal(), Throughput()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     saved, stopped = None, False
     model.train()
     for epoch in range(step // per_epoch, cfg.train_epochs):
         train_loader.set_epoch(epoch, start=step - epoch * per_epoch)
         for name, batch in islice(train_loader, max(total_steps - step, 0)):
+            throughput.add(len(batch["input_ids"]))
             batch = to_device(batch, accelerator.device)
-            losses = train_step(model, batch, task_of[name], cfg, accelerator, optimizer, scheduler)
+            losses = train_step(model, batch, task_of[name], cfg, accelerator, optimizer, scheduler, teacher)
             step += 1
 
             bar.update(1)
@@ -327,14 +440,16 @@ def main(argv=None):
                                     f"{cfg.max_bad_steps}); stopped at step {step}, checkpoint {path} holds the last "
                                     "good weights. Lower learning_rate or check the data, then resume_from it")
             if step % cfg.log_interval == 0:
-                metrics = tracker.report(accelerator, "train")
-                log(writer, {"lr": adamw.param_groups[0]["lr"], "train/skipped_steps": skipped, **metrics}, step)
-                bar.set_postfix({k[len("train/"):]: f"{v:.3f}" for k, v in metrics.items()
-                                 if k.split("/")[1] in TASK_TYPES})
-            if cfg.validation_steps and step % cfg.validation_steps == 0:
-                log(writer, validate(model, valid_loaders, task_of, cfg, accelerator), step)
-            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-                saved = save(f"step_{step}")
+                metrics = {"lr": adamw.param_groups[0]["lr"], "train/skipped_steps": skipped,
+                           **tracker.report(accelerator, "train"), **throughput.report(accelerator)}
+                log(writer, metrics, step)
+                bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", lr=f"{metrics['lr']:.2e}",
+                                tokens_per_s=f"{metrics['train/tokens_per_s']:.0f}")
+            with throughput.paused():
+                if cfg.validation_steps and step % cfg.validation_steps == 0:
+                    log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
+                if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                    saved = save(f"step_{step}")
             if stop.agreed(accelerator):
                 path = saved if saved == os.path.join(cfg.run_dir, f"step_{step}") else save(f"step_{step}")
                 accelerator.print(f"stopped by {stop.received or 'a signal to another process'} at step {step}: "
@@ -344,11 +459,12 @@ def main(argv=None):
         if stopped:
             break
         # An epoch end, or train_steps reached inside an epoch: validate and save either way.
-        log(writer, validate(model, valid_loaders, task_of, cfg, accelerator), step)
-        if step == (epoch + 1) * per_epoch:
-            saved = save(f"epoch_{epoch + 1}")
-        elif saved != os.path.join(cfg.run_dir, f"step_{step}"):
-            saved = save(f"step_{step}")
+        with throughput.paused():
+            log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
+            if step == (epoch + 1) * per_epoch:
+                saved = save(f"epoch_{epoch + 1}")
+            elif saved != os.path.join(cfg.run_dir, f"step_{step}"):
+                saved = save(f"step_{step}")
         if step >= total_steps:
             break
     bar.close()

@@ -1,24 +1,29 @@
-"""Pre-tokenize F2LLM training data (the v1 layout).
+"""Pre-tokenize F2LLM training data (--layout v1, the published output, or v2).
 
-Reads every `*.parquet` of --input_dir (columns `query`, `passage`, `negative_1` ... `negative_n`)
-and writes the same file to --output_dir with int-list columns `query_input_ids`,
-`passage_input_ids`, `negative_{i}_input_ids` added. Each text: no special tokens, cut to
-max_seq_length - 1 tokens, eos appended. Passages and negatives are deduplicated first, so each
-unique text is tokenized once, in batches, over a pool of worker processes.
+Reads every `*.parquet` of --input_dir (columns `query`, `passage`, `negative_1` ... `negative_n`).
+Each text: no special tokens, cut to max_seq_length - 1 tokens, eos appended. Passages and
+negatives are deduplicated first, so each unique text is tokenized once, in batches, over a pool
+of worker processes. Output per input file NAME.parquet:
+- v1: the same file in --output_dir with int-list columns `query_input_ids`, `passage_input_ids`,
+  `negative_{i}_input_ids` added.
+- v2 (F2LLM-v2's disk-efficient layout): the corpus `corpus/NAME.parquet` of the unique passages
+  and negatives (`doc_id` = row position, `input_ids`), written first, then the query file
+  `NAME.parquet` with `query_input_ids` and ids into the corpus `passage_id`, `negative_{i}_id`.
 
 Re-running is cheap and safe. Each output file is written atomically (a temp file
 `NAME.parquet.tmp-PID`, then a rename) and records in its parquet schema metadata (key
-`f2llm_tokenize`) what it was made from: the input file's size and modification time
-(`st_size`, `st_mtime_ns`; for a folder of parquet parts, over all its files), max_seq_length
-and a fingerprint of the tokenizer. A later run skips every output whose record matches, so after
-an interrupted job the same command finishes only the missing files; an output without a record,
-or with a different one, is tokenized again (one line says why), and --overwrite tokenizes
-everything again. Size plus mtime rather than a hash of the input because it costs one stat()
-where a hash reads every file in full; the price: an input rewritten with the same size within
-the file system's timestamp resolution, or with its mtime set back, goes unnoticed (use
---overwrite after such edits). An in-place run (output file == input file) always tokenizes
-again, since the input's stamp then is the output's own. Temp files left by a killed run are
-removed at start.
+`f2llm_tokenize`) what it was made from: the input file's size and modification time (`st_size`,
+`st_mtime_ns`; for a folder of parquet parts, over all its files), max_seq_length, a fingerprint of
+the tokenizer and the layout; a v2 corpus holds the same record as its query file. A later run
+skips every output whose record matches, so after an interrupted job the same command finishes only
+the missing files; an output without a record, or with a different one, or a v2 query file whose
+corpus is missing or has another record, is tokenized again (one line says why), and --overwrite
+tokenizes everything again. Size plus mtime rather than a hash of the input because it costs one
+stat() where a hash reads every file in full; the price: an input rewritten with the same size
+within the file system's timestamp resolution, or with its mtime set back, goes unnoticed (use
+--overwrite after such edits). An in-place run (output file == input file) always tokenizes again,
+since the input's stamp then is the output's own (v2 cannot run in place: its query files hold no
+texts). Temp files left by a killed run are removed at start.
 """
 import argparse
 import glob
@@ -28,17 +33,19 @@ import multiprocessing
 import os
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data import rows_shown, tokenize
+from data import corpus_path, rows_shown, tokenize
 from errors import UserError, exit_on_user_error
 from model import load_tokenizer
 
 CHUNK = 1000  # texts per worker task: large enough for batched fast tokenization
 RECORD_KEY = b"f2llm_tokenize"  # parquet schema metadata: what an output file was made from
+LAYOUTS = ("v1", "v2")
 RECORD_VERSION = 1  # bump when this script's output for the same input and settings changes
 TEMP_FILE = re.compile(r".+\.parquet\.tmp-(\d+)")  # write_atomic's temp files (the number is a pid)
 
@@ -139,19 +146,35 @@ def tokenize_unique(texts, pool, desc):
     return pa.array(ids, type=pa.list_(pa.int32()))
 
 
+def tokenize_texts(table, group, pool, label):
+    """The distinct texts of the `group` columns, each tokenized once: (token id lists, {column: each
+    row's index into them})."""
+    # string and large_string columns may mix in one file: compare them as large_string
+    texts = {name: table.column(name).cast(pa.large_string()) for name in group}
+    unique = pc.unique(pa.chunked_array([c for col in texts.values() for c in col.chunks], type=pa.large_string()))
+    token_ids = tokenize_unique(unique.to_pylist(), pool, label)
+    return token_ids, {name: pc.index_in(texts[name], value_set=unique) for name in group}
+
+
 def tokenize_table(table, columns, pool, desc):
-    """Add `{column}_input_ids` for each text column; each distinct text is tokenized once."""
-    docs = columns[1:]
-    groups = [(["query"], f"{desc} queries"), (docs, f"{desc} passages+negatives")]
-    for group, label in groups:
-        # string and large_string columns may mix in one file: compare them as large_string
-        texts = {name: table.column(name).cast(pa.large_string()) for name in group}
-        unique = pc.unique(pa.chunked_array([c for col in texts.values() for c in col.chunks], type=pa.large_string()))
-        token_ids = tokenize_unique(unique.to_pylist(), pool, label)
+    """v1: add `{column}_input_ids` for each text column; each distinct text is tokenized once."""
+    for group, label in ((columns[:1], f"{desc} queries"), (columns[1:], f"{desc} passages+negatives")):
+        token_ids, index = tokenize_texts(table, group, pool, label)
         for name in group:
-            index = pc.index_in(texts[name], value_set=unique)
-            table = table.append_column(f"{name}_input_ids", token_ids.take(index))
+            table = table.append_column(f"{name}_input_ids", token_ids.take(index[name]))
     return table
+
+
+def tokenize_v2(table, columns, pool, desc):
+    """v2: (query table, corpus). The corpus holds each distinct passage / negative text once, as
+    (doc_id = row position, input_ids); the query table `query_input_ids` and, for each passage and
+    negative column, `{column}_id` into the corpus."""
+    query_ids, query_index = tokenize_texts(table, columns[:1], pool, f"{desc} queries")
+    docs, doc_index = tokenize_texts(table, columns[1:], pool, f"{desc} passages+negatives")
+    corpus = pa.table({"doc_id": pa.array(np.arange(len(docs)), pa.int64()), "input_ids": docs})
+    queries = pa.table({"query_input_ids": query_ids.take(query_index["query"]),
+                        **{f"{name}_id": doc_index[name].cast(pa.int64()) for name in columns[1:]}})
+    return queries, corpus
 
 
 def write_atomic(table, path):
@@ -201,10 +224,10 @@ def input_stamp(path):
     return {"size": size, "mtime_ns": mtime_ns, "files": files}
 
 
-def make_record(input_path, max_seq_length, fingerprint):
+def make_record(input_path, max_seq_length, fingerprint, layout):
     """What an output is made from: the input's stamp (size, mtime_ns) and the settings."""
     return {"version": RECORD_VERSION, "input": input_stamp(input_path), "max_seq_length": max_seq_length,
-            "tokenizer": fingerprint}
+            "tokenizer": fingerprint, "layout": layout}
 
 
 def read_input(path):
@@ -243,8 +266,8 @@ def read_record(path):
 
 
 def why_tokenize(input_path, output_path, record, overwrite):
-    """None if output_path already holds the tokenization `record` describes; else why it is (re)made
-    ("" for a new file)."""
+    """None if output_path (and for v2 its corpus) already holds the tokenization `record` describes;
+    else why it is (re)made ("" for a new file)."""
     if not os.path.exists(output_path):
         return ""
     if overwrite:
@@ -254,15 +277,30 @@ def why_tokenize(input_path, output_path, record, overwrite):
     have = read_record(output_path)
     if have is None:
         return "the existing output has no tokenization record (an older run or another tool wrote it)"
+    have.setdefault("layout", "v1")  # records from before --layout existed describe v1 outputs
     if have == record:
-        return None
+        return why_corpus(output_path, record)
     if have.get("version") != record["version"]:
         return "the existing output was written by another version of this script"
+    if have["layout"] != record["layout"]:
+        return f"--layout changed ({have['layout']} -> {record['layout']})"
     if have.get("max_seq_length") != record["max_seq_length"]:
         return f"max_seq_length changed ({have.get('max_seq_length')} -> {record['max_seq_length']})"
     if have.get("tokenizer") != record["tokenizer"]:
         return "the tokenizer changed"
     return "the input file changed (size or modification time) since it was tokenized"
+
+
+def why_corpus(output_path, record):
+    """None unless the output is a v2 query file whose corpus is missing or has another record."""
+    corpus = corpus_path(output_path)
+    if record["layout"] != "v2":
+        return None
+    if not os.path.exists(corpus):
+        return f"its corpus {corpus} is missing"
+    if read_record(corpus) != record:
+        return f"its corpus {corpus} is not from the same input and settings"
+    return None
 
 
 def remove_stale_temp_files(output_dir):
@@ -302,6 +340,9 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True, help="where the tokenized files go")
     p.add_argument("--max_seq_length", type=int, default=1024, help="tokens per text, eos included")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer worker processes")
+    p.add_argument("--layout", choices=LAYOUTS, default="v1",
+                   help="v1: token columns added to each file (published); v2: a query file of ids into a "
+                        "per-dataset corpus file corpus/NAME.parquet (F2LLM-v2, smaller on disk)")
     p.add_argument("--overwrite", action="store_true",
                    help="tokenize every file again, even those already tokenized with the same input and settings")
     return p.parse_args(argv)
@@ -323,13 +364,22 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create the output folder {args.output_dir}: {err.strerror}") from None
+    if args.layout == "v2":
+        if os.path.samefile(args.input_dir, args.output_dir):
+            raise UserError("--layout v2 cannot write into --input_dir: its query files hold no texts and would "
+                            "replace the raw files; pass another --output_dir")
+        try:
+            os.makedirs(os.path.join(args.output_dir, "corpus"), exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the corpus folder in {args.output_dir}: {err.strerror}") from None
+        remove_stale_temp_files(os.path.join(args.output_dir, "corpus"))
     remove_stale_temp_files(args.output_dir)
     pool, pool_started, done, skipped = None, False, 0, 0
     try:
         for path in files:
             name = os.path.basename(path)[: -len(".parquet")]
             out_path = os.path.join(args.output_dir, f"{name}.parquet")
-            record = make_record(path, args.max_seq_length, fingerprint)  # stamp taken before reading
+            record = make_record(path, args.max_seq_length, fingerprint, args.layout)  # stamp taken before reading
             reason = why_tokenize(path, out_path, record, args.overwrite)
             if reason is None:
                 print(f"skip {name}: already tokenized (same input file, max_seq_length and tokenizer)", flush=True)
@@ -343,8 +393,12 @@ def main(argv=None):
             table = table.drop_columns([c for c in table.column_names if c.endswith("_input_ids")])
             if not pool_started:  # only once some file needs it: a run that skips everything starts no workers
                 pool, pool_started = make_pool(args.model_path, args.max_seq_length, args.num_proc), True
-            table = tokenize_table(table, columns, pool, name)
-            write_atomic(with_record(table, record), out_path)
+            if args.layout == "v1":
+                write_atomic(with_record(tokenize_table(table, columns, pool, name), record), out_path)
+            else:  # the corpus first: a query file never exists without its corpus
+                queries, corpus = tokenize_v2(table, columns, pool, name)
+                write_atomic(with_record(corpus, record), corpus_path(out_path))
+                write_atomic(with_record(queries, record), out_path)
             done += 1
     finally:
         if pool is not None:

@@ -192,6 +192,20 @@ def test_wrong_type(env, key, value, fragments):
     ("adam_betas", [0.9, 1.0], ["'adam_betas'"]),
     ("dataset_types", {"mydata": "retrival"}, ["'dataset_types'", "'mydata'", "'retrival'",
                                                "retrieval, classification, clustering"]),
+    ("num_hard_neg_clustering", -2, ["'num_hard_neg_clustering'", "-1"]),
+    ("eval_queries", -1, ["'eval_queries'"]),
+    ("mrl_dims", [], ["'mrl_dims'", "positive integers"]),
+    ("mrl_dims", [64, 0], ["'mrl_dims'", "positive integers"]),
+    ("mrl_dims", [64.5], ["'mrl_dims'", "positive integers"]),
+    ("kd_weight", -1.0, ["'kd_weight'"]),
+    ("prompts", {"passage": "x"}, ["'prompts'", "'query' and/or 'document'", "'passage'"]),
+    ("prompts", {"query": 3}, ["'prompts'", "'query'"]),
+    ("lora", {"rank": 8}, ["'lora'", "unknown key 'rank'", "target_modules"]),
+    ("lora", {"r": "8"}, ["'lora'", "'r'", "type int"]),
+    ("lora", {"r": 0}, ["'lora'", "r >= 1"]),
+    ("lora", {"dropout": 1.0}, ["'lora'", "dropout"]),
+    ("lora", {"target_modules": []}, ["'lora'", "target_modules"]),
+    ("lora", {"target_modules": ["q_proj", 3]}, ["'lora'", "target_modules"]),
 ])
 def test_bad_value(env, key, value, fragments):
     path = config(env, f"value_{key}_{str(value)[:12]}", **{key: value})

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO_DIR
+from conftest import REPO_DIR, assert_user_error, call_main, write_config
 
 import config
 import data
+import run
 from model import load_tokenizer
 
 EOS = 2
@@ -213,13 +214,23 @@ def test_collate_same_seed_same_batch_and_different_seeds_differ():
     assert any(real_sequences(run(s)) != real_sequences(a) for s in (8, 9, 10))
 
 
+def test_num_negatives_needed_per_task_type():
+    """classification 1; retrieval num_hard_neg; clustering num_hard_neg_clustering unless it is -1."""
+    def needed(task, **kw):
+        cfg = config.Config(model_path="m", train_data_path="d", num_hard_neg=7, **kw)
+        return data.num_negatives_needed(task, cfg), data.negatives_key(task, cfg)
+
+    assert needed("classification") == needed("classification", num_hard_neg_clustering=9) == (1, None)
+    assert needed("retrieval") == needed("retrieval", num_hard_neg_clustering=9) == (7, "num_hard_neg")
+    assert needed("clustering") == (7, "num_hard_neg")  # -1: the published v1 behaviour
+    assert needed("clustering", num_hard_neg_clustering=9) == (9, "num_hard_neg_clustering")
+    assert needed("clustering", num_hard_neg_clustering=0) == (0, "num_hard_neg_clustering")
+
+
 def test_collate_one_negative_for_classification():
-    assert data.num_negatives_needed("classification", 7) == 1
-    assert data.num_negatives_needed("retrieval", 7) == 7
-    assert data.num_negatives_needed("clustering", 7) == 7
     bs = 5
     rows = make_rows(bs, num_negatives=1)
-    batch = collate(rows, num_neg=data.num_negatives_needed("classification", 7), max_seq_length=100,
+    batch = collate(rows, num_neg=1, max_seq_length=100,
                     eos_id=EOS, rng=np.random.default_rng(0))
     assert len(batch["lengths"]) == bs * 3 and batch["num_neg"] == 1
     assert [negative_tags(batch, r) for r in range(bs)] == [[n_tag(r, 1)] for r in range(bs)]
@@ -846,10 +857,10 @@ def test_make_loader_cuts_to_max_seq_length(tiny, tokenized, tmp_path, tok):
 
 def test_make_loader_classification_uses_one_negative(tiny, tokenized, tmp_path, tok):
     path = os.path.join(tokenized, "imdb.parquet")
-    k = data.num_negatives_needed("classification", 7)
+    cfg = make_cfg(tiny, tokenized, tmp_path / "cache", num_hard_neg=7)
+    k = data.num_negatives_needed("classification", cfg)
     columns = data.token_columns(path, k)
     assert columns == ["query_input_ids", "passage_input_ids", "negative_1_input_ids"]
-    cfg = make_cfg(tiny, tokenized, tmp_path / "cache", num_hard_neg=7)
     train, _ = data.load_splits(path, columns, cfg)
     loader = data.make_loader(train, "classification", cfg, tok.eos_token_id, train=True)
     batches = list(loader)
@@ -858,3 +869,30 @@ def test_make_loader_classification_uses_one_negative(tiny, tokenized, tmp_path,
         assert len(batch["lengths"]) == 4 * (2 + 1) and batch["num_neg"] == 1
     queries = check_loader_batches(batches, train, columns, 1, tok, 4)
     assert len(queries) == len(train)
+
+
+# ---- num_hard_neg_clustering ---------------------------------------------------------------------
+
+def test_clustering_batches_take_num_hard_neg_clustering(tiny, tokenized, tmp_path, tok):
+    """check_datasets -> load_splits -> make_loader: clustering batches carry num_hard_neg_clustering
+    negatives per query (drawn from the row's own), retrieval keeps num_hard_neg."""
+    cfg = make_cfg(tiny, tokenized, tmp_path / "cache", num_hard_neg=3, num_hard_neg_clustering=5)
+    checked = {name: (path, task, columns) for name, path, task, columns in
+               data.check_datasets(cfg, {"banking77": "clustering", "msmarco": "retrieval", "imdb": "classification",
+                                         "natural_questions": "retrieval"})}
+    for name, k in (("banking77", 5), ("msmarco", 3)):
+        path, task, columns = checked[name]
+        assert len(columns) == 2 + 10  # every negative column is kept to sample from
+        train, _ = data.load_splits(path, columns, cfg)
+        loader = data.make_loader(train, task, cfg, tok.eos_token_id, train=True)
+        queries = check_loader_batches(loader, train, columns, k, tok, 4)
+        assert len(queries) == len(train)
+
+
+def test_too_few_negatives_for_clustering_names_the_key(tiny, tokenized, tmp_path):
+    values = dict(model_path=f"{tiny}/backbone", train_data_path=tokenized, cache_dir=str(tmp_path / "cache"),
+                  num_hard_neg=3, num_hard_neg_clustering=11)
+    proc = call_main(run.main, ["--config", write_config(tmp_path / "c.json", **values), "--prepare_only"])
+    line = assert_user_error(proc, os.path.join(tokenized, "banking77.parquet"), "10 hard negatives", "11",
+                             "lower num_hard_neg_clustering")
+    assert "lower num_hard_neg " not in line

@@ -560,7 +560,7 @@ def test_output_records_input_and_settings(tiny, tokenized):
         stat = os.stat(f"{tiny}/raw/{name}.parquet")
         assert tokenize_data_qwen.read_record(f"{tokenized}/{name}.parquet") == {
             "version": tokenize_data_qwen.RECORD_VERSION, "max_seq_length": 64, "tokenizer": fingerprint,
-            "input": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
+            "input": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, "layout": "v1"}
     assert tokenize_data_qwen.read_record(f"{tiny}/raw/{DATASETS[0]}.parquet") is None
 
 

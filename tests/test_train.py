@@ -4,11 +4,13 @@ import json
 import os
 import sys
 
+import pytest
 import torch
-
-from conftest import run_cli, write_config
+from conftest import call_main, run_cli, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModel, AutoTokenizer
+
+import evaluate
 
 BIN = os.path.dirname(sys.executable)
 
@@ -59,6 +61,17 @@ def check_run(tmp_path, values, proc, steps_per_epoch):
     assert tokenizer.eos_token == "<|im_end|>"
     diffs = [(a - b).abs().max().item() for a, b in zip(trained.state_dict().values(), initial.state_dict().values())]
     assert max(diffs) > 1e-3
+
+    # Throughput is logged; the retrieval metrics of the last validation are evaluate.py's on the
+    # final checkpoint (same held-out rows; with 2 processes, each embedded a share).
+    assert all(v > 0 for _, v in scalars(values["tb_dir"], "train/tokens_per_s"))
+    proc = call_main(evaluate.main, [final, values["train_data_path"], "--config", str(tmp_path / "config.json")])
+    assert proc.returncode == 0, proc.stderr
+    table = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[-3:]}
+    for name in ("msmarco", "natural_questions"):
+        for column, key in enumerate(("ndcg@10", "mrr@10", "recall@10")):
+            assert scalars(values["tb_dir"], f"valid/{name}/{key}")[-1] == (total, pytest.approx(
+                float(table[name][column]), abs=1e-4))
     return valid
 
 

@@ -1,0 +1,186 @@
+"""Every checkpoint is a sentence-transformers model and an AutoModel; the encoder CLI.
+
+For the post-trained tokenizer style (eos <|im_end|>, pad <|endoftext|>; saved through the real
+checkpoint.save), the Base style (eos == pad) and a tokenizer_config.json that names
+Qwen2Tokenizer (what real Qwen3 checkpoints say, which transformers 5 rebuilds from the vocab),
+`SentenceTransformer(path).encode` must give the project's own Encoder's vectors."""
+import io
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer
+
+import checkpoint
+import model
+from conftest import assert_user_error, call_main
+from data import tokenize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+M = 16  # max_seq_length: the long text below is cut
+PROMPTS = {"query": "query: "}
+TEXTS = ["who is kamar velzor", "", "héllo wörld ✓ 日本語 🙂", "the film was really very boring and " * 8,
+         "one line\u2028not two", "a"]
+
+
+def qwen2_variant(source, dst):
+    """A copy of backbone folder `source` whose tokenizer_config.json reads like a real Qwen3 one."""
+    shutil.copytree(source, dst)
+    with open(os.path.join(dst, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    config.update(tokenizer_class="Qwen2Tokenizer", add_bos_token=False)
+    with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return dst
+
+
+def save_through_checkpoint(backbone, tokenizer, path):
+    """checkpoint.save as training calls it, with a one-process CPU Accelerator."""
+    accelerator = Accelerator(cpu=True)
+    try:
+        embedder = accelerator.prepare(model.Embedder(backbone, pad_token_id=tokenizer.pad_token_id))
+        checkpoint.save(accelerator, embedder, tokenizer, path, {"step": 1, "world_size": 1}, keep=0,
+                        max_seq_length=M, prompts=PROMPTS)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate state to other tests
+        GradientState._reset_state()
+
+
+@pytest.fixture(scope="module", params=["post", "base", "qwen2"])
+def export(request, tmp_path_factory):
+    """{source, tokenizer, backbone, path} of one saved inference model (max_seq_length M, PROMPTS)."""
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
+    source = f"{request.getfixturevalue('tiny_base' if request.param == 'base' else 'tiny')}/backbone"
+    if request.param == "qwen2":
+        source = qwen2_variant(source, str(root / "qwen2_backbone"))
+    tokenizer, backbone = model.load_tokenizer(source), model.load_backbone(source)
+    path = str(root / "step_1")
+    if request.param == "post":
+        save_through_checkpoint(backbone, tokenizer, path)
+    else:
+        model.save_inference_model(backbone, tokenizer, path, max_seq_length=M, prompts=PROMPTS)
+    return dict(source=source, tokenizer=tokenizer, backbone=backbone, path=path, style=request.param)
+
+
+def cosines(a, b):
+    return (torch.as_tensor(a) * torch.as_tensor(b)).sum(dim=1)
+
+
+def test_sentence_transformers_encodes_like_the_encoder(export):
+    st = SentenceTransformer(export["path"], device="cpu")
+    encoder = model.load_encoder(export["path"], device="cpu")
+    assert st.max_seq_length == encoder.max_seq_length == M
+    # the ids sentence-transformers feeds the model are those of training: text cut to M - 1, eos appended
+    features = st.tokenize(TEXTS)
+    fed = [ids[mask.bool()].tolist() for ids, mask in zip(features["input_ids"], features["attention_mask"])]
+    assert fed == tokenize(export["tokenizer"], TEXTS, M)
+    assert max(map(len, fed)) == M
+
+    ours, theirs = encoder.encode(TEXTS), st.encode(TEXTS)
+    assert np.allclose(np.linalg.norm(theirs, axis=1), 1, atol=1e-5)
+    assert (cosines(ours, theirs) >= 0.9999).all(), cosines(ours, theirs)
+    query = encoder.encode(TEXTS, prompt_name="query")
+    assert (cosines(query, st.encode(TEXTS, prompt_name="query")) >= 0.9999).all()
+    assert (cosines(query, ours) < 0.999).all()  # the prompt was really put in front
+    # last-token pooling finds the eos under left padding too (Qwen3-Embedding's tokenizers pad left)
+    st.tokenizer.padding_side = "left"
+    assert (cosines(ours, st.encode(TEXTS)) >= 0.9999).all()
+
+
+def test_saved_tokenizer_appends_eos_only_with_special_tokens(export):
+    tokenizer = export["tokenizer"]
+    saved = AutoTokenizer.from_pretrained(export["path"])
+    assert type(saved).__name__.startswith("Qwen2Tokenizer") == (export["style"] == "qwen2")  # rebuilt from vocab
+    plain = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
+    assert saved(TEXTS, add_special_tokens=False)["input_ids"] == plain
+    assert saved("a")["input_ids"] == tokenizer("a", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # the caller's tokenizer, which training keeps using, still adds nothing
+    assert tokenizer(TEXTS)["input_ids"] == model.load_tokenizer(export["source"])(TEXTS)["input_ids"]
+    assert tokenizer("a")["input_ids"][-1] != tokenizer.eos_token_id
+
+
+def test_automodel_loads_the_trained_weights(export):
+    loaded = AutoModel.from_pretrained(export["path"]).state_dict()
+    weights = export["backbone"].state_dict()
+    assert loaded.keys() == weights.keys()
+    for key in weights:
+        torch.testing.assert_close(loaded[key], weights[key], rtol=0, atol=0, msg=key)
+
+
+def test_sentence_transformers_files(export, tmp_path):
+    with open(os.path.join(export["path"], "config_sentence_transformers.json")) as f:
+        assert json.load(f) == {"prompts": PROMPTS, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    with open(os.path.join(export["path"], "1_Pooling", "config.json")) as f:
+        pooling = json.load(f)
+    assert pooling["pooling_mode_lasttoken"] and pooling["word_embedding_dimension"] == 32
+    if export["style"] == "post":  # the real checkpoint: still resumable, its manifest covers the new files
+        assert checkpoint.problem_with(export["path"]) is None
+        with open(os.path.join(export["path"], checkpoint.STATE_DIR, checkpoint.MANIFEST)) as f:
+            assert {"modules.json", "sentence_bert_config.json", "1_Pooling/config.json"} <= set(json.load(f))
+    # without prompts in the config, none are recorded
+    model.save_inference_model(export["backbone"], export["tokenizer"], str(tmp_path), max_seq_length=8)
+    with open(tmp_path / "config_sentence_transformers.json") as f:
+        assert json.load(f)["prompts"] == {}
+    with open(tmp_path / "sentence_bert_config.json") as f:
+        assert json.load(f)["max_seq_length"] == 8
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    """A saved inference model of the `tiny` backbone with PROMPTS, for the CLI."""
+    path = str(tmp_path_factory.mktemp("cli") / "model")
+    source = f"{tiny}/backbone"
+    model.save_inference_model(model.load_backbone(source), model.load_tokenizer(source), path, max_seq_length=M,
+                               prompts=PROMPTS)
+    return path
+
+
+def test_cli_writes_the_encoder_vectors(saved, tmp_path, monkeypatch):
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    encoder = model.load_encoder(saved, device="cpu")
+    for name, prompt in (("texts.txt", []), ("texts.jsonl", ["--prompt_name", "query"])):
+        out = tmp_path / f"{name}.out"  # any name: not renamed to .npy
+        proc = call_main(model.main, [saved, "--input", str(tmp_path / name), "--output", str(out),
+                                      "--batch_size", "4", "--device", "cpu", *prompt])
+        assert proc.returncode == 0, proc.stderr
+        assert f"{len(TEXTS)} x 32 float32" in proc.stdout
+        got = np.load(out)
+        assert got.dtype == np.float32 and got.shape == (len(TEXTS), 32)
+        want = encoder.encode(TEXTS, prompt_name=prompt[1] if prompt else None)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+    # stdin, and --max_seq_length overriding the checkpoint's
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(TEXTS)))
+    proc = call_main(model.main, [saved, "--output", str(tmp_path / "stdin.npy"), "--max_seq_length", "4"])
+    assert proc.returncode == 0, proc.stderr
+    short = model.load_encoder(saved, device="cpu", max_seq_length=4).encode(TEXTS)
+    np.testing.assert_allclose(np.load(tmp_path / "stdin.npy"), short.numpy(), atol=1e-6)
+
+
+def test_cli_errors_are_one_line(saved, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a\nb\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+
+    def run(*args):
+        return call_main(model.main, [*args, "--output", str(tmp_path / "out.npy"), "--device", "cpu"])
+
+    assert_user_error(run(str(tmp_path / "nowhere"), "--input", str(texts)), "checkpoint", "nowhere", "not found")
+    assert_user_error(run(saved, "--input", str(tmp_path / "missing.txt")), "missing.txt", "not found")
+    assert_user_error(run(saved, "--input", str(texts), "--prompt_name", "document"),
+                      "no prompt named 'document'", "query")
+    assert_user_error(run(saved, "--input", str(bad)), "bad.jsonl line 2", '"text"')
+    assert_user_error(run(saved, "--input", str(texts), "--batch_size", "0"), "--batch_size")
+    (tmp_path / "empty.txt").write_text("")
+    assert_user_error(run(saved, "--input", str(tmp_path / "empty.txt")), "empty.txt", "no texts")
+    assert_user_error(run(saved, "--input", str(tmp_path)), "cannot read input")
+    assert not os.path.exists(tmp_path / "out.npy")
