@@ -50,11 +50,12 @@ def run_dir(values):
 
 
 def curves(values):
-    """{tag: {step: value}} of every training loss logged to TensorBoard."""
+    """{tag: {step: value}} of every training loss (and lr) logged to TensorBoard; not the
+    throughput, a timing."""
     events = EventAccumulator(os.path.join(values["tb_dir"], "run"))
     events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)}
-            for tag in events.Tags()["scalars"] if tag.startswith("train/") or tag == "lr"}
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]
+            if (tag.startswith("train/") and not tag.endswith("_per_s")) or tag == "lr"}
 
 
 def weights(path):
