@@ -4,7 +4,8 @@ Builds a tiny random-init Qwen3 backbone and a byte-level BPE tokenizer with Qwe
 tokens, writes sample raw data in the F2LLM format for all three task types, then runs the real
 commands: tokenize, a one-process cache warm-up, and training through `accelerate launch`. It
 evaluates retrieval (nDCG@10, MRR@10, recall@10 with evaluate.py) on held-out data before and
-after training, printing both tables.
+after training, printing both tables, and checks that sentence-transformers loads the final
+checkpoint and gives the project encoder's vectors.
 
 The builders are also what the tests use to make their tiny models and data.
 """
@@ -186,6 +187,21 @@ def _mrr(checkpoint, eval_dir):
     return mean_mrr(out)
 
 
+def _compare_with_sentence_transformers(checkpoint, texts):
+    """The checkpoint loaded by sentence-transformers gives the project encoder's vectors."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        print("sentence-transformers is not installed: skipping the SentenceTransformer check")
+        return
+    from model import load_encoder
+
+    ours = load_encoder(checkpoint, device="cpu").encode(texts)
+    theirs = SentenceTransformer(checkpoint, device="cpu").encode(texts, convert_to_tensor=True)
+    cosine = (ours * theirs.float()).sum(-1).min().item()
+    print(f"SentenceTransformer({checkpoint}) on {len(texts)} texts: lowest cosine to our encoder {cosine:.6f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run the F2LLM pipeline end to end on a tiny offline model.")
     p.add_argument("--work_dir", default="demo_out", help="where everything the demo makes goes")
@@ -213,6 +229,7 @@ def main(argv=None):
     before = _mrr(f"{work}/backbone", f"{work}/eval")
     after = _mrr(final, f"{work}/eval")
     print(f"held-out retrieval MRR@10: before training {before:.4f}, after training {after:.4f}")
+    _compare_with_sentence_transformers(final, texts[:64])
     print(f"final checkpoint: {final}")
 
 
