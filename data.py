@@ -242,18 +242,26 @@ class ArrowRows:
 
 class CorpusRows(ArrowRows):
     """A v2 split: query rows whose passage_id, negative_{i}_id point into the corpus's token lists
-    (`documents`); each batch's ids become passage_input_ids, negative_{i}_input_ids with one Arrow
-    take, so a batch is the same table as the v1 file's rows."""
+    (`documents`); each batch's ids become passage_input_ids, negative_{i}_input_ids, so a batch is
+    the same table as the v1 file's rows."""
 
     def __init__(self, split, documents):
         super().__init__(split)
-        self.documents = documents
+        self.chunks = documents.chunks
+        self.chunk_starts = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def take_documents(self, ids):
+        """The token lists of document ids (int64 numpy), one zero-copy slice each, concatenated:
+        Arrow's take on the chunked column costs time in the corpus size, not the batch size."""
+        chunk = np.searchsorted(self.chunk_starts, ids, side="right") - 1
+        local = ids - self.chunk_starts[chunk]
+        return pa.concat_arrays([self.chunks[c].slice(i, 1) for c, i in zip(chunk.tolist(), local.tolist())])
 
     def __getitems__(self, indices):
         table = super().__getitems__(indices)
         id_columns = table.column_names[1:]
-        ids = pa.concat_arrays([table.column(c).combine_chunks().cast(pa.int64()) for c in id_columns])
-        docs = self.documents.take(ids)
+        ids = np.concatenate([table.column(c).to_numpy().astype(np.int64) for c in id_columns])
+        docs = self.take_documents(ids)
         bs = table.num_rows
         columns = {"query_input_ids": table.column("query_input_ids")}
         for i, col in enumerate(id_columns):

@@ -97,14 +97,15 @@ class TextGen:
         return self.text(int(np.clip(self.rng.lognormal(np.log(150), 0.6), 50, 600)))
 
 
-def make_corpus(num_rows, unique, seed=0):
-    """A table of num_rows rows: query, passage, negative_1 ... negative_24 (strings)."""
+def make_corpus(num_rows, unique, seed=0, pool_factor=2):
+    """A table of num_rows rows: query, passage, negative_1 ... negative_24 (strings). Unless
+    unique, the documents come from a pool of pool_factor x num_rows passages."""
     gen = TextGen(seed)
     queries = [gen.query() for _ in range(num_rows)]
     if unique:
         docs = [[gen.passage() for _ in range(num_rows)] for _ in range(1 + NUM_NEGATIVES)]
     else:
-        pool = [gen.passage() for _ in range(2 * num_rows)]  # rows' positives, then negative-only passages
+        pool = [gen.passage() for _ in range(pool_factor * num_rows)]  # rows' positives, then negative-only passages
         docs = [pool[:num_rows]]
         negs = np.array([gen.rng.choice(np.delete(np.arange(len(pool)), r), NUM_NEGATIVES, replace=False)
                          for r in range(num_rows)])

@@ -1,12 +1,13 @@
-"""Run the four benchmark figures and print one JSON summary as the last line.
+"""Run the CPU benchmark figures (1-4 and 6) and print one JSON summary as the last line.
 
-    python bench/run.py --quick    # ~1 minute on a 2-core CPU (< 5 minutes)
-    python bench/run.py            # bigger sizes (~6 minutes on a 2-core CPU)
+    python bench/run.py --quick    # ~1.5 minutes on a 2-core CPU (< 5 minutes)
+    python bench/run.py            # bigger sizes (~8 minutes on a 2-core CPU)
 
 Figure 1 (bench_padding):  computed tokens per real token, packed / grouped / padded layouts.
 Figure 2 (bench_collate):  collate time per batch, ours (Arrow) vs the published Python lists.
 Figure 3 (bench_tokenize): tokenization texts/s, ours (dedup + batched) vs one text per call.
 Figure 4 (bench_train):    CPU training throughput of a small Qwen3, packed vs padded.
+Figure 6 (bench_layout):   the v2 tokenized layout vs v1: bytes on disk, fetch + collate time.
 
 What --quick changes (the default in parentheses):
 - figure 1: 100 batches (1000); bs 16, 7 negatives, max len 1024 either way.
@@ -14,10 +15,12 @@ What --quick changes (the default in parentheses):
 - figure 3: 200 rows x 26 texts per corpus, best of 2 runs (1000 rows, best of 3).
 - figure 4: the length distribution scaled by 0.25 with max len 256 (full distribution, max len
   1024), 1 warm-up + 6 measured steps (1 + 4); hidden 128, 2 layers either way.
+- figure 6: 400 rows per corpus, 100 batches (2000 rows, 300 batches).
 
 The last line holds exactly: tokens_per_real_token_packed, tokens_per_real_token_padded
 (figure 1, the published pad-to-longest), collate_speedup (figure 2, collate only),
-tokenize_speedup (figure 3, F2LLM-like corpus), train_speedup (figure 4).
+tokenize_speedup (figure 3, F2LLM-like corpus), train_speedup (figure 4), v2_over_v1_tokens
+(figure 6, F2LLM-like corpus: v2 bytes over v1's token columns).
 """
 import benchutil  # noqa: I001  (first: import paths and environment)
 import argparse
@@ -25,6 +28,7 @@ import json
 import time
 
 import bench_collate
+import bench_layout
 import bench_padding
 import bench_tokenize
 import bench_train
@@ -42,7 +46,7 @@ def main(argv=None):
 
     results = {}
     for name, module in (("padding", bench_padding), ("collate", bench_collate), ("tokenize", bench_tokenize),
-                         ("train", bench_train)):
+                         ("train", bench_train), ("layout", bench_layout)):
         t0 = time.perf_counter()
         results[name] = module.run(quick=args.quick)
         print()
@@ -56,6 +60,7 @@ def main(argv=None):
         "collate_speedup": round(results["collate"]["collate_speedup"], 2),
         "tokenize_speedup": round(results["tokenize"]["tokenize_speedup"], 2),
         "train_speedup": round(results["train"]["train_speedup"], 2),
+        "v2_over_v1_tokens": round(results["layout"]["v2_over_v1_tokens_f2llm_like"], 3),
     }
     print(json.dumps(summary), flush=True)
     return summary

@@ -8,6 +8,8 @@ validation, so that everything downstream of load_splits is the same on either l
 import os
 import shutil
 
+import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -220,6 +222,20 @@ def test_corpus_rows_fetch_v1_columns(tiny, v2, tmp_path):
     table = train.__getitems__([5, 0, 5])
     assert table.column_names == ["query_input_ids", "passage_input_ids", "negative_1_input_ids"]
     assert table.slice(0, 1).equals(table.slice(2, 1)) and train[0].equals(table.slice(1, 1))
+
+
+def test_documents_are_taken_chunk_by_chunk_in_id_order():
+    """A corpus in many chunks (as datasets memory-maps it), some empty: each id gets its own token
+    list, in the order asked, repeats included, whichever chunk it sits in."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 100, rng.integers(1, 6)).tolist() for _ in range(50)]
+    sizes = [0, 7, 1, 0, 20, 13, 9, 0]
+    cuts = np.cumsum([0] + sizes)
+    chunked = pa.chunked_array([pa.array(docs[a:b], type=pa.list_(pa.int32())) for a, b in zip(cuts[:-1], cuts[1:])])
+    assert chunked.num_chunks == len(sizes) and len(chunked) == 50
+    rows = data.CorpusRows(datasets.Dataset.from_dict({"query_input_ids": [[1]]}), chunked)
+    ids = np.concatenate([rng.integers(0, 50, 200), [49, 0, 7, 8, 27, 27, 0]])
+    assert rows.take_documents(ids).to_pylist() == [docs[i] for i in ids]
 
 
 # ---- the training side: bad v2 input ---------------------------------------------------------------
