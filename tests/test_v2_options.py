@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_user_error, call_main, run_cli
+from sentence_transformers import SentenceTransformer
 from test_train import scalars, train_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModel
@@ -159,6 +160,10 @@ def test_mrl_kd_and_lora_train_and_resume(tmp_path, tiny, tokenized, teacher):
     assert set(trained) == set(initial)
     changed = {key for key in initial if not torch.equal(trained[key], initial[key])}
     assert changed and all(key.split(".")[-2] in ("q_proj", "v_proj", "down_proj") for key in changed), changed
+    texts = ["what is the capital of france", "paris is the capital of france", "a"]
+    ours = model.load_encoder(final, device="cpu").encode(texts)
+    theirs = SentenceTransformer(final, device="cpu").encode(texts)  # the merged weights, without peft
+    assert ((torch.as_tensor(ours) * torch.as_tensor(theirs)).sum(dim=1) >= 0.9999).all()
 
     (tmp_path / "b").mkdir()
     config, values_b = train_config(tmp_path / "b", tiny, tokenized, **options,
