@@ -61,9 +61,9 @@ class Config:
     attn_implementation: str = _opt("auto", "`auto`: flash_attention_2 if installed on a GPU; else, packed: "
                                             "flex_attention on a GPU, `sdpa_varlen` (ours) on the CPU; padded: sdpa. "
                                             "Or any transformers attn_implementation.")
-    dtype: str = _opt("auto", "Backbone weights: `auto` is bfloat16 under DeepSpeed (which keeps float32 master "
-                              "weights), else float32 with accelerate's mixed precision; `bfloat16` or `float32` force "
-                              "one (published: bfloat16).")
+    dtype: str = _opt("auto", "Backbone weights: `auto` is bfloat16 under DeepSpeed with bf16 (which keeps float32 "
+                              "master weights), else float32 with accelerate's mixed precision; `bfloat16` or "
+                              "`float32` force one (published: bfloat16).")
     batch_layout: str = _opt("packed", "`packed`: a batch's sequences in one row with per-sequence boundaries, no "
                                        "padding; `grouped`: queries and documents padded as two groups; `padded`: "
                                        "all padded to the longest (published).")

@@ -27,8 +27,9 @@ def sequence_chunks(batch, chunk_size):
 def cached_backward(model, batch, loss_fn, chunk_size, accelerator, proceed=None):
     """Accumulate the gradient of loss_fn(embeddings of batch) into the parameters, chunk by
     chunk; returns loss_fn's losses, detached. Gradients are synchronised across processes once,
-    in the last chunk's backward. If proceed(losses) is False, nothing is back-propagated and the
-    result is None."""
+    in the last chunk's backward (DDP); under DeepSpeed, the chunks' backward passes are one
+    gradient-accumulation window and its optimizer step follows the last. If proceed(losses) is
+    False, nothing is back-propagated and the result is None."""
     chunks = sequence_chunks(batch, chunk_size)
     with torch.no_grad():
         embeddings = torch.cat([model(ids, lens, num_queries=q) for _, ids, lens, q in chunks])
@@ -38,9 +39,15 @@ def cached_backward(model, batch, loss_fn, chunk_size, accelerator, proceed=None
         return None
     sum(losses.values()).backward()
     grad = embeddings.grad
-    for i, (a, ids, lens, q) in enumerate(chunks):
-        last = i == len(chunks) - 1
-        with nullcontext() if last else accelerator.no_sync(model):
-            chunk = model(ids, lens, num_queries=q)
-            accelerator.backward((chunk * grad[a : a + len(lens)].to(chunk.dtype)).sum())
+    try:
+        for i, (a, ids, lens, q) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            # Before the last chunk: no gradient all-reduce (DDP), no optimizer step (DeepSpeed, which
+            # accumulates the chunks' gradients and steps at the boundary its backward is told of).
+            accelerator.sync_gradients = last
+            with nullcontext() if last else accelerator.no_sync(model):
+                chunk = model(ids, lens, num_queries=q)
+                accelerator.backward((chunk * grad[a : a + len(lens)].to(chunk.dtype)).sum())
+    finally:
+        accelerator.sync_gradients = True
     return {kind: value.detach() for kind, value in losses.items()}

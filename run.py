@@ -10,7 +10,9 @@ cache in one process and exits (the recommended warm-up before a many-process la
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
+import math
 import os
 import signal
 import time
@@ -20,22 +22,24 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 import checkpoint
 from checkpoint import any_process, warn
 from config import load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, load_splits, make_loader
+from distributed import make_accelerator
 from errors import UserError, exit_on_user_error
 from grad_cache import cached_backward
 from evaluate import retrieval_metrics, retrieval_set
 from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
 from model import Embedder, flatten, load_backbone, load_tokenizer
+
+
+GRAD_NORM = ("", "grad_norm")  # LossTracker's key of the gradient norm, beside (dataset, loss term)
 
 
 class LossTracker:
@@ -50,24 +54,30 @@ class LossTracker:
         self.sums = {}
         self.counts = defaultdict(int)
 
-    def add(self, name, losses):
-        """Accumulates on the device: no host sync per step."""
+    def add(self, name, losses, grad_norm=None):
+        """Accumulates on the device: no host sync per step. The gradient norm (a float, the same on
+        every process) is averaged over all datasets' steps."""
         for kind, value in {**losses, "total": sum(losses.values())}.items():
             self.sums[name, kind] = self.sums.get((name, kind), 0) + value.detach().double()
             self.counts[name, kind] += 1
+        if grad_norm is not None:
+            self.sums[GRAD_NORM] = self.sums.get(GRAD_NORM, 0) + grad_norm
+            self.counts[GRAD_NORM] += 1
 
     def report(self, accelerator, prefix):
-        """{prefix/dataset/kind: mean}, {prefix/task_type/kind: mean of its datasets} and
-        {prefix/loss: mean total loss per step}; resets."""
-        keys = [(n, k) for n in self.names for k in self.kinds]
+        """{prefix/dataset/kind: mean}, {prefix/task_type/kind: mean of its datasets},
+        {prefix/loss: mean total loss per step} and {prefix/grad_norm: mean per step}; resets."""
+        keys = [(n, k) for n in self.names for k in self.kinds] + [GRAD_NORM]
         zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        totals = torch.stack([torch.stack([self.sums.get(key, zero), zero + self.counts[key]]) for key in keys])
+        totals = torch.stack([torch.stack([zero + self.sums.get(key, 0), zero + self.counts[key]]) for key in keys])
         totals = accelerator.reduce(totals, reduction="sum").tolist()
         self.sums.clear()
         self.counts.clear()
         out, by_task = {}, defaultdict(list)
         for (name, kind), (total, count) in zip(keys, totals):
-            if count:
+            if count and (name, kind) == GRAD_NORM:
+                out[f"{prefix}/grad_norm"] = total / count
+            elif count:
                 out[f"{prefix}/{name}/{kind}"] = total / count
                 by_task[self.task_of[name], kind].append(total / count)
         for (task, kind), means in sorted(by_task.items()):
@@ -159,23 +169,45 @@ def forward_backward(model, batch, task, cfg, accelerator):
 
 
 def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler, teacher=None):
-    """One optimizer step on one batch: its losses, or None if it was skipped because a loss or the
-    gradient norm was not finite. The lr schedule advances either way. With a teacher (knowledge
-    distillation), its embeddings of the batch join the loss."""
+    """One optimizer step on one batch: (its losses, the gradient norm before clipping), the losses
+    None if the step was skipped because a loss or the gradient norm was not finite, the norm None
+    when unknown. The lr schedule advances either way. With a teacher (knowledge distillation), its
+    embeddings of the batch join the loss."""
     if teacher is not None:
         with torch.no_grad():
             batch = {**batch, "teacher": embed(teacher, batch)}
     losses = forward_backward(model, batch, task, cfg, accelerator)
+    norm = None
     if losses is not None:
-        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # None: DeepSpeed clips
-        if norm is not None and not torch.isfinite(norm):
+        applied, norm = optimizer_step(model, cfg, accelerator, optimizer)
+        if not applied:
             losses = None
-    if losses is not None:
-        optimizer.step()
     optimizer.zero_grad()
     scheduler.step()
     clamp_lr(scheduler.optimizer, cfg.min_lr)
-    return losses
+    return losses, norm
+
+
+def optimizer_step(model, cfg, accelerator, optimizer):
+    """Clip the gradient and step, unless its norm is not finite: (stepped, norm before clipping).
+
+    DeepSpeed has already clipped and stepped inside accelerator.backward, skipping a step whose
+    gradient is not finite itself; this reads what it did (its norm is None when it computes none).
+    A DeepSpeed that applied a non-finite step has turned the weights to garbage: stop there."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        engine = accelerator.deepspeed_engine_wrapped.engine
+        norm = engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        if engine.was_step_applied() and norm is not None and not math.isfinite(norm):
+            raise UserError(f"DeepSpeed {importlib.metadata.version('deepspeed')} applied an optimizer step whose "
+                            f"gradient norm is {norm}, so the weights are no longer finite; upgrade deepspeed "
+                            '(0.19.8 skips such steps) and resume from the last checkpoint ("resume_from": "latest")')
+        return engine.was_step_applied(), norm
+    norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+    if not math.isfinite(norm):
+        return False, norm
+    optimizer.step()
+    return True, norm
 
 
 @torch.no_grad()
@@ -232,9 +264,20 @@ def to_device(batch, device):
 
 def make_scheduler(optimizer, cfg, total_steps):
     """The lr schedule: linear warmup, then cosine decay over total_steps or (v2) constant."""
-    if cfg.scheduler_type == "constant_with_warmup":
-        return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
-    return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps,
+                                                                cosine=cfg.scheduler_type == "cosine"))
+
+
+def lr_factor(step, warmup, total, cosine):
+    """The lr multiplier after `step` steps: transformers' get_cosine_schedule_with_warmup (one half
+    cosine) or get_constant_schedule_with_warmup, which the published code calls, written here
+    because importing transformers.optimization costs each process seconds."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if not cosine:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def clamp_lr(optimizer, min_lr):
@@ -272,10 +315,23 @@ def prepare(cfg, checked):
     return {name: (task, *load_splits(path, columns, cfg)) for name, path, task, columns in checked}
 
 
-def build_model(cfg, tokenizer, deepspeed):
-    # Without DeepSpeed's fp32 master weights, bf16 weights would lose small AdamW updates:
-    # keep float32 and let accelerate's mixed precision run the matmuls in bf16.
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if deepspeed else "float32")
+def configure_deepspeed(accelerator, cfg):
+    """The DeepSpeed config accelerate built from its yaml, completed before prepare(): the micro
+    batch, and a warning when it clips at another norm than the config's."""
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    clip = ds_config.get("gradient_clipping")
+    if isinstance(clip, (int, float)) and clip != cfg.max_grad_norm:
+        warn(accelerator, f"DeepSpeed clips gradients at {clip} (gradient_clipping of the accelerate config), "
+                          f"not at max_grad_norm {cfg.max_grad_norm}")
+
+
+def build_model(cfg, tokenizer, accelerator):
+    # DeepSpeed's bf16 mode keeps float32 master weights (and casts the model to bf16 itself). Anywhere
+    # else bf16 weights would lose small AdamW updates: keep float32, and let accelerate's mixed
+    # precision run the matmuls in bf16.
+    ds_bf16 = accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision == "bf16"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if ds_bf16 else "float32")
     backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing,
                              packed=cfg.batch_layout == "packed")
     hidden = backbone.config.hidden_size
@@ -361,14 +417,10 @@ def main(argv=None):
             print(f"{name:32s} {task:15s} train {len(train):9d}  validation {len(valid):7d}")
         return
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     set_seed(cfg.seed)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if deepspeed:
-        if cfg.grad_cache_chunk_size:
-            raise UserError("grad_cache_chunk_size is not supported under DeepSpeed (it steps on every backward): "
-                            "launch with configs/accelerate_ddp.yaml, or set grad_cache_chunk_size to 0")
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, cfg)
     tokenizer = load_tokenizer(cfg.model_path)
     checked = check_datasets(cfg, dataset_types)  # every process fails at once on bad input
     with accelerator.main_process_first():  # one process builds the split cache, the others read it
@@ -377,7 +429,7 @@ def main(argv=None):
     eval_sets = {name: retrieval_set(valid, cfg.eval_queries) for name, (task, _, valid) in splits.items()
                  if task == "retrieval" and cfg.eval_queries}
 
-    model = build_model(cfg, tokenizer, deepspeed)
+    model = build_model(cfg, tokenizer, accelerator)
     teacher = build_teacher(cfg, tokenizer, model.backbone.config.hidden_size, accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     adamw = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
@@ -423,12 +475,13 @@ def main(argv=None):
         for name, batch in islice(train_loader, max(total_steps - step, 0)):
             throughput.add(len(batch["input_ids"]))
             batch = to_device(batch, accelerator.device)
-            losses = train_step(model, batch, task_of[name], cfg, accelerator, optimizer, scheduler, teacher)
+            losses, grad_norm = train_step(model, batch, task_of[name], cfg, accelerator, optimizer, scheduler,
+                                           teacher)
             step += 1
 
             bar.update(1)
             if losses is not None:
-                tracker.add(name, losses)
+                tracker.add(name, losses, grad_norm)
                 bad_in_a_row = 0
             else:
                 bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny Qwen3 backbones, tokenizers and F2LLM-format data, all built offline."""
+"""Shared fixtures: tiny Qwen3 backbones, tokenizers and F2LLM-format data, all built offline; the
+reference training runs that resumed and relaunched runs are compared with, and their helpers."""
 import contextlib
+import glob
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -10,6 +13,7 @@ import traceback
 import pytest
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, REPO_DIR)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -69,6 +73,14 @@ def run_cli(script, *args, check=False, env=None, prefix=(), timeout=600):
     return proc
 
 
+def ddp_launch(processes, port):
+    """The command prefix (for run_cli) of the DDP launch users type for several processes without
+    DeepSpeed: `accelerate launch` with the shipped DDP yaml, in float32 so that tests can compare
+    exact numbers."""
+    return [os.path.join(BIN, "accelerate"), "launch", "--config_file", "configs/accelerate_ddp.yaml",
+            "--num_processes", str(processes), "--main_process_port", str(port), "--mixed_precision", "no"]
+
+
 def call_main(main, argv):
     """main(argv) in this process, as the CLI would run it: a CompletedProcess with its exit status,
     stdout and stderr; an exception that escapes main() prints its traceback and gives status 1."""
@@ -100,3 +112,96 @@ def assert_user_error(proc, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+REFERENCE_K = 5  # the reference runs' checkpointing_steps: step_5 lies inside the first epoch
+
+
+def make_config(root, tiny, data, name, **overrides):
+    """A training config whose outputs go to root/name: (its path, its values)."""
+    values = dict(model_path=f"{tiny}/backbone", train_data_path=data, experiment_id="run",
+                  output_dir=str(root / name / "out"), tb_dir=str(root / name / "tb"), cache_dir=str(root / "cache"),
+                  train_batch_size=32, max_seq_length=32, num_hard_neg=2, learning_rate=2e-3, min_lr=1e-5,
+                  warmup_steps=3, train_epochs=2, log_interval=1, checkpointing_steps=0, validation_steps=0,
+                  gradient_checkpointing=False)
+    values.update(overrides)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    return write_config(root / name / "config.json", **values), values
+
+
+def launch(config, processes=1, port=None, script="run.py", **kw):
+    """`python run.py` for one process, the DDP launch (float32) for several."""
+    if processes == 1:
+        return run_cli(script, "--config", config, env=ONE_THREAD, **kw)
+    return run_cli(script, "--config", config, env=ONE_THREAD, **kw, prefix=ddp_launch(processes, port))
+
+
+def run_dir(values):
+    return os.path.join(values["output_dir"], "run")
+
+
+def curves(values):
+    """{tag: {step: value}} of every training loss (and lr) logged to TensorBoard; not the
+    throughput, a timing. A restarted run's steps replace the ones it redid (TensorBoard drops
+    the orphaned ones)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(values["tb_dir"], "run"))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]
+            if (tag.startswith("train/") and not tag.endswith("_per_s")) or tag == "lr"}
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+
+
+def assert_same_curves(reference, other, after=0):
+    """Every curve of `other` equals the reference's at the same steps, and covers every step > after."""
+    for tag, points in reference.items():
+        tail = {s: v for s, v in points.items() if s > after}
+        got = other.get(tag, {})
+        assert set(got) == set(tail), (tag, sorted(got), sorted(tail))
+        for s in tail:
+            assert got[s] == pytest.approx(tail[s], rel=1e-5, abs=1e-7), (tag, s)
+
+
+def children(pid):
+    """Process ids whose parent is pid."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(tiny, tokenized, tmp_path_factory):
+    """Uninterrupted runs with 1 process (`python run.py`) and 2 (the DDP launch), a full-state
+    checkpoint every REFERENCE_K steps: {processes: config values, plus "config" and "steps"}."""
+    root = tmp_path_factory.mktemp("reference")
+    out = {}
+    for processes, port in ((1, None), (2, "29536")):
+        config, values = make_config(root, tiny, tokenized, f"p{processes}", checkpointing_steps=REFERENCE_K,
+                                     save_total_limit=0)
+        proc = launch(config, processes, port)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        values["steps"] = int(re.search(r"(\d+) steps,", proc.stdout).group(1))
+        out[processes] = {**values, "config": config}
+    return out

@@ -390,5 +390,6 @@ def test_accelerate_configs_parse_with_the_published_settings():
     assert published.distributed_type == "DEEPSPEED" and published.mixed_precision == "bf16"
     assert published.deepspeed_config["zero_stage"] == 2 and published.deepspeed_config["gradient_clipping"] == 1.0
     assert published.num_processes == 8 and published.rdzv_backend == "static"
+    assert published.deepspeed_config["deepspeed_multinode_launcher"] == "standard"  # one job across nodes
     cpu = load_config_from_file(os.path.join(REPO_DIR, "configs/accelerate_cpu.yaml"))
     assert cpu.distributed_type == "NO" and cpu.use_cpu and cpu.mixed_precision == "no"

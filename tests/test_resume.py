@@ -5,7 +5,6 @@ The reference is an uninterrupted run; a resumed run must log the same per-step 
 resume point and reach the same final weights."""
 import glob
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,84 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from conftest import REPO_DIR, assert_user_error, run_cli, write_config
+from conftest import (ONE_THREAD, REFERENCE_K, REPO_DIR, assert_same_curves, assert_same_weights, assert_user_error,
+                      children, curves, ddp_launch, launch, make_config, run_dir, weights)
 from errors import UserError
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-BIN = os.path.dirname(sys.executable)
-TWO = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-
-
-def make_config(root, tiny, data, name, **overrides):
-    """A config whose outputs go to root/name."""
-    values = dict(model_path=f"{tiny}/backbone", train_data_path=data, experiment_id="run",
-                  output_dir=str(root / name / "out"), tb_dir=str(root / name / "tb"), cache_dir=str(root / "cache"),
-                  train_batch_size=32, max_seq_length=32, num_hard_neg=2, learning_rate=2e-3, min_lr=1e-5,
-                  warmup_steps=3, train_epochs=2, log_interval=1, checkpointing_steps=0, validation_steps=0,
-                  gradient_checkpointing=False)
-    values.update(overrides)
-    (root / name).mkdir(parents=True, exist_ok=True)
-    return write_config(root / name / "config.json", **values), values
-
-
-def launch(config, processes=1, port=None, script="run.py", **kw):
-    if processes == 1:
-        return run_cli(script, "--config", config, env={"OMP_NUM_THREADS": "1"}, **kw)
-    return run_cli(script, "--config", config, env=TWO, **kw,
-                   prefix=[os.path.join(BIN, "torchrun"), "--nproc_per_node", str(processes), "--master_port", port])
-
-
-def run_dir(values):
-    return os.path.join(values["output_dir"], "run")
-
-
-def curves(values):
-    """{tag: {step: value}} of every training loss (and lr) logged to TensorBoard; not the
-    throughput, a timing."""
-    events = EventAccumulator(os.path.join(values["tb_dir"], "run"))
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]
-            if (tag.startswith("train/") and not tag.endswith("_per_s")) or tag == "lr"}
-
-
-def weights(path):
-    return load_file(os.path.join(path, "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
-
-
-def assert_same_curves(reference, other, after=0):
-    """Every curve of `other` equals the reference's at the same steps, and covers every step > after."""
-    for tag, points in reference.items():
-        tail = {s: v for s, v in points.items() if s > after}
-        got = other.get(tag, {})
-        assert set(got) == set(tail), (tag, sorted(got), sorted(tail))
-        for s in tail:
-            assert got[s] == pytest.approx(tail[s], rel=1e-5, abs=1e-7), (tag, s)
-
-
-K = 5  # the reference's checkpointing_steps: step_5 lies inside the first epoch
-
-
-@pytest.fixture(scope="module")
-def reference(tiny, tokenized, tmp_path_factory):
-    """Uninterrupted runs with 1 and 2 processes, a full-state checkpoint every K steps:
-    {processes: config values, plus "steps"}."""
-    root = tmp_path_factory.mktemp("reference")
-    out = {}
-    for processes, port in ((1, None), (2, "29536")):
-        config, values = make_config(root, tiny, tokenized, f"p{processes}", checkpointing_steps=K,
-                                     save_total_limit=0)
-        proc = launch(config, processes, port)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        values["steps"] = int(re.search(r"(\d+) steps,", proc.stdout).group(1))
-        out[processes] = values
-    return out
+K = REFERENCE_K  # the reference's checkpointing_steps: step_5 lies inside the first epoch
 
 
 def test_checkpoints_hold_weights_and_training_state(reference):
@@ -272,19 +198,6 @@ def test_save_total_limit_keeps_the_newest_training_states(tmp_path, tiny, token
         assert os.path.isfile(os.path.join(run_dir(values), d, "model.safetensors"))
 
 
-def children(pid):
-    """Process ids whose parent is pid."""
-    out = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = open(stat).read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.split("/")[2]))
-    return out
-
-
 @pytest.mark.parametrize("processes,port", [(1, None), (2, "29539")])
 def test_sigterm_finishes_the_step_checkpoints_and_exits(tmp_path, tiny, tokenized, reference, processes, port):
     """SIGTERM (to the process; with 2 processes to one worker only): a checkpoint at the step it
@@ -293,9 +206,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits(tmp_path, tiny, tokeniz
     if processes == 1:
         cmd = [sys.executable, "run.py", "--config", config]
     else:
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", port, "run.py",
-               "--config", config]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **TWO}
+        cmd = [*ddp_launch(2, port), "run.py", "--config", config]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     proc = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         events = os.path.join(values["tb_dir"], "run")

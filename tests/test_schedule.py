@@ -1,5 +1,6 @@
 """The lr schedule: linear warmup, then cosine decay (published) or constant (F2LLM-v2), clamped at min_lr."""
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -35,6 +36,23 @@ def test_constant_with_warmup_stays_at_the_peak():
     got = lrs("constant_with_warmup")
     assert got[:3] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
     assert got[3:] == pytest.approx([1e-3] * 17)
+
+
+@pytest.mark.parametrize("warmup,total", [(0, 1), (0, 7), (4, 20), (5, 5), (10, 3), (500, 23440)])
+def test_schedules_are_transformers_schedules(warmup, total):
+    """The published code's schedules, transformers' get_cosine_schedule_with_warmup and
+    get_constant_schedule_with_warmup, step for step (ours avoids their import cost)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    for scheduler_type, theirs in (("cosine", partial(get_cosine_schedule_with_warmup, num_training_steps=total)),
+                                   ("constant_with_warmup", get_constant_schedule_with_warmup)):
+        cfg = Config(model_path="m", train_data_path="t", warmup_steps=warmup, scheduler_type=scheduler_type)
+        ours_opt, theirs_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3) for _ in range(2))
+        ours, reference = make_scheduler(ours_opt, cfg, total), theirs(theirs_opt, num_warmup_steps=warmup)
+        for _ in range(min(total + 3, 600)):
+            assert ours_opt.param_groups[0]["lr"] == theirs_opt.param_groups[0]["lr"]
+            ours.step()
+            reference.step()
 
 
 def test_unknown_scheduler_type_is_a_clear_error(tmp_path):

@@ -2,17 +2,15 @@
 import glob
 import json
 import os
-import sys
 
 import pytest
 import torch
-from conftest import call_main, run_cli, write_config
+from conftest import BIN, call_main, ddp_launch, run_cli, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModel, AutoTokenizer
 
 import evaluate
 
-BIN = os.path.dirname(sys.executable)
 
 
 def train_config(tmp_path, tiny, tokenized, **overrides):
@@ -97,8 +95,7 @@ def test_train_one_process(tmp_path, tiny, tokenized):
 
 def test_train_two_processes(tmp_path, tiny, tokenized):
     config, values = train_config(tmp_path, tiny, tokenized)
-    proc = run_cli("run.py", "--config", config, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
-                   prefix=[os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29533"])
+    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29533))
     check_run(tmp_path, values, proc, steps_per_epoch(tokenized, 8, 2))
     assert "2 process(es)" in proc.stdout
 
@@ -142,16 +139,6 @@ def test_published_switches_run(tmp_path, tiny_base, tmp_path_factory):
     config, values = train_config(tmp_path, tiny_base, out, train_steps=8, checkpointing_steps=0,
                                   validation_steps=0, batch_layout="padded", attention_mask_from="pad_token_id",
                                   gather_with_grad=False)
-    proc = run_cli("run.py", "--config", config, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
-                   prefix=[os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29534"])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"final checkpoint: {values['output_dir']}/e2e/step_8" in proc.stdout
-
-
-def test_cached_step_two_processes(tmp_path, tiny, tokenized):
-    config, values = train_config(tmp_path, tiny, tokenized, train_steps=8, checkpointing_steps=0,
-                                  validation_steps=0, grad_cache_chunk_size=7)
-    proc = run_cli("run.py", "--config", config, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
-                   prefix=[os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29535"])
+    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29534))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"final checkpoint: {values['output_dir']}/e2e/step_8" in proc.stdout

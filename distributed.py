@@ -1,0 +1,76 @@
+"""The Accelerator of a launch, and the refusal of launches that would train at the wrong world size.
+
+Without CUDA, accelerate finds no process-group backend for a `accelerate launch` that starts
+several processes: every process then believes it is alone (world size 1, rank 0), trains on
+the same data and writes the same checkpoints. We give it gloo: through DeepSpeed's own
+initialisation under DeepSpeed (`cpu=True` would make accelerate drop DeepSpeed), through
+accelerate's multi-CPU path otherwise. Launches that still disagree with accelerate (a launcher
+that started fewer processes than were asked for) stop with one line.
+"""
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from errors import UserError
+
+# The world size each launcher puts in its workers' environment (torchrun and DeepSpeed's
+# launcher: WORLD_SIZE; MPI launchers: the others).
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+WORKING_LAUNCH = ("accelerate launch --config_file configs/accelerate_config.yaml (DeepSpeed ZeRO-2) or "
+                  "configs/accelerate_ddp.yaml (DDP) --num_processes N run.py --config ..., which also runs on CPUs")
+
+
+def _flag(name):
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def launched_world_size():
+    """The number of processes the launcher says it started, or None when no launcher says."""
+    for name in WORLD_SIZE_VARS:
+        if os.environ.get(name, "").strip().isdigit():
+            return int(os.environ[name])
+    return None
+
+
+def make_accelerator():
+    """The Accelerator for this launch, with every process's true rank and world size (or a UserError)."""
+    check_launcher()
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    if torch.cuda.is_available() or not launched:
+        accelerator = Accelerator()
+    elif _flag("ACCELERATE_USE_DEEPSPEED"):
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    else:
+        accelerator = Accelerator(cpu=True)
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def check_launcher():
+    """Launches known to start processes that cannot form the world that was asked for."""
+    cpu_launch = _flag("ACCELERATE_USE_CPU") and launched_world_size() is None
+    if cpu_launch and os.environ.get("MASTER_ADDR"):
+        # accelerate's simple launcher sets MASTER_ADDR only when asked for more than one process or
+        # machine, and with --cpu / use_cpu it then starts one process all the same.
+        raise UserError("accelerate launch --cpu (or use_cpu: true) starts a single process whatever --num_processes "
+                        "or --num_machines say, and it would train alone; for several processes use " + WORKING_LAUNCH +
+                        ", without --cpu (for one process, unset MASTER_ADDR)")
+    if _flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("CROSS_SIZE") == "1":
+        # DeepSpeed's own launcher, which accelerate runs for --num_machines > 1 unless told
+        # `deepspeed_multinode_launcher: standard`; with no hostfile it starts this node's processes only.
+        raise UserError("accelerate launch --num_machines N ran DeepSpeed's pdsh launcher, which found no hostfile "
+                        f"and started this node's {os.environ.get('WORLD_SIZE', '?')} process(es) as a job of their "
+                        "own: every node would train alone. Set `deepspeed_multinode_launcher: standard` under "
+                        "deepspeed_config in the accelerate config (configs/accelerate_config.yaml has it), or pass "
+                        "--deepspeed_multinode_launcher standard")
+
+
+def check_world_size(num_processes):
+    """The launcher and accelerate must agree on the number of processes."""
+    launched = launched_world_size()
+    if launched is not None and launched != num_processes:
+        raise UserError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate sees {num_processes}, "
+                        "so each would train alone on the same data; use " + WORKING_LAUNCH)
