@@ -16,6 +16,8 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, REPO_DIR)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs on the CPU, launches and exact comparisons included, on a GPU machine too.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import demo  # noqa: E402
 
