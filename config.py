@@ -16,6 +16,12 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TASK_TYPES = ("retrieval", "classification", "clustering")
 BATCH_LAYOUTS = ("packed", "grouped", "padded")
 SCHEDULER_TYPES = ("cosine", "constant_with_warmup")
+INBATCH_GRADIENTS = ("all", "own", "none")
+# Keys of earlier versions of this project: what replaced them.
+REPLACED_KEYS = {"gather_with_grad": "inbatch_gradient (true: \"all\", false: \"own\")"}
+# Keys of the published Args that configure nothing: num_processes is a placeholder the published
+# run.py fills in for its args.json (the launch decides the number of processes).
+IGNORED_KEYS = ("num_processes",)
 PROMPT_NAMES = ("query", "document")
 LORA_KEYS = {"r": int, "alpha": float, "dropout": float, "target_modules": list}
 LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05,
@@ -50,8 +56,9 @@ class Config:
     train_steps: int = _opt(-1, "Total optimizer steps; -1 means batches per epoch x train_epochs.")
     # Options this project adds.
     temperature: float = _opt(0.05, "Softmax temperature of both contrastive losses (cosine similarity).")
-    gather_with_grad: bool = _opt(True, "In-batch loss gathers other processes' positives with gradient "
-                                        "(published: false, a plain all-gather).")
+    inbatch_gradient: str = _opt("all", "Which positives of the global batch the in-batch loss sends gradient to: "
+                                        "`all` (the gradient of the global-batch loss), `own` (this process's "
+                                        "only), `none` (published: only the queries learn from it).")
     attention_mask_from: str = _opt("lengths", "`lengths`: mask from sequence lengths; `pad_token_id`: published "
                                                "rule input_ids != pad id, which masks eos when pad == eos.")
     dataset_types_file: str = _opt("configs/dataset_types.json",
@@ -91,9 +98,9 @@ class Config:
                                 "embedding, for every m in mrl_dims.")
     mrl_dims: list = _opt(None, "Matryoshka dimensions, each below the hidden size; null: every power of two from "
                                 "8 below the hidden size.")
-    teacher_model_path: str = _opt("", "F2LLM-v2 knowledge distillation: an embedding checkpoint with the same "
-                                       "tokenizer whose embeddings (cut to the student's size) the student matches "
-                                       "by MSE. Empty: no distillation.")
+    teacher_model_path: str = _opt(None, "F2LLM-v2 knowledge distillation: an embedding checkpoint with the same "
+                                         "tokenizer whose embeddings (cut to the student's size) the student "
+                                         "matches by MSE. null: no distillation.")
     kd_weight: float = _opt(1.0, "Weight of the distillation loss (with teacher_model_path).")
     lora: dict = _opt(None, "LoRA through peft instead of full fine-tuning: {\"r\": 16, \"alpha\": 32, \"dropout\": "
                             "0.05, \"target_modules\": [...]} (missing keys take these values; target_modules: "
@@ -151,6 +158,8 @@ def _validate(cfg, path):
     for key in ("learning_rate", "min_lr", "weight_decay"):
         if getattr(cfg, key) < 0:
             bad(key, "must be 0 or more")
+    if cfg.inbatch_gradient not in INBATCH_GRADIENTS:
+        bad("inbatch_gradient", "must be 'all', 'own' or 'none'")
     if cfg.scheduler_type not in SCHEDULER_TYPES:
         bad("scheduler_type", "must be 'cosine' or 'constant_with_warmup'")
     if cfg.max_bad_steps < 1:
@@ -216,7 +225,10 @@ def load_config(path):
         raise UserError(f"{path}: must hold one JSON object of config keys")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
+    raw = {key: value for key, value in raw.items() if key not in IGNORED_KEYS}
     for key, value in raw.items():
+        if key in REPLACED_KEYS:
+            raise UserError(f"{path}: key '{key}' was replaced by {REPLACED_KEYS[key]}")
         if key not in fields:
             raise UserError(f"{path}: unknown key '{key}'; valid keys: {', '.join(fields)}")
         if value is None and fields[key].default is None:

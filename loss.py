@@ -4,8 +4,8 @@
 `inbatch_loss`: each query against the positives of every query in the global batch; retrieval only,
 because in classification and clustering data other queries' positives may share the query's label.
 Both work in a plain process; in a distributed run `inbatch_loss` gathers the positives of all processes.
-F2LLM-v2 adds `matryoshka_loss` (both losses again on the first m dimensions) and `kd_loss`
-(distillation from a teacher's embeddings).
+F2LLM-v2 adds the Matryoshka terms (both losses again on the first m dimensions, scaled by
+`matryoshka_weight`) and `kd_loss` (distillation from a teacher's embeddings).
 """
 import math
 
@@ -43,34 +43,39 @@ def _all_gather_padded(x, sizes):
     return [part[:n] for part, n in zip(parts, sizes)]
 
 
-def gather_positives(passage, with_grad=True):
+def gather_positives(passage, gradient="all"):
     """Positives of every process in rank order, and the offset of this process's rows among them.
 
-    with_grad=False is the published plain all-gather: other processes' rows are constants and
-    only this process's own rows carry gradient.
+    `gradient`: which gathered positives carry the in-batch loss's gradient back. "all": every
+    process's, so each process's positives get the gradient of every process's loss (the gradient
+    of the global-batch loss); "own": this process's rows only, the others are constants; "none":
+    no positive at all, only the queries learn from the in-batch loss (the published code, whose
+    accelerate.gather returns a tensor without gradient, on one process too).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return passage, 0
+        return (passage.detach() if gradient == "none" else passage), 0
     size = torch.tensor([len(passage)], device=passage.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     sizes = [int(s) for s in sizes]
     rank = dist.get_rank()
     offset = sum(sizes[:rank])
-    if with_grad:
+    if gradient == "all":
         return _GatherWithGrad.apply(passage, sizes), offset
     with torch.no_grad():
         parts = _all_gather_padded(passage.detach(), sizes)
-    parts[rank] = passage
+    if gradient == "own":
+        parts[rank] = passage
     return torch.cat(parts), offset
 
 
-def inbatch_loss(query, passage, temperature=0.05, gather_with_grad=True):
+def inbatch_loss(query, passage, temperature=0.05, gradient="all"):
     """Cross-entropy of each query over all positives of the global batch; target: its own positive.
 
-    query, passage: [bs, d] local embeddings, row i of `passage` the positive of query i.
+    query, passage: [bs, d] local embeddings, row i of `passage` the positive of query i; `gradient`:
+    see gather_positives.
     """
-    return gathered_inbatch_loss(query, *gather_positives(passage, gather_with_grad), temperature)
+    return gathered_inbatch_loss(query, *gather_positives(passage, gradient), temperature)
 
 
 def gathered_inbatch_loss(query, all_passages, offset, temperature=0.05):
@@ -114,25 +119,26 @@ def matryoshka_weight(n, dim, hidden_size):
     return 1 / (n * math.sqrt(hidden_size / dim))
 
 
-def kd_loss(student, teacher):
-    """Distillation: squared distance between each L2-normalised student embedding and the teacher's
-    (cut to the student's size, then normalised), averaged over sequences. 2 - 2 cos, so its scale
-    is that of a cosine whatever the two hidden sizes."""
-    teacher = F.normalize(teacher[:, : student.shape[1]].to(student.dtype), dim=-1)
-    return (F.normalize(student, dim=-1) - teacher).pow(2).sum(-1).mean()
+def kd_loss(student, teacher, num_queries):
+    """F2LLM-v2's distillation loss: the mean squared error between the student's raw (unnormalised)
+    embeddings and the teacher's cut to the student's size, taken over the queries, the positives
+    and the negatives separately and summed, as the published code's three F.mse_loss calls."""
+    teacher = teacher[:, : student.shape[1]]
+    groups = (slice(0, num_queries), slice(num_queries, 2 * num_queries), slice(2 * num_queries, None))
+    return sum(F.mse_loss(student[g].float(), teacher[g].float()) for g in groups if len(student[g]))
 
 
-def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, gather_with_grad=True,
+def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, inbatch_gradient="all",
                  mrl_dims=(), teacher=None, kd_weight=1.0):
     """The recipe's losses for one homogeneous batch: {"hard": ..., "inbatch": ... (retrieval only)},
     plus F2LLM-v2's "mrl" when mrl_dims is given (Matryoshka: both losses on the first m dimensions for
-    each m, the term on m scaled by matryoshka_weight, the full dimension counting as term 1) and "kd"
-    (kd_weight x kd_loss) when the teacher's embeddings of the same sequences are given. The total
-    loss is the sum of the values."""
+    each m; the terms taken in the published order, the full dimension as term 1, then mrl_dims from
+    the largest down, term n scaled by matryoshka_weight) and "kd" (kd_weight x kd_loss) when the
+    teacher's embeddings of the same sequences are given. The total loss is the sum of the values."""
     query, passage, negatives = split_embeddings(embeddings, num_queries, num_neg)
     retrieval = task_type == "retrieval"
     if retrieval:
-        all_passages, offset = gather_positives(passage, gather_with_grad)  # once, then cut per dimension
+        all_passages, offset = gather_positives(passage, inbatch_gradient)  # once, then cut per dimension
 
     def both(dim=None):
         cut = (lambda x: x[..., :dim]) if dim else (lambda x: x)
@@ -143,9 +149,9 @@ def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, 
 
     losses = both()
     hidden = embeddings.shape[-1]
-    if mrl_dims:
+    if mrl_dims:  # the published order: the full dimension is term 1, then the cut ones, largest first
         losses["mrl"] = sum(matryoshka_weight(n, dim, hidden) * sum(both(dim).values())
-                            for n, dim in enumerate(mrl_dims, start=2))
+                            for n, dim in enumerate(sorted(mrl_dims, reverse=True), start=2))
     if teacher is not None:
-        losses["kd"] = kd_weight * kd_loss(embeddings, teacher)
+        losses["kd"] = kd_weight * kd_loss(embeddings, teacher, num_queries)
     return losses

@@ -136,7 +136,7 @@ def batch_losses(embeddings, batch, task, cfg):
     use_mrl and "kd" when the batch carries its teacher embeddings."""
     mrl_dims = matryoshka_dims(embeddings.shape[-1], cfg.mrl_dims) if cfg.use_mrl else ()
     return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, cfg.temperature,
-                        cfg.gather_with_grad, mrl_dims, batch.get("teacher"), cfg.kd_weight)
+                        cfg.inbatch_gradient, mrl_dims, batch.get("teacher"), cfg.kd_weight)
 
 
 def loss_kinds(cfg, distill=False):

@@ -198,6 +198,8 @@ def test_wrong_type(env, key, value, fragments):
     ("mrl_dims", [64, 0], ["'mrl_dims'", "positive integers"]),
     ("mrl_dims", [64.5], ["'mrl_dims'", "positive integers"]),
     ("kd_weight", -1.0, ["'kd_weight'"]),
+    ("inbatch_gradient", "some", ["'inbatch_gradient'", "'all', 'own' or 'none'"]),
+    ("gather_with_grad", False, ["'gather_with_grad'", "replaced by inbatch_gradient", '"own"']),
     ("prompts", {"passage": "x"}, ["'prompts'", "'query' and/or 'document'", "'passage'"]),
     ("prompts", {"query": 3}, ["'prompts'", "'query'"]),
     ("lora", {"rank": 8}, ["'lora'", "unknown key 'rank'", "target_modules"]),
@@ -317,6 +319,21 @@ def test_published_config_loads_and_equals_defaults():
     assert cfg == defaults  # every value of the published file is the default
     for key, value in PUBLISHED.items():
         assert getattr(Config, key) == value, key  # and the defaults are the published values
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_published_args_json_loads(tmp_path, version):
+    """The args.json the published run.py writes: every Args field, num_processes filled in (v2 also
+    teacher_model_path null and the v2 keys); it loads unchanged, num_processes configuring nothing."""
+    args = {**PUBLISHED, "model_path": "models/qwen3-4b", "train_data_path": "training_data/data_tokenized_qwen",
+            "output_dir": f"output/{PUBLISHED['experiment_id']}", "tb_dir": f"output/tb/{PUBLISHED['experiment_id']}",
+            "num_processes": 32}
+    if version == "v2":
+        args.update(num_hard_neg_clustering=9, scheduler_type="cosine", use_mrl=True, teacher_model_path=None,
+                    kd_weight=1.0, warmup_steps=500 * 32)
+    cfg = load_config(write_config(tmp_path / "args.json", **args))
+    assert cfg.teacher_model_path is None and cfg.warmup_steps == args["warmup_steps"]
+    assert cfg.use_mrl == (version == "v2") and not hasattr(cfg, "num_processes")
 
 
 def test_added_option_defaults():

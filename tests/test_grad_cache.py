@@ -195,8 +195,8 @@ def test_grad_cache_chunk_size_config(tmp_path):
 
 # ---- two processes, DDP over gloo ----------------------------------------------------------------------
 
-MODES = [("uncached", 0, True), ("cached", 3, True), ("cached", 7, True), ("uncached", 0, False),
-         ("cached", 3, False)]
+MODES = [("uncached", 0, "all"), ("cached", 3, "all"), ("cached", 7, "all"), ("uncached", 0, "own"),
+         ("cached", 3, "own"), ("uncached", 0, "none"), ("cached", 3, "none")]
 
 
 def _worker(rank, port, backbone, rows, out_dir):
@@ -207,7 +207,7 @@ def _worker(rank, port, backbone, rows, out_dir):
     assert accelerator.num_processes == 2 and accelerator.process_index == rank
     batch = data.collate(rows.slice(rank * B, B), num_neg=K, max_seq_length=24, eos_id=2)
     results = {}
-    for mode, chunk_size, gather_with_grad in MODES:
+    for mode, chunk_size, gradient in MODES:
         # The training set-up: packed layout, activation checkpointing, DDP through accelerate.
         model = accelerator.prepare(Embedder(load_backbone(backbone, dtype="float32", gradient_checkpointing=True,
                                                            packed=True), "packed"))
@@ -221,15 +221,15 @@ def _worker(rank, port, backbone, rows, out_dir):
         model.register_comm_hook(None, counting_allreduce)
         model.train()
 
-        def loss_fn(embeddings, gather_with_grad=gather_with_grad):
-            return f2llm_losses(embeddings, B, K, "retrieval", gather_with_grad=gather_with_grad)
+        def loss_fn(embeddings, gradient=gradient):
+            return f2llm_losses(embeddings, B, K, "retrieval", inbatch_gradient=gradient)
 
         if mode == "cached":
             losses = grad_cache.cached_backward(model, batch, loss_fn, chunk_size, accelerator)
         else:
             losses = loss_fn(model(batch["input_ids"], batch["lengths"], num_queries=B))
             accelerator.backward(sum(losses.values()))
-        results[mode, chunk_size, gather_with_grad] = (
+        results[mode, chunk_size, gradient] = (
             {k: v.item() for k, v in losses.items()},
             {n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()}, len(syncs))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -251,21 +251,22 @@ def two_process_results(tiny, tokenized, tmp_path_factory):
 def test_two_processes_cached_equals_uncached(two_process_results):
     _, ranks = two_process_results
     for results in ranks:
-        for gather_with_grad in (True, False):
-            ref_losses, ref_grads, ref_syncs = results["uncached", 0, gather_with_grad]
+        for gradient in ("all", "own", "none"):
+            ref_losses, ref_grads, ref_syncs = results["uncached", 0, gradient]
             assert ref_syncs > 0
             for (mode, size, g), (losses, grads, syncs) in results.items():
-                if mode != "cached" or g != gather_with_grad:
+                if mode != "cached" or g != gradient:
                     continue
                 for kind, value in ref_losses.items():
                     assert losses[kind] == pytest.approx(value, rel=1e-5, abs=1e-6)
-                assert max_rel_diff(grads, ref_grads) < 1e-4, (size, gather_with_grad)
+                assert max_rel_diff(grads, ref_grads) < 1e-4, (size, gradient)
                 assert syncs == ref_syncs, "gradients are all-reduced once per step, in the last chunk"
     # DDP: every rank holds the same averaged gradient.
     for key in ranks[0]:
         assert max_rel_diff(ranks[1][key][1], ranks[0][key][1]) < 1e-6
-    # The published plain gather gives another gradient: the comparison above can tell them apart.
-    assert max_rel_diff(ranks[0]["cached", 3, False][1], ranks[0]["cached", 3, True][1]) > 1e-2
+    # Each in-batch gradient mode gives another gradient: the comparison above can tell them apart.
+    for other in ("own", "none"):
+        assert max_rel_diff(ranks[0]["cached", 3, other][1], ranks[0]["cached", 3, "all"][1]) > 1e-2
 
 
 def test_two_processes_cached_equals_one_process_on_the_global_batch(tiny, two_process_results):
@@ -276,4 +277,4 @@ def test_two_processes_cached_equals_one_process_on_the_global_batch(tiny, two_p
     _, grads = uncached_step(model, batch, "retrieval")
     for size in (3, 7):
         for results in ranks:
-            assert max_rel_diff(results["cached", size, True][1], grads) < 1e-4
+            assert max_rel_diff(results["cached", size, "all"][1], grads) < 1e-4

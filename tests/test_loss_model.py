@@ -226,12 +226,12 @@ sizes = [3, 5]
 Q, P = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
 start = sum(sizes[:rank])
 out = {}
-for with_grad in (True, False):
+for gradient in ("all", "own", "none"):
     q = Q[start : start + sizes[rank]].clone().requires_grad_()
     p = P[start : start + sizes[rank]].clone().requires_grad_()
-    value = loss.inbatch_loss(q, p, 0.1, gather_with_grad=with_grad)
+    value = loss.inbatch_loss(q, p, 0.1, gradient=gradient)
     value.backward()
-    out[with_grad] = (value.item(), q.grad.clone(), p.grad.clone())
+    out[gradient] = (value.item(), q.grad.clone(), None if p.grad is None else p.grad.clone())
 torch.save(out, os.path.join(os.environ["OUT"], f"rank{rank}.pt"))
 dist.destroy_process_group()
 """
@@ -261,15 +261,17 @@ def test_inbatch_loss_across_two_processes(tmp_path):
         got = torch.load(tmp_path / f"rank{r}.pt")
         expected = ref_inbatch(Q[s : s + n], P, 0.1, offset=s)
         grad_q_own, grad_p_own = torch.autograd.grad(per_rank[r], (Q, P), retain_graph=True)
-        for with_grad in (True, False):
-            value, gq, gp = got[with_grad]
+        for gradient in ("all", "own", "none"):
+            value, gq, gp = got[gradient]
             assert value == pytest.approx(expected, rel=1e-4), "each query against all processes' positives"
             torch.testing.assert_close(gq, grad_q_own[s : s + n], rtol=1e-4, atol=1e-5)
-        # With gradient: this process's positives get the summed gradient of every process's loss.
-        torch.testing.assert_close(got[True][2], grad_p_sum[s : s + n], rtol=1e-4, atol=1e-5)
-        # Published plain all-gather: only this process's own loss reaches its positives.
-        torch.testing.assert_close(got[False][2], grad_p_own[s : s + n], rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(got[True][2], got[False][2], atol=1e-4)
+        # "all": this process's positives get the summed gradient of every process's loss.
+        torch.testing.assert_close(got["all"][2], grad_p_sum[s : s + n], rtol=1e-4, atol=1e-5)
+        # "own": only this process's own loss reaches its positives.
+        torch.testing.assert_close(got["own"][2], grad_p_own[s : s + n], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(got["all"][2], got["own"][2], atol=1e-4)
+        # "none" (published): no positive gets any gradient from the in-batch loss.
+        assert got["none"][2] is None
 
 
 # ---- model: pooling and attention masks ----------------------------------------------------------

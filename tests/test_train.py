@@ -132,13 +132,13 @@ def test_cached_step_trains_like_the_plain_step(tmp_path, tiny, tokenized):
 
 def test_published_switches_run(tmp_path, tiny_base, tmp_path_factory):
     """The published behaviour, all switches together: padded batches, pad-id attention mask (with a
-    Base tokenizer, pad == eos), plain all-gather; 2 processes."""
+    Base tokenizer, pad == eos), no in-batch gradient to the positives; 2 processes."""
     out = str(tmp_path_factory.mktemp("tokenized_base"))
     run_cli("tokenize_data_qwen.py", "--model_path", f"{tiny_base}/backbone", "--input_dir", f"{tiny_base}/raw",
             "--output_dir", out, "--max_seq_length", "64", "--num_proc", "1", check=True)
     config, values = train_config(tmp_path, tiny_base, out, train_steps=8, checkpointing_steps=0,
                                   validation_steps=0, batch_layout="padded", attention_mask_from="pad_token_id",
-                                  gather_with_grad=False)
+                                  inbatch_gradient="none")
     proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29534))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"final checkpoint: {values['output_dir']}/e2e/step_8" in proc.stdout

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import assert_user_error, call_main, run_cli
 from sentence_transformers import SentenceTransformer
 from test_train import scalars, train_config
@@ -49,11 +48,12 @@ def test_mrl_term_is_the_weighted_losses_on_truncated_embeddings(task):
     plain = loss.f2llm_losses(emb, bs, k, task)
     out = loss.f2llm_losses(emb, bs, k, task, mrl_dims=[8, 16])
     assert out["hard"] == plain["hard"] and set(out) == set(plain) | {"mrl"}
+    # The published loop: for dim in sorted(mrl_dims + [d])[::-1], term n (from 1) divided by n sqrt(d / dim).
     expected = 0
-    for n, dim in ((2, 8), (3, 16)):
+    for n, dim in enumerate(sorted([8, 16] + [d])[::-1], start=1):
         cut = loss.f2llm_losses(emb[:, :dim].contiguous(), bs, k, task)
         expected += sum(cut.values()) / (n * math.sqrt(d / dim))
-    assert out["mrl"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert (out["mrl"] + sum(plain.values())).item() == pytest.approx(expected.item(), rel=1e-5)
     # The truncated terms see only the first dimensions: changing the rest leaves them alone.
     changed = emb.clone()
     changed[:, 16:] = torch.randn_like(changed[:, 16:])
@@ -64,14 +64,25 @@ def test_mrl_term_is_the_weighted_losses_on_truncated_embeddings(task):
 
 # ---- distillation --------------------------------------------------------------------------------
 
-def test_kd_loss_is_two_minus_two_cosine_against_the_cut_teacher():
-    student, teacher = torch.randn(6, 16), torch.randn(6, 40)
-    cos = F.cosine_similarity(student, teacher[:, :16], dim=-1)
-    assert loss.kd_loss(student, teacher).item() == pytest.approx((2 - 2 * cos).mean().item(), rel=1e-5)
-    assert loss.kd_loss(student, torch.cat([3 * student, teacher[:, 16:]], 1)).item() == pytest.approx(0, abs=1e-6)
-    emb = random_batch()
-    out = loss.f2llm_losses(emb, 4, 3, "retrieval", teacher=teacher.new_zeros(len(emb), 40) + 1, kd_weight=0.5)
-    assert out["kd"].item() == pytest.approx(0.5 * loss.kd_loss(emb, emb.new_ones(len(emb), 40)).item())
+def test_matryoshka_weights_at_the_4b_width():
+    """At d = 2560 (Qwen3-4B) the published order gives the 2048-dim term n = 2, weight 0.447."""
+    dims = sorted(loss.matryoshka_dims(2560), reverse=True)
+    assert dims[0] == 2048 and loss.matryoshka_weight(2, dims[0], 2560) == pytest.approx(0.4472, abs=1e-4)
+    assert loss.matryoshka_weight(len(dims) + 1, 8, 2560) == pytest.approx(1 / (10 * math.sqrt(320)))
+
+
+def test_kd_loss_is_the_published_sum_of_three_raw_mses():
+    bs, k = 4, 3
+    student, teacher = random_batch(bs, k, 16), torch.randn(bs * (2 + k), 40)
+    cut = teacher[:, :16]
+    expected = (((student[:bs] - cut[:bs]) ** 2).mean() + ((student[bs:2 * bs] - cut[bs:2 * bs]) ** 2).mean()
+                + ((student[2 * bs:] - cut[2 * bs:]) ** 2).mean())
+    assert loss.kd_loss(student, teacher, bs).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Raw, not normalised: a teacher 3x the student differs from it.
+    assert loss.kd_loss(student, torch.cat([student, teacher[:, 16:]], 1), bs).item() == 0
+    assert loss.kd_loss(student, torch.cat([3 * student, teacher[:, 16:]], 1), bs).item() > 0.1
+    out = loss.f2llm_losses(student, bs, k, "retrieval", teacher=teacher, kd_weight=0.5)
+    assert out["kd"].item() == pytest.approx(0.5 * expected.item(), rel=1e-5)
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------
