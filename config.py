@@ -56,6 +56,9 @@ class Config:
     train_steps: int = _opt(-1, "Total optimizer steps; -1 means batches per epoch x train_epochs.")
     # Options this project adds.
     temperature: float = _opt(0.05, "Softmax temperature of both contrastive losses (cosine similarity).")
+    negative_sampling: str = _opt("per_row", "How a training batch's hard negatives are drawn from each row's: "
+                                             "`per_row`, each row on its own; `per_batch` (published), one draw of "
+                                             "columns for the whole batch (k = 1: always negative_1).")
     inbatch_gradient: str = _opt("all", "Which positives of the global batch the in-batch loss sends gradient to: "
                                         "`all` (the gradient of the global-batch loss), `own` (this process's "
                                         "only), `none` (published: only the queries learn from it).")
@@ -158,6 +161,8 @@ def _validate(cfg, path):
     for key in ("learning_rate", "min_lr", "weight_decay"):
         if getattr(cfg, key) < 0:
             bad(key, "must be 0 or more")
+    if cfg.negative_sampling not in ("per_row", "per_batch"):
+        bad("negative_sampling", "must be 'per_row' or 'per_batch'")
     if cfg.inbatch_gradient not in INBATCH_GRADIENTS:
         bad("inbatch_gradient", "must be 'all', 'own' or 'none'")
     if cfg.scheduler_type not in SCHEDULER_TYPES:

@@ -275,15 +275,19 @@ def rows_of(split):
     return split if isinstance(split, ArrowRows) else ArrowRows(split)
 
 
-def pick_negatives(num_rows, num_available, num_neg, rng):
+def pick_negatives(num_rows, num_available, num_neg, rng, per_batch=False):
     """[num_rows, num_neg] negative column indices: drawn without replacement by `rng` (a numpy
-    Generator), or the first num_neg of every row when rng is None (validation)."""
-    if rng is None:
+    Generator), for each row on its own, or with `per_batch` once for the whole batch as the published
+    collate_fn does (random.sample of k columns, every row the same ones; k = 1 always the first);
+    the first num_neg of every row when rng is None (validation)."""
+    if rng is None or (per_batch and num_neg == 1):
         return np.tile(np.arange(num_neg), (num_rows, 1))
+    if per_batch:
+        return np.tile(rng.permutation(num_available)[:num_neg], (num_rows, 1))
     return np.argsort(rng.random((num_rows, num_available)), axis=1)[:, :num_neg]
 
 
-def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None):
+def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None, per_batch_negatives=False):
     """An Arrow table of one dataset's rows -> {input_ids [T], lengths [n], num_queries, num_neg}.
 
     The n = bs x (2 + num_neg) sequences, in the order bs queries, bs positives, then each query's
@@ -298,7 +302,7 @@ def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None
     # All candidate sequences column by column: sequence (c, r) sits at c * bs + r.
     candidates = pa.concat_arrays([table.column(c).combine_chunks().cast(pa.list_(pa.int32())) for c in columns])
     rows = np.arange(bs)
-    picks = pick_negatives(bs, len(negative_cols), num_neg, rng)
+    picks = pick_negatives(bs, len(negative_cols), num_neg, rng, per_batch_negatives)
     order = np.concatenate([rows, bs + rows, ((2 + picks) * bs + rows[:, None]).ravel()])
     sequences = candidates.take(pa.array(order))
     full = np.asarray(pc.list_value_length(sequences), dtype=np.int64)
@@ -328,12 +332,12 @@ class DatasetBatches:
     """
 
     def __init__(self, split, *, batch_size, num_neg, max_seq_length, eos_id, train, seed=0, stream=0,
-                 rank=0, world=1, name="", vocab_size=None):
+                 rank=0, world=1, name="", vocab_size=None, per_batch_negatives=False):
         self.rows, self.name = rows_of(split), name
         self.batch_size, self.train, self.rank, self.world = batch_size, train, rank, world
         self.entropy = [seed, stream]
         self.collate = partial(collate, num_neg=num_neg, max_seq_length=max_seq_length, eos_id=eos_id,
-                               vocab_size=vocab_size)
+                               vocab_size=vocab_size, per_batch_negatives=per_batch_negatives)
         self.num_batches = -(-len(self.rows) // batch_size)
         self.epoch, self.order = 0, None
 
@@ -424,4 +428,5 @@ def make_loader(split, task, cfg, eos_id, *, train, stream=0, rank=0, world=1, n
     `name` labels errors."""
     return DatasetBatches(split, batch_size=cfg.train_batch_size, num_neg=num_negatives_needed(task, cfg),
                           max_seq_length=cfg.max_seq_length, eos_id=eos_id, train=train, seed=cfg.seed,
-                          stream=stream, rank=rank, world=world, name=name, vocab_size=vocab_size)
+                          stream=stream, rank=rank, world=world, name=name, vocab_size=vocab_size,
+                          per_batch_negatives=cfg.negative_sampling == "per_batch")

@@ -386,6 +386,16 @@ def test_published_dataset_types():
     assert len(names) == len(set(names)) == len(types)  # each dataset has one type
 
 
+def test_v2_dataset_types_are_a_superset_of_v1_with_no_type_changed():
+    v1 = load_dataset_types(Config(model_path="m", train_data_path="d"))
+    v2 = load_dataset_types(Config(model_path="m", train_data_path="d",
+                                   dataset_types_file="configs/dataset_types_v2.json"))
+    assert all(v2[name] == task for name, task in v1.items())
+    counts = {task: sum(1 for t in v2.values() if t == task) for task in TASK_TYPES}
+    assert counts == {"retrieval": 459, "classification": 10, "clustering": 33}
+    assert v2["webfaq_eng"] == "retrieval" and v2["sib200"] == "clustering" and v2["waimai"] == "classification"
+
+
 def test_dataset_types_file_found_from_another_folder(tmp_path, monkeypatch):
     """The default relative dataset_types_file is looked up in the repository when the working
     folder has none (run.py launched from elsewhere)."""

@@ -203,6 +203,32 @@ def test_pick_negatives():
     assert sorted(data.pick_negatives(1, 4, 4, np.random.default_rng(2))[0].tolist()) == [0, 1, 2, 3]
 
 
+def test_pick_negatives_per_batch_is_the_published_draw():
+    """The published collate_fn: one random.sample of k columns per batch, used by every row; k = 1
+    always takes negative_1."""
+    rng = np.random.default_rng(0)
+    draws = set()
+    for _ in range(300):
+        picks = data.pick_negatives(5, 24, 7, rng, per_batch=True)
+        assert picks.shape == (5, 7) and (picks == picks[0]).all(), "every row the same columns"
+        assert len(set(picks[0].tolist())) == 7 and picks.min() >= 0 and picks.max() < 24
+        draws.add(tuple(picks[0].tolist()))
+    assert len(draws) == 300, "a new draw per batch"
+    assert data.pick_negatives(5, 24, 1, rng, per_batch=True).tolist() == [[0]] * 5
+    assert data.pick_negatives(5, 24, 3, None, per_batch=True).tolist() == [[0, 1, 2]] * 5  # validation
+
+
+def test_per_batch_negatives_reach_the_training_batches(tiny, tokenized):
+    """negative_sampling "per_batch" through make_loader: every row of a batch has the negatives of
+    the same columns, and the columns change from batch to batch."""
+    cfg = make_cfg(tiny, tokenized, "unused", negative_sampling="per_batch")
+    loader = data.make_loader(in_memory_split(40), "retrieval", cfg, eos_id=EOS, train=True)
+    loader.set_epoch(0)
+    picks = [negative_picks(loader.batch(j)) for j in range(len(loader))]
+    assert all(all(row == batch[0] for row in batch) for batch in picks), picks
+    assert len({tuple(batch[0]) for batch in picks}) > 1
+
+
 def test_collate_same_seed_same_batch_and_different_seeds_differ():
     rows = make_rows(4, num_negatives=10)
 
