@@ -85,6 +85,11 @@ class Config:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")
     validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.")
     seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw.")
+    lr_schedule_steps: str = _opt("optimizer", "`optimizer`: warmup over warmup_steps optimizer steps, decay over "
+                                              "the run; `published_v1`: as the published v1 code, whose schedule "
+                                              "advances once per process per step over the unsharded step count "
+                                              "(warmup of warmup_steps / processes steps); `published_v2`: the same "
+                                              "with warmup_steps x processes.")
     scheduler_type: str = _opt("cosine", "`cosine`: linear warmup, then cosine decay to 0 over the run (clamped at "
                                          "min_lr); `constant_with_warmup` (F2LLM-v2): linear warmup, then constant.")
     resume_from: str = _opt("", "`latest`: continue from the newest complete checkpoint in output_dir/experiment_id "
@@ -165,6 +170,8 @@ def _validate(cfg, path):
         bad("negative_sampling", "must be 'per_row' or 'per_batch'")
     if cfg.inbatch_gradient not in INBATCH_GRADIENTS:
         bad("inbatch_gradient", "must be 'all', 'own' or 'none'")
+    if cfg.lr_schedule_steps not in ("optimizer", "published_v1", "published_v2"):
+        bad("lr_schedule_steps", "must be 'optimizer', 'published_v1' or 'published_v2'")
     if cfg.scheduler_type not in SCHEDULER_TYPES:
         bad("scheduler_type", "must be 'cosine' or 'constant_with_warmup'")
     if cfg.max_bad_steps < 1:

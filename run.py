@@ -262,10 +262,27 @@ def to_device(batch, device):
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
-def make_scheduler(optimizer, cfg, total_steps):
-    """The lr schedule: linear warmup, then cosine decay over total_steps or (v2) constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps,
-                                                                cosine=cfg.scheduler_type == "cosine"))
+def make_scheduler(optimizer, cfg, total_steps, num_processes=1, unsharded_steps=None):
+    """The lr schedule: linear warmup, then cosine decay or (v2) constant.
+
+    `lr_schedule_steps` "optimizer": warmup over warmup_steps optimizer steps, cosine over the run's
+    total_steps. "published_v1" / "published_v2": what the published code's schedule did, which
+    accelerate steps num_processes times per optimizer step, over `unsharded_steps` (one process's
+    step count of the unsharded data, or train_steps): v1's warmup lasts warmup_steps /
+    num_processes optimizer steps; v2 multiplies warmup_steps by num_processes to undo that."""
+    cosine = cfg.scheduler_type == "cosine"
+    if cfg.lr_schedule_steps == "optimizer":
+        factor = partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps, cosine=cosine)
+    else:
+        warmup = cfg.warmup_steps * (num_processes if cfg.lr_schedule_steps == "published_v2" else 1)
+        factor = partial(stepped_lr_factor, per_step=num_processes, warmup=warmup, total=unsharded_steps,
+                         cosine=cosine)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def stepped_lr_factor(step, per_step, **kw):
+    """lr_factor of a schedule advanced per_step times per optimizer step."""
+    return lr_factor(step * per_step, **kw)
 
 
 def lr_factor(step, warmup, total, cosine):
@@ -438,9 +455,11 @@ def main(argv=None):
     model, optimizer = accelerator.prepare(model, adamw)
     per_epoch = len(train_loader)
     total_steps = cfg.train_steps if cfg.train_steps > 0 else per_epoch * cfg.train_epochs
+    unsharded = sum(-(-len(train) // cfg.train_batch_size) for _, train, _ in splits.values()) * cfg.train_epochs
     # Stepped once per optimizer step here, not by accelerate (which steps it once per process).
     # It and the min_lr clamp act on AdamW's param groups, which DDP and DeepSpeed ZeRO step with.
-    scheduler = make_scheduler(adamw, cfg, total_steps)
+    scheduler = make_scheduler(adamw, cfg, total_steps, accelerator.num_processes,
+                               cfg.train_steps if cfg.train_steps > 0 else unsharded)
     accelerator.register_for_checkpointing(scheduler)
 
     tracker = LossTracker(splits, task_of, loss_kinds(cfg, distill=teacher is not None))

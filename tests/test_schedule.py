@@ -55,6 +55,34 @@ def test_schedules_are_transformers_schedules(warmup, total):
             reference.step()
 
 
+@pytest.mark.parametrize("version", ["published_v1", "published_v2"])
+@pytest.mark.parametrize("processes", [1, 2, 4])
+@pytest.mark.parametrize("scheduler_type", ["cosine", "constant_with_warmup"])
+def test_published_schedules_advance_once_per_process(version, processes, scheduler_type):
+    """The published schedule went through accelerator.prepare, whose AcceleratedScheduler steps it
+    num_processes times per optimizer step, over the unsharded step count; v2 first multiplies
+    warmup_steps by num_processes. Emulated here with transformers' schedule and that loop."""
+    from transformers import get_scheduler
+
+    warmup, unsharded, steps = 20, 200, 200 // processes
+    cfg = Config(model_path="m", train_data_path="t", warmup_steps=warmup, scheduler_type=scheduler_type,
+                 lr_schedule_steps=version, min_lr=0)
+    ours_opt, theirs_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3) for _ in range(2))
+    ours = make_scheduler(ours_opt, cfg, steps, processes, unsharded)
+    theirs = get_scheduler(scheduler_type, optimizer=theirs_opt, num_training_steps=unsharded,
+                           num_warmup_steps=warmup * (processes if version == "published_v2" else 1))
+    lrs = []
+    for _ in range(steps):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(theirs_opt.param_groups[0]["lr"], rel=1e-12, abs=0)
+        lrs.append(ours_opt.param_groups[0]["lr"])
+        ours.step()
+        for _ in range(processes):
+            theirs.step()
+    # v1's warmup lasts warmup_steps / processes optimizer steps; v2's warmup_steps.
+    peak = lrs.index(max(lrs))
+    assert peak == (warmup // processes if version == "published_v1" else warmup)
+
+
 def test_unknown_scheduler_type_is_a_clear_error(tmp_path):
     path = write_config(tmp_path / "c.json", model_path="m", train_data_path="t", scheduler_type="linear")
     with pytest.raises(UserError, match="scheduler_type.*'cosine' or 'constant_with_warmup'"):
