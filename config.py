@@ -83,6 +83,8 @@ class Config:
     gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
     adam_betas: list = _opt(None, "AdamW betas.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")
+    merge_checkpoints: bool = _opt(False, "F2LLM-v2's extra checkpoints for merging: step_5, and every 500 steps in "
+                                          "the last 2,500 (with checkpointing_steps on). See merge_checkpoints.py.")
     validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.")
     seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw.")
     lr_schedule_steps: str = _opt("optimizer", "`optimizer`: warmup over warmup_steps optimizer steps, decay over "

@@ -67,14 +67,19 @@ def pick_dtype(requested="auto"):
     return getattr(torch, requested)
 
 
+def dtype_argument(dtype):
+    """from_pretrained's keyword for the weights' dtype: transformers renamed torch_dtype to dtype in
+    4.56; the old name still works up to 4.x."""
+    key = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
 def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient_checkpointing=False, packed=False):
     attn_implementation = pick_attn_implementation(attn_implementation, packed)
     if attn_implementation == "sdpa_varlen":
         _register_sdpa_varlen()
-    # transformers renamed torch_dtype to dtype in 4.56; the old name still works up to 4.x.
-    dtype_key = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
     backbone = AutoModel.from_pretrained(model_path, attn_implementation=attn_implementation,
-                                         **{dtype_key: pick_dtype(dtype)})
+                                         **dtype_argument(pick_dtype(dtype)))
     backbone.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant checkpointing works under DDP and with inputs that need no gradient.

@@ -302,6 +302,16 @@ def clamp_lr(optimizer, min_lr):
         group["lr"] = max(group["lr"], min_lr)
 
 
+def checkpoint_due(step, total_steps, cfg):
+    """Whether `step` saves a step_N checkpoint: every checkpointing_steps; with merge_checkpoints
+    also F2LLM-v2's checkpoints for merging, step 5 and (when checkpointing_steps is on) every 500th
+    step of the last 2,500, as the published code's condition."""
+    if cfg.merge_checkpoints and (step == 5 or (cfg.checkpointing_steps and step % 500 == 0
+                                                and step > total_steps - 2500)):
+        return True
+    return bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
+
+
 class StopSignal:
     """Remembers SIGTERM or SIGUSR1 (preemption notices): the loop finishes its step, saves a
     checkpoint and exits, instead of dying mid-step."""
@@ -520,7 +530,7 @@ def main(argv=None):
             with throughput.paused():
                 if cfg.validation_steps and step % cfg.validation_steps == 0:
                     log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
-                if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                if checkpoint_due(step, total_steps, cfg):
                     saved = save(f"step_{step}")
             if stop.agreed(accelerator):
                 path = saved if saved == os.path.join(cfg.run_dir, f"step_{step}") else save(f"step_{step}")
