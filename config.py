@@ -59,6 +59,12 @@ class Config:
     negative_sampling: str = _opt("per_row", "How a training batch's hard negatives are drawn from each row's: "
                                              "`per_row`, each row on its own; `per_batch` (published), one draw of "
                                              "columns for the whole batch (k = 1: always negative_1).")
+    validation_negatives: str = _opt("first", "Validation batches' hard negatives: `first`, each row's first k; "
+                                              "`random` (published), drawn like training's, the same at every "
+                                              "validation.")
+    dataset_draw: str = _opt("seeded", "The order of the datasets' batches in an epoch: `seeded`, drawn by "
+                                       "(seed, epoch); `published`, the published MultiLoader's random.Random(epoch) "
+                                       "stream, whatever the seed.")
     inbatch_gradient: str = _opt("all", "Which positives of the global batch the in-batch loss sends gradient to: "
                                         "`all` (the gradient of the global-batch loss), `own` (this process's "
                                         "only), `none` (published: only the queries learn from it).")
@@ -170,6 +176,10 @@ def _validate(cfg, path):
             bad(key, "must be 0 or more")
     if cfg.negative_sampling not in ("per_row", "per_batch"):
         bad("negative_sampling", "must be 'per_row' or 'per_batch'")
+    if cfg.validation_negatives not in ("first", "random"):
+        bad("validation_negatives", "must be 'first' or 'random'")
+    if cfg.dataset_draw not in ("seeded", "published"):
+        bad("dataset_draw", "must be 'seeded' or 'published'")
     if cfg.inbatch_gradient not in INBATCH_GRADIENTS:
         bad("inbatch_gradient", "must be 'all', 'own' or 'none'")
     if cfg.lr_schedule_steps not in ("optimizer", "published_v1", "published_v2"):

@@ -326,15 +326,17 @@ class DatasetBatches:
     Any batch of any epoch is rebuilt without replaying the ones before it, so a resumed run
     continues exactly where it stopped at no cost. Training: rows shuffled by (seed, stream, epoch),
     negatives sampled by (seed, stream, epoch, batch); validation: rows in order with their first
-    negatives. The epoch's batches are dealt round-robin to the `world` processes and the last
+    negatives, or with random_validation_negatives negatives sampled by (seed, stream, batch). The epoch's batches are dealt round-robin to the `world` processes and the last
     ones are repeated from the start, so that every process runs the same number of steps (one
     process with a batch fewer would leave the others waiting in a collective forever).
     """
 
     def __init__(self, split, *, batch_size, num_neg, max_seq_length, eos_id, train, seed=0, stream=0,
-                 rank=0, world=1, name="", vocab_size=None, per_batch_negatives=False):
+                 rank=0, world=1, name="", vocab_size=None, per_batch_negatives=False,
+                 random_validation_negatives=False):
         self.rows, self.name = rows_of(split), name
         self.batch_size, self.train, self.rank, self.world = batch_size, train, rank, world
+        self.random_validation_negatives = random_validation_negatives
         self.entropy = [seed, stream]
         self.collate = partial(collate, num_neg=num_neg, max_seq_length=max_seq_length, eos_id=eos_id,
                                vocab_size=vocab_size, per_batch_negatives=per_batch_negatives)
@@ -354,7 +356,10 @@ class DatasetBatches:
             self.order = (np.random.default_rng([*self.entropy, self.epoch, 0]).permutation(n) if self.train
                           else np.arange(n))
         g = (j * self.world + self.rank) % self.num_batches  # its index among all processes' batches
-        rng = np.random.default_rng([*self.entropy, self.epoch, 1, g]) if self.train else None
+        if self.train:
+            rng = np.random.default_rng([*self.entropy, self.epoch, 1, g])
+        else:  # the same negatives at every validation, so that successive losses compare
+            rng = np.random.default_rng([*self.entropy, 2, g]) if self.random_validation_negatives else None
         try:
             return self.collate(self.rows.__getitems__(self.order[g * self.batch_size: (g + 1) * self.batch_size]),
                                 rng=rng)
@@ -377,9 +382,9 @@ class MultiDatasetLoader:
     from position `start` of the epoch (a resumed run starts mid-epoch).
     """
 
-    def __init__(self, loaders, seed=0):
+    def __init__(self, loaders, seed=0, published_draw=False):
         self.loaders = dict(loaders)
-        self.seed = seed
+        self.seed, self.published_draw = seed, published_draw
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -392,6 +397,8 @@ class MultiDatasetLoader:
 
     def draw_order(self):
         """The dataset name of every batch of this epoch, in order."""
+        if self.published_draw:
+            return self.published_draw_order()
         rng = random.Random(f"{self.seed}-{self.epoch}")
         left = {name: len(loader) for name, loader in self.loaders.items() if len(loader)}
         order = []
@@ -402,6 +409,23 @@ class MultiDatasetLoader:
             left[name] -= 1
             if not left[name]:
                 del left[name]
+        return order
+
+    def published_draw_order(self):
+        """The published MultiLoader's order: random.Random(epoch), whatever the seed, weights fixed at
+        each dataset's batch count; a draw of an exhausted dataset only removes it from the draw."""
+        rng = random.Random(self.epoch)
+        names = [name for name, loader in self.loaders.items() if len(loader)]
+        weights = [len(self.loaders[name]) for name in names]
+        left, order = dict(zip(names, weights)), []
+        while names:
+            name = rng.choices(names, weights=weights)[0]
+            if left[name]:
+                order.append(name)
+                left[name] -= 1
+            else:
+                weights.pop(names.index(name))
+                names.remove(name)
         return order
 
     def __iter__(self):
@@ -429,4 +453,5 @@ def make_loader(split, task, cfg, eos_id, *, train, stream=0, rank=0, world=1, n
     return DatasetBatches(split, batch_size=cfg.train_batch_size, num_neg=num_negatives_needed(task, cfg),
                           max_seq_length=cfg.max_seq_length, eos_id=eos_id, train=train, seed=cfg.seed,
                           stream=stream, rank=rank, world=world, name=name, vocab_size=vocab_size,
-                          per_batch_negatives=cfg.negative_sampling == "per_batch")
+                          per_batch_negatives=cfg.negative_sampling == "per_batch",
+                          random_validation_negatives=cfg.validation_negatives == "random")

@@ -397,7 +397,7 @@ def build_loaders(splits, cfg, tokenizer, vocab_size, accelerator):
     train = {name: loader(name, split, task, train=True, stream=i)
              for i, (name, (task, split, _)) in enumerate(splits.items())}
     valid = {name: loader(name, split, task, train=False) for name, (task, _, split) in splits.items()}
-    return MultiDatasetLoader(train, seed=cfg.seed), valid
+    return MultiDatasetLoader(train, seed=cfg.seed, published_draw=cfg.dataset_draw == "published"), valid
 
 
 def open_writer(cfg, accelerator):

@@ -218,6 +218,21 @@ def test_pick_negatives_per_batch_is_the_published_draw():
     assert data.pick_negatives(5, 24, 3, None, per_batch=True).tolist() == [[0, 1, 2]] * 5  # validation
 
 
+def test_random_validation_negatives(tiny, tokenized):
+    """validation_negatives "random": validation batches draw their negatives (not each row's first
+    k), the same ones at every validation; "first" keeps negatives 1..k."""
+    split = in_memory_split(40)
+    first = data.make_loader(split, "retrieval", make_cfg(tiny, tokenized, "unused"), eos_id=EOS, train=False)
+    assert all(row == [1, 2, 3] for j in range(len(first)) for row in negative_picks(first.batch(j)))
+    cfg = make_cfg(tiny, tokenized, "unused", validation_negatives="random")
+    drawn = data.make_loader(split, "retrieval", cfg, eos_id=EOS, train=False)
+    picks = [negative_picks(drawn.batch(j)) for j in range(len(drawn))]
+    assert any(row != [1, 2, 3] for batch in picks for row in batch)
+    drawn.set_epoch(1)
+    assert [negative_picks(drawn.batch(j)) for j in range(len(drawn))] == picks, "the same at every validation"
+    assert row_ids(drawn.batch(0)) == [0, 1, 2, 3], "rows stay in order"
+
+
 def test_per_batch_negatives_reach_the_training_batches(tiny, tokenized):
     """negative_sampling "per_batch" through make_loader: every row of a batch has the negatives of
     the same columns, and the columns change from batch to batch."""
@@ -392,6 +407,36 @@ def test_multi_loader_draw_is_proportional_to_batch_counts():
     assert chi2 < 13.8, (firsts, expected)
     for name in SIZES:
         assert abs(firsts[name] / epochs - SIZES[name] / total) < 0.03, firsts
+
+
+def published_multiloader_order(sizes, epoch):
+    """The published MultiLoader, verbatim but for batches: random.Random(epoch); every draw
+    rng.choices(names, weights=batch counts); a StopIteration removes the dataset."""
+    rng = random.Random(epoch)
+    iters = {name: iter(range(n)) for name, n in sizes.items()}
+    names, weights = list(iters), [sizes[name] for name in iters]
+    order = []
+    while names:
+        name = rng.choices(names, weights=weights)[0]
+        try:
+            next(iters[name])
+            order.append(name)
+        except StopIteration:
+            idx = names.index(name)
+            names.pop(idx)
+            weights.pop(idx)
+    return order
+
+
+def test_multi_loader_published_draw_is_the_published_multiloader():
+    for seed in (0, 7):
+        loader = data.MultiDatasetLoader(tagged(SIZES), seed=seed, published_draw=True)
+        for epoch in range(4):
+            loader.set_epoch(epoch)
+            assert [name for name, _ in loader] == published_multiloader_order(SIZES, epoch)
+    ours = data.MultiDatasetLoader(tagged(SIZES), seed=0)
+    ours.set_epoch(0)
+    assert ours.draw_order() != published_multiloader_order(SIZES, 0)
 
 
 def test_multi_loader_skips_empty_datasets():
