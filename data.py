@@ -326,9 +326,10 @@ class DatasetBatches:
     Any batch of any epoch is rebuilt without replaying the ones before it, so a resumed run
     continues exactly where it stopped at no cost. Training: rows shuffled by (seed, stream, epoch),
     negatives sampled by (seed, stream, epoch, batch); validation: rows in order with their first
-    negatives, or with random_validation_negatives negatives sampled by (seed, stream, batch). The epoch's batches are dealt round-robin to the `world` processes and the last
-    ones are repeated from the start, so that every process runs the same number of steps (one
-    process with a batch fewer would leave the others waiting in a collective forever).
+    negatives, or with random_validation_negatives negatives sampled by (seed, stream, batch). The
+    epoch's batches are dealt round-robin to the `world` processes and the last ones are repeated
+    from the start, so that every process runs the same number of steps (one process with a batch
+    fewer would leave the others waiting in a collective forever).
     """
 
     def __init__(self, split, *, batch_size, num_neg, max_seq_length, eos_id, train, seed=0, stream=0,
