@@ -15,8 +15,18 @@ from errors import UserError
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TASK_TYPES = ("retrieval", "classification", "clustering")
 BATCH_LAYOUTS = ("packed", "grouped", "padded")
-SCHEDULER_TYPES = ("cosine", "constant_with_warmup")
-INBATCH_GRADIENTS = ("all", "own", "none")
+# The keys whose value is one of a few names: each key's names.
+CHOICES = {
+    "negative_sampling": ("per_row", "per_batch"),
+    "validation_negatives": ("first", "random"),
+    "dataset_draw": ("seeded", "published"),
+    "inbatch_gradient": ("all", "own", "none"),
+    "lr_schedule_steps": ("optimizer", "published_v1", "published_v2"),
+    "scheduler_type": ("cosine", "constant_with_warmup"),
+    "attention_mask_from": ("lengths", "pad_token_id"),
+    "batch_layout": BATCH_LAYOUTS,
+    "dtype": ("auto", "bfloat16", "float32"),
+}
 # Keys of earlier versions of this project: what replaced them.
 REPLACED_KEYS = {"gather_with_grad": "inbatch_gradient (true: \"all\", false: \"own\")"}
 # Keys of the published Args that configure nothing: num_processes is a placeholder the published
@@ -174,18 +184,10 @@ def _validate(cfg, path):
     for key in ("learning_rate", "min_lr", "weight_decay"):
         if getattr(cfg, key) < 0:
             bad(key, "must be 0 or more")
-    if cfg.negative_sampling not in ("per_row", "per_batch"):
-        bad("negative_sampling", "must be 'per_row' or 'per_batch'")
-    if cfg.validation_negatives not in ("first", "random"):
-        bad("validation_negatives", "must be 'first' or 'random'")
-    if cfg.dataset_draw not in ("seeded", "published"):
-        bad("dataset_draw", "must be 'seeded' or 'published'")
-    if cfg.inbatch_gradient not in INBATCH_GRADIENTS:
-        bad("inbatch_gradient", "must be 'all', 'own' or 'none'")
-    if cfg.lr_schedule_steps not in ("optimizer", "published_v1", "published_v2"):
-        bad("lr_schedule_steps", "must be 'optimizer', 'published_v1' or 'published_v2'")
-    if cfg.scheduler_type not in SCHEDULER_TYPES:
-        bad("scheduler_type", "must be 'cosine' or 'constant_with_warmup'")
+    for key, names in CHOICES.items():
+        if getattr(cfg, key) not in names:
+            quoted = [f"'{name}'" for name in names]
+            bad(key, f"must be {', '.join(quoted[:-1])} or {quoted[-1]}")
     if cfg.max_bad_steps < 1:
         bad("max_bad_steps", "must be at least 1")
     if cfg.max_grad_norm <= 0:
@@ -194,10 +196,6 @@ def _validate(cfg, path):
         bad("temperature", "must be positive")
     if not 0 < cfg.validation_fraction < 1:
         bad("validation_fraction", "must be between 0 and 1")
-    if cfg.attention_mask_from not in ("lengths", "pad_token_id"):
-        bad("attention_mask_from", "must be 'lengths' or 'pad_token_id'")
-    if cfg.batch_layout not in BATCH_LAYOUTS:
-        bad("batch_layout", "must be 'packed', 'grouped' or 'padded'")
     if cfg.attention_mask_from == "pad_token_id" and cfg.batch_layout == "packed":
         bad("attention_mask_from", "'pad_token_id' masks pad tokens, which packed batches do not have: "
                                    "set \"batch_layout\": \"padded\" with it")
@@ -206,8 +204,6 @@ def _validate(cfg, path):
                                    "use it with \"batch_layout\": \"packed\" only")
     if cfg.grad_cache_chunk_size < 0:
         bad("grad_cache_chunk_size", "must be 0 (off) or a number of sequences per chunk")
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        bad("dtype", "must be 'auto', 'bfloat16' or 'float32'")
     if len(cfg.adam_betas) != 2 or not all(_type_ok(b, float) and 0 <= b < 1 for b in cfg.adam_betas):
         bad("adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.98]")
     if cfg.num_hard_neg_clustering < -1:

@@ -10,11 +10,10 @@ sentence-transformers, evaluate.py and mteb_eval.py load like any other. Which c
 merge is the user's choice.
 """
 import argparse
-import json
 import os
 
 from errors import UserError, exit_on_user_error
-from model import dtype_argument, load_tokenizer, save_inference_model
+from model import dtype_argument, load_tokenizer, save_inference_model, st_settings
 
 
 def parse_args(argv=None):
@@ -22,19 +21,6 @@ def parse_args(argv=None):
     p.add_argument("output", help="folder to write the merged checkpoint to (must not exist)")
     p.add_argument("checkpoints", nargs="+", help="two or more checkpoints (step_N / epoch_N folders) of one model")
     return p.parse_args(argv)
-
-
-def st_settings(path):
-    """(max_seq_length, prompts) recorded in a checkpoint's sentence-transformers files, else the defaults."""
-    def read(name, default):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return default
-        with open(file) as f:
-            return json.load(f)
-
-    return (read("sentence_bert_config.json", {}).get("max_seq_length", 1024),
-            read("config_sentence_transformers.json", {}).get("prompts", {}))
 
 
 def load_weights(path):

@@ -220,10 +220,6 @@ def load_encoder(path, device=None, dtype="auto", max_seq_length=None, layout="p
     """An Encoder for a checkpoint (or any backbone folder with its tokenizer), on `device`
     (default: cuda if available). max_seq_length and prompts come from the checkpoint's
     sentence-transformers files when present (defaults 1024 and none)."""
-    def read(name):
-        file = os.path.join(path, name)
-        return json.load(open(file)) if os.path.isfile(file) else {}
-
     tokenizer = load_tokenizer(path)
     try:
         backbone = load_backbone(path, dtype=dtype, packed=layout == "packed")
@@ -231,8 +227,19 @@ def load_encoder(path, device=None, dtype="auto", max_seq_length=None, layout="p
         raise UserError(f"cannot load a model from {path}: {str(err).splitlines()[0]}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     embedder = Embedder(backbone, layout, tokenizer.pad_token_id).to(device)
-    max_seq_length = max_seq_length or read("sentence_bert_config.json").get("max_seq_length", 1024)
-    return Encoder(embedder, tokenizer, max_seq_length, read("config_sentence_transformers.json").get("prompts"))
+    saved_length, prompts = st_settings(path)
+    return Encoder(embedder, tokenizer, max_seq_length or saved_length, prompts)
+
+
+def st_settings(path):
+    """(max_seq_length, prompts) recorded in a checkpoint's sentence-transformers files; 1024 and
+    none for a folder without them."""
+    def read(name):
+        file = os.path.join(path, name)
+        return json.load(open(file)) if os.path.isfile(file) else {}
+
+    return (read("sentence_bert_config.json").get("max_seq_length", 1024),
+            read("config_sentence_transformers.json").get("prompts") or {})
 
 
 def load_tokenizer(model_path):

@@ -196,13 +196,13 @@ def optimizer_step(model, cfg, accelerator, optimizer):
     A DeepSpeed that applied a non-finite step has turned the weights to garbage: stop there."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         engine = accelerator.deepspeed_engine_wrapped.engine
-        norm = engine.get_global_grad_norm()
+        norm, applied = engine.get_global_grad_norm(), engine.was_step_applied()
         norm = None if norm is None else float(norm)
-        if engine.was_step_applied() and norm is not None and not math.isfinite(norm):
+        if applied and norm is not None and not math.isfinite(norm):
             raise UserError(f"DeepSpeed {importlib.metadata.version('deepspeed')} applied an optimizer step whose "
                             f"gradient norm is {norm}, so the weights are no longer finite; upgrade deepspeed "
                             '(0.19.8 skips such steps) and resume from the last checkpoint ("resume_from": "latest")')
-        return engine.was_step_applied(), norm
+        return applied, norm
     norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
     if not math.isfinite(norm):
         return False, norm

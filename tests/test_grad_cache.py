@@ -2,7 +2,6 @@
 uncached step, for every chunk size, in one process and under DDP over 2 processes; only one
 chunk of sequences is ever run with a graph; gradients are synchronised once per step."""
 import os
-import socket
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from conftest import write_config
+from conftest import free_port, write_config
 
 import config
 import data
@@ -241,9 +240,7 @@ def _worker(rank, port, backbone, rows, out_dir):
 def two_process_results(tiny, tokenized, tmp_path_factory):
     out = tmp_path_factory.mktemp("grad_cache_ddp")
     rows = table_of(tokenized, "msmarco", 2 * B, K, start=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_worker, args=(port, f"{tiny}/backbone", rows, str(out)), nprocs=2, join=True)
     return rows, [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
 

@@ -3,13 +3,13 @@ when the in-batch gather carries gradients to every positive (inbatch_gradient "
 different one when only this process's positives get it ("own"; "none", the published behaviour,
 is pinned in test_loss_model)."""
 import os
-import socket
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch.nn.parallel import DistributedDataParallel
 
 from data import collate
@@ -53,9 +53,7 @@ def _worker(rank, port, backbone, rows, gradient, out):
 
 
 def two_process_update(tmp_path, backbone, rows, gradient):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / f"delta_{gradient}.pt")
     mp.spawn(_worker, args=(port, backbone, rows, gradient, out), nprocs=2, join=True)
     return torch.load(out)

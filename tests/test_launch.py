@@ -10,7 +10,6 @@ import glob
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from transformers import AutoModel
 
 import model
 from conftest import (BIN, REPO_DIR, assert_same_curves, assert_same_weights, assert_user_error, children, curves,
-                      make_config, run_cli, run_dir, weights, write_config)
+                      free_port, make_config, run_cli, run_dir, weights, write_config)
 from test_resume import KILLER
 
 ZERO2 = os.path.join(REPO_DIR, "configs/accelerate_config.yaml")
@@ -36,12 +35,6 @@ K = 10  # checkpointing_steps of the published runs: step_10 lies inside the fir
 B = 8
 SAME_BATCHES = dict(num_hard_neg=10, log_interval=1)
 PUBLISHED_RUN = dict(train_epochs=1, checkpointing_steps=K, save_total_limit=0, **SAME_BATCHES)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def launch_cmd(config, processes, yaml=ZERO2, flags=(), script=os.path.join(REPO_DIR, "run.py"), port=None):

@@ -1,7 +1,6 @@
 """loss.py against hand computations, and model.py: pooling, attention masks, Embedder, encode."""
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import REPO_DIR
+from conftest import REPO_DIR, free_port
 
 import data
 import loss
@@ -238,9 +237,7 @@ dist.destroy_process_group()
 
 
 def test_inbatch_loss_across_two_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
