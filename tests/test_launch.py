@@ -95,7 +95,7 @@ def assert_launch_error(proc, *fragments):
 @pytest.fixture(scope="session")
 def deepspeed_op():
     """DeepSpeed compiles its shared-memory communication op for the CPU the first time a process
-    starts (about 2 minutes on a fresh machine; cached in TORCH_EXTENSIONS_DIR, by default
+    starts (1 to 2 minutes on a fresh machine; cached in TORCH_EXTENSIONS_DIR, by default
     ~/.cache/torch_extensions): build it once, before the launches."""
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
