@@ -26,6 +26,7 @@ CHOICES = {
     "attention_mask_from": ("lengths", "pad_token_id"),
     "batch_layout": BATCH_LAYOUTS,
     "dtype": ("auto", "bfloat16", "float32"),
+    "log_keys": ("grouped", "published"),
 }
 # Keys of earlier versions of this project: what replaced them.
 REPLACED_KEYS = {"gather_with_grad": "inbatch_gradient (true: \"all\", false: \"own\")"}
@@ -78,6 +79,10 @@ class Config:
     inbatch_gradient: str = _opt("all", "Which positives of the global batch the in-batch loss sends gradient to: "
                                         "`all` (the gradient of the global-batch loss), `own` (this process's "
                                         "only), `none` (published: only the queries learn from it).")
+    log_keys: str = _opt("grouped", "TensorBoard names of the losses: `grouped`, train/DATASET/hard, "
+                                    "valid/TASK_TYPE/inbatch, ... (each loss term apart); `published`, "
+                                    "DATASET/training_loss_hard, Avg/TASK_TYPE/valid_loss_in_batch, ... (training's "
+                                    "Matryoshka terms inside the loss they cut).")
     attention_mask_from: str = _opt("lengths", "`lengths`: mask from sequence lengths; `pad_token_id`: published "
                                                "rule input_ids != pad id, which masks eos when pad == eos.")
     dataset_types_file: str = _opt("configs/dataset_types.json",

@@ -1,16 +1,22 @@
 """Tokenized datasets, the collate of one homogeneous batch, and the multi-dataset loader.
 
-Two tokenized layouts (tokenize_data_qwen.py --layout): v1, one file per dataset with token columns
+Three tokenized layouts (tokenize_data_qwen.py --layout): v1, one file per dataset with token columns
 query_input_ids, passage_input_ids, negative_{i}_input_ids; v2 (F2LLM-v2), one query file per
 dataset whose columns passage_id, negative_{i}_id hold ids into its corpus `corpus/NAME.parquet`
-(doc_id, input_ids). A v2 split resolves the ids per batch, so everything past load_splits sees
-v1 token columns.
+(doc_id, input_ids); published_v2, the published v2 script's `NAME_query.parquet` files whose
+passage_input_ids, negative_{i}_input_ids hold string document ids of one corpus for the folder
+(`corpus.parquet`, or the `NAME_corpus.parquet` files it is concatenated from). A published_v2 file
+is turned into a v2 one (integer ids into the folder's corpus, cached under cache_dir) and a v2
+split resolves the ids per batch, so everything past load_splits sees v1 token columns.
 
 Every batch holds rows of one dataset only. Sequence order in a batch: the bs queries, the bs
 positives, then each query's k hard negatives in turn (see loss.split_embeddings). A batch is
 flat token ids plus per-sequence lengths; the model packs or pads it (model.Embedder).
 """
+import functools
 import glob
+import hashlib
+import json
 import os
 import random
 from collections import Counter
@@ -26,8 +32,12 @@ import torch
 from errors import UserError
 
 
+QUERY_SUFFIX, CORPUS_SUFFIX, CORPUS_FILE = "_query.parquet", "_corpus.parquet", "corpus.parquet"
+
+
 def find_datasets(data_path):
-    """[(name, path)] of the `*.parquet` files in data_path; the file name is the dataset name."""
+    """[(name, path)] of the datasets in data_path: each `*.parquet` file, named by its file name; in a
+    folder of the published v2 layout, each `NAME_query.parquet`, named NAME."""
     if not os.path.isdir(data_path):
         raise UserError(f"train_data_path {data_path} not found: point it at the folder that "
                         "tokenize_data_qwen.py wrote")
@@ -35,7 +45,23 @@ def find_datasets(data_path):
     if not paths:
         raise UserError(f"train_data_path {data_path} holds no *.parquet files: run tokenize_data_qwen.py "
                         "and point train_data_path at its --output_dir")
-    return [(os.path.basename(p)[: -len(".parquet")], p) for p in paths]
+    if not published_corpus_files(data_path):
+        return [(os.path.basename(p)[: -len(".parquet")], p) for p in paths]
+    for p in paths:
+        if not (p.endswith(QUERY_SUFFIX) or p.endswith(CORPUS_SUFFIX) or os.path.basename(p) == CORPUS_FILE):
+            raise UserError(f"{p}: train_data_path is in the published v2 layout (NAME_query.parquet files and "
+                            f"their corpus), where this file is no dataset; move it out of {data_path}")
+    return [(os.path.basename(p)[: -len(QUERY_SUFFIX)], p) for p in paths if p.endswith(QUERY_SUFFIX)]
+
+
+def published_corpus_files(data_path):
+    """The corpus of a folder in the published v2 layout: `corpus.parquet` if there is one (what the
+    published run.py reads), else the `NAME_corpus.parquet` files the published README concatenates
+    into it; [] when the folder is in another layout (no `*_query.parquet` beside a corpus)."""
+    if not glob.glob(os.path.join(data_path, "*" + QUERY_SUFFIX)):
+        return []
+    single = os.path.join(data_path, CORPUS_FILE)
+    return [single] if os.path.isfile(single) else sorted(glob.glob(os.path.join(data_path, "*" + CORPUS_SUFFIX)))
 
 
 def negatives_key(task_type, cfg):
@@ -110,6 +136,8 @@ def token_columns(path, needed_negatives, key="num_hard_neg"):
         raise UserError(f"{path}: {n} hard negatives per row (negative_1 ... negative_{n}), fewer than the "
                         f"{needed_negatives} the config asks for; {fix}")
     columns = ["query_input_ids", f"passage{suffix}"] + [f"negative_{i}{suffix}" for i in range(1, n + 1)]
+    if is_text(schema.field("passage_input_ids").type if suffix == "_input_ids" else pa.null()):
+        return published_v2_columns(path, schema, columns)
     for col in columns:
         typ = schema.field(col).type
         if col.endswith("_input_ids") and not is_token_list(typ):
@@ -120,6 +148,37 @@ def token_columns(path, needed_negatives, key="num_hard_neg"):
                             "tokenize_data_qwen.py --layout v2")
     if suffix == "_id":
         check_corpus_columns(path)
+    return columns
+
+
+def is_text(typ):
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ)
+
+
+def published_v2_columns(path, schema, columns):
+    """token_columns of a published v2 query file: query_input_ids token lists, string document ids
+    in the others, and a folder corpus with string `doc_id` and `input_ids` token lists."""
+    if not is_token_list(schema.field("query_input_ids").type):
+        raise UserError(f"{path}: column 'query_input_ids' is {schema.field('query_input_ids').type}, not a list of "
+                        "token ids; tokenize the raw data with tokenize_data_qwen.py")
+    for col in columns[1:]:
+        if not is_text(schema.field(col).type):
+            raise UserError(f"{path}: column '{col}' is {schema.field(col).type}, but passage_input_ids holds string "
+                            "document ids (the published v2 layout): every document column must; re-run "
+                            "tokenize_data_qwen.py --layout published_v2")
+    corpus = published_corpus_files(os.path.dirname(path))
+    if not corpus:
+        raise UserError(f"{path}: its string document ids need the folder's corpus.parquet (or NAME_corpus.parquet "
+                        "files), which is missing; re-run tokenize_data_qwen.py --layout published_v2")
+    for file in corpus:
+        _, corpus_schema = read_schema(file)
+        for col, ok, what in (("doc_id", is_text, "string document ids"), ("input_ids", is_token_list,
+                                                                            "a list of token ids")):
+            if col not in corpus_schema.names:
+                raise UserError(f"{file}: no column '{col}'; re-run tokenize_data_qwen.py --layout published_v2")
+            if not ok(corpus_schema.field(col).type):
+                raise UserError(f"{file}: column '{col}' is {corpus_schema.field(col).type}, not {what}; re-run "
+                                "tokenize_data_qwen.py --layout published_v2")
     return columns
 
 
@@ -160,13 +219,15 @@ def check_token_values(table, columns, path):
             raise UserError(f"{path}: column '{col}' has null token ids inside its lists; re-tokenize the file")
 
 
-def read_dataset(path, cfg):
-    """A parquet file as a memory-mapped `datasets` Dataset, cached under cfg.cache_dir."""
+def read_dataset(path, cache_dir):
+    """A parquet file (or a list of them, concatenated) as a memory-mapped `datasets` Dataset, cached
+    under cache_dir."""
     try:
-        return datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cfg.cache_dir)
+        return datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cache_dir)
     except Exception as err:  # a corrupt page surfaces here, under several exception types
         cause = err.__cause__ or err
-        raise UserError(f"{path}: cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
+        label = path if isinstance(path, str) else " + ".join(path)
+        raise UserError(f"{label}: cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
                         "re-tokenize or re-download it")
 
 
@@ -190,7 +251,7 @@ def check_ids(table, columns, num_docs, path):
 def load_corpus(path, cfg):
     """A v2 corpus's `input_ids` column (memory-mapped), after checking doc_id == row position and
     the token lists."""
-    corpus = read_dataset(path, cfg).data.table
+    corpus = read_dataset(path, cfg.cache_dir).data.table
     start = 0
     for chunk in corpus.column("doc_id").chunks:  # chunk by chunk: no corpus-sized copies
         if chunk.null_count or not np.array_equal(chunk.to_numpy(), np.arange(start, start + len(chunk))):
@@ -204,18 +265,114 @@ def load_corpus(path, cfg):
 def load_splits(path, columns, cfg):
     """The dataset's train / validation split (seeded), cached under cfg.cache_dir. A v2 query file
     (columns from token_columns) is split exactly like its v1 file, and each split comes as
-    CorpusRows, which resolves the document ids from the corpus."""
-    ds = read_dataset(path, cfg)
+    CorpusRows, which resolves the document ids from the corpus; a published v2 file is first
+    replaced by its v2 twin (PublishedCorpus.integer_ids), whose rows are the same in the same order."""
+    ds = read_dataset(path, cfg.cache_dir)
+    documents = None
+    if is_text(ds.data.schema.field(columns[1]).type):
+        corpus = published_corpus(tuple(published_corpus_files(os.path.dirname(path))), cfg.cache_dir)
+        ds = read_dataset(corpus.integer_ids(path, ds.data.table, columns, cfg.cache_dir), cfg.cache_dir)
+        columns = columns[:1] + [c[: -len("_input_ids")] + "_id" for c in columns[1:]]
+        documents = corpus.documents
     id_columns = [c for c in columns if c.endswith("_id")]
     check_token_values(ds.data, [c for c in columns if c.endswith("_input_ids")], path)
-    documents = None
     if id_columns:
-        documents = load_corpus(corpus_path(path), cfg)
+        if documents is None:
+            documents = load_corpus(corpus_path(path), cfg)
         check_ids(ds.data, id_columns, len(documents), path)
     split = ds.select_columns(columns).train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
     if documents is None:
         return split["train"], split["test"]
     return CorpusRows(split["train"], documents), CorpusRows(split["test"], documents)
+
+
+@functools.lru_cache(maxsize=1)
+def published_corpus(paths, cache_dir):
+    """The PublishedCorpus of a folder, read once per process for all its datasets."""
+    return PublishedCorpus(paths, cache_dir)
+
+
+class PublishedCorpus:
+    """The one corpus of a folder in the published v2 layout: string `doc_id`, `input_ids` token
+    lists, from `paths` (corpus.parquet, or the NAME_corpus.parquet files, concatenated in order).
+
+    The published run.py maps each id through a Python dict of the whole corpus, built in every
+    process at every start. Here each query file's ids become integer positions into the corpus
+    once, in a parquet file under cache_dir (the file's "v2 twin", kept while the query file and
+    the corpus are unchanged), so training reads them like v2 ids. The lookup groups the corpus by
+    the id's stem (the published ids are "NAME_i": the stem is the dataset name), so each dataset
+    searches its own documents only; ids of any other form work too, in a larger search.
+    """
+
+    def __init__(self, paths, cache_dir):
+        self.paths = list(paths)
+        self.label = self.paths[0] if len(self.paths) == 1 else f"{os.path.dirname(self.paths[0])}/*{CORPUS_SUFFIX}"
+        table = read_dataset(self.paths, cache_dir).data.table
+        check_token_values(table, ["input_ids"], self.label)
+        self.documents, self.doc_ids = table.column("input_ids"), table.column("doc_id")
+        self.groups = None
+
+    def build_groups(self):
+        """The corpus rows sorted by id stem: (stems, row order, start of each stem's rows)."""
+        if self.doc_ids.null_count:
+            raise UserError(f"{self.label}: column 'doc_id' has {self.doc_ids.null_count} null id(s); re-run "
+                            "tokenize_data_qwen.py --layout published_v2")
+        if pc.count_distinct(self.doc_ids).as_py() != len(self.doc_ids):
+            counts = pc.value_counts(self.doc_ids)
+            twice = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+            raise UserError(f"{self.label}: {len(twice)} doc_id(s) appear more than once (e.g. {twice[0]}); "
+                            "concatenate each NAME_corpus.parquet once")
+        stems = pc.replace_substring_regex(self.doc_ids, pattern=r"_[0-9]+$", replacement="")
+        names = pc.unique(stems)
+        codes = np.asarray(pc.index_in(stems, value_set=names), dtype=np.int64)
+        order = np.argsort(codes, kind="stable")
+        self.groups = names, order, np.searchsorted(codes[order], np.arange(len(names) + 1))
+
+    def positions(self, ids):
+        """Row positions (int64) of the string ids (an Arrow array); -1 where an id is not in the corpus."""
+        if self.groups is None:
+            self.build_groups()
+        names, order, starts = self.groups
+        stems = pc.unique(pc.replace_substring_regex(ids, pattern=r"_[0-9]+$", replacement=""))
+        found = pc.index_in(stems, value_set=names).drop_null().to_numpy()
+        rows = np.concatenate([order[starts[g]: starts[g + 1]] for g in found] + [np.zeros(0, np.int64)])
+        where = pc.index_in(ids, value_set=self.doc_ids.take(pa.array(rows)).combine_chunks())
+        out = np.full(len(ids), -1, dtype=np.int64)
+        valid = np.asarray(pc.is_valid(where))
+        out[valid] = rows[np.asarray(where.drop_null(), dtype=np.int64)]
+        return out
+
+    def integer_ids(self, path, table, columns, cache_dir):
+        """The path of the query file's v2 twin under cache_dir (its id_table); made here unless already there."""
+        stamps = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in [path, *self.paths]]
+        key = hashlib.sha256(json.dumps([1, stamps, columns]).encode()).hexdigest()[:16]
+        name = os.path.basename(path)[: -len(QUERY_SUFFIX)]
+        twin = os.path.join(cache_dir, "published_v2", f"{name}-{key}.parquet")
+        if not os.path.isfile(twin):
+            os.makedirs(os.path.dirname(twin), exist_ok=True)
+            tmp = f"{twin}.tmp-{os.getpid()}"
+            pq.write_table(self.id_table(table, columns, path), tmp)
+            os.replace(tmp, twin)  # processes racing here write the same file: the last rename wins, whole
+        return twin
+
+    def id_table(self, table, columns, path):
+        """A published v2 query table as a v2 one: query_input_ids and, for each id column
+        `X_input_ids`, `X_id`, the row of the id in the corpus."""
+        out = {columns[0]: table.column(columns[0])}
+        for col in columns[1:]:
+            ids = table.column(col).combine_chunks()
+            if ids.null_count:
+                rows = np.flatnonzero(np.asarray(ids.is_null()))
+                raise UserError(f"{path}: column '{col}' has {ids.null_count} null document id(s) (rows "
+                                f"{rows_shown(rows)}); re-run tokenize_data_qwen.py --layout published_v2")
+            rows = self.positions(ids)
+            if (rows < 0).any():
+                bad = np.flatnonzero(rows < 0)
+                raise UserError(f"{path}: column '{col}' has {len(bad)} document id(s) that {self.label} does not "
+                                f"hold (rows {rows_shown(bad)}, e.g. {ids[int(bad[0])]}); concatenate every "
+                                "NAME_corpus.parquet into corpus.parquet, or re-run tokenize_data_qwen.py")
+            out[col[: -len("_input_ids")] + "_id"] = pa.array(rows, pa.int64())
+        return pa.table(out)
 
 
 def tokenize(tokenizer, texts, max_seq_length):

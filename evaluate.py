@@ -22,8 +22,8 @@ import torch
 from datasets.table import InMemoryTable
 
 from config import Config, load_config, load_dataset_types
-from data import (CorpusRows, check_ids, check_token_values, corpus_path, load_corpus, load_splits, rows_of,
-                  token_columns, tokenize)
+from data import (CorpusRows, check_ids, check_token_values, corpus_path, find_datasets, is_text, load_corpus,
+                  load_splits, published_corpus, published_corpus_files, rows_of, token_columns, tokenize)
 from errors import UserError, exit_on_user_error
 from model import load_encoder
 from tokenize_data_qwen import check_texts, text_columns
@@ -137,11 +137,17 @@ def first_rows(path, columns, n):
 def resolve_ids(table, columns, path, cfg):
     """Tokenized rows, checked, as v1 token columns: a v2 file's document ids (`*_id` columns) are
     looked up in its corpus, as data.load_splits' splits do."""
+    documents = None
+    if is_text(table.schema.field(columns[1]).type):  # published v2: string ids into the folder's corpus
+        corpus = published_corpus(tuple(published_corpus_files(os.path.dirname(path))), cfg.cache_dir)
+        table, documents = corpus.id_table(table, columns, path), corpus.documents
+        columns = columns[:1] + [c[: -len("_input_ids")] + "_id" for c in columns[1:]]
     check_token_values(table, [c for c in columns if c.endswith("_input_ids")], path)
     id_columns = [c for c in columns if c.endswith("_id")]
     if not id_columns:
         return table
-    documents = load_corpus(corpus_path(path), cfg)
+    if documents is None:
+        documents = load_corpus(corpus_path(path), cfg)
     check_ids(table, id_columns, len(documents), path)
     return CorpusRows(datasets.Dataset(InMemoryTable(table)), documents).__getitems__(range(table.num_rows))
 
@@ -219,8 +225,7 @@ def main(argv=None):
                         "step_N or epoch_N) or a backbone folder with its tokenizer")
     if not os.path.isdir(args.data_dir):
         raise UserError(f"DATA_DIR {args.data_dir} not found: pass a folder of *.parquet files")
-    paths = sorted(glob.glob(os.path.join(args.data_dir, "*.parquet")))
-    if not paths:
+    if not glob.glob(os.path.join(args.data_dir, "*.parquet")):
         raise UserError(f"DATA_DIR {args.data_dir} holds no *.parquet files: pass a folder of tokenized or raw "
                         "F2LLM-format files (query, passage, negative_i)")
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -229,8 +234,7 @@ def main(argv=None):
         # 0 caps nothing (in a training config, eval_queries 0 turns the metrics off; here they are the point)
         max_queries = (cfg.eval_queries if args.max_queries is None else args.max_queries) or None
         planned = []
-        for path in paths:
-            name = os.path.basename(path)[: -len(".parquet")]
+        for name, path in find_datasets(args.data_dir):
             columns = columns_of(path)  # every file checked before the model loads
             task = types.get(name, "retrieval")
             if task == "retrieval":

@@ -131,9 +131,10 @@ def kd_loss(student, teacher, num_queries):
 def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, inbatch_gradient="all",
                  mrl_dims=(), teacher=None, kd_weight=1.0):
     """The recipe's losses for one homogeneous batch: {"hard": ..., "inbatch": ... (retrieval only)},
-    plus F2LLM-v2's "mrl" when mrl_dims is given (Matryoshka: both losses on the first m dimensions for
-    each m; the terms taken in the published order, the full dimension as term 1, then mrl_dims from
-    the largest down, term n scaled by matryoshka_weight) and "kd" (kd_weight x kd_loss) when the
+    plus F2LLM-v2's "mrl_hard" and "mrl_inbatch" when mrl_dims is given (Matryoshka: each loss again
+    on the first m dimensions for each m; the terms taken in the published order, the full dimension
+    as term 1, then mrl_dims from the largest down, term n scaled by matryoshka_weight; the published
+    code logs each inside its loss) and "kd" (kd_weight x kd_loss) when the
     teacher's embeddings of the same sequences are given. The total loss is the sum of the values."""
     query, passage, negatives = split_embeddings(embeddings, num_queries, num_neg)
     retrieval = task_type == "retrieval"
@@ -149,9 +150,9 @@ def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, 
 
     losses = both()
     hidden = embeddings.shape[-1]
-    if mrl_dims:  # the published order: the full dimension is term 1, then the cut ones, largest first
-        losses["mrl"] = sum(matryoshka_weight(n, dim, hidden) * sum(both(dim).values())
-                            for n, dim in enumerate(sorted(mrl_dims, reverse=True), start=2))
+    for n, dim in enumerate(sorted(mrl_dims, reverse=True), start=2):  # the published order, see docstring
+        for kind, value in both(dim).items():
+            losses[f"mrl_{kind}"] = losses.get(f"mrl_{kind}", 0) + matryoshka_weight(n, dim, hidden) * value
     if teacher is not None:
         losses["kd"] = kd_weight * kd_loss(embeddings, teacher, num_queries)
     return losses

@@ -42,15 +42,21 @@ from model import Embedder, flatten, load_backbone, load_tokenizer
 GRAD_NORM = ("", "grad_norm")  # LossTracker's key of the gradient norm, beside (dataset, loss term)
 
 
+PUBLISHED_KINDS = {"inbatch": "in_batch"}  # our loss term names that the published keys spell otherwise
+PUBLISHED_SPLITS = {"train": "training", "valid": "valid"}
+
+
 class LossTracker:
     """Sums of each dataset's losses since the last report; reported as means over all processes.
-    `kinds`: the loss terms a step can have ("inbatch", "hard", and with F2LLM-v2 options "mrl",
-    "kd"); every process must pass the same ones, as report() reduces them in one tensor."""
+    `kinds`: the loss terms a step can have ("inbatch", "hard", and with F2LLM-v2 options
+    "mrl_inbatch", "mrl_hard", "kd"); every process must pass the same ones, as report() reduces
+    them in one tensor. `keys`: the metric names report() gives (see metric_names)."""
 
-    def __init__(self, names, task_of, kinds=("inbatch", "hard")):
+    def __init__(self, names, task_of, kinds=("inbatch", "hard"), keys="grouped"):
         self.names = sorted(names)
         self.task_of = task_of
         self.kinds = (*kinds, "total")
+        self.keys = keys
         self.sums = {}
         self.counts = defaultdict(int)
 
@@ -65,27 +71,41 @@ class LossTracker:
             self.counts[GRAD_NORM] += 1
 
     def report(self, accelerator, prefix):
-        """{prefix/dataset/kind: mean}, {prefix/task_type/kind: mean of its datasets},
-        {prefix/loss: mean total loss per step} and {prefix/grad_norm: mean per step}; resets."""
+        """Each dataset's mean of each loss term, each task type's mean of its datasets' means (named
+        by metric_names), {prefix/loss: mean total loss per step} and {prefix/grad_norm: mean per step};
+        resets."""
         keys = [(n, k) for n in self.names for k in self.kinds] + [GRAD_NORM]
         zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         totals = torch.stack([torch.stack([zero + self.sums.get(key, 0), zero + self.counts[key]]) for key in keys])
         totals = accelerator.reduce(totals, reduction="sum").tolist()
         self.sums.clear()
         self.counts.clear()
-        out, by_task = {}, defaultdict(list)
-        for (name, kind), (total, count) in zip(keys, totals):
-            if count and (name, kind) == GRAD_NORM:
-                out[f"{prefix}/grad_norm"] = total / count
-            elif count:
-                out[f"{prefix}/{name}/{kind}"] = total / count
-                by_task[self.task_of[name], kind].append(total / count)
-        for (task, kind), means in sorted(by_task.items()):
-            out[f"{prefix}/{task}/{kind}"] = sum(means) / len(means)
+        means = {key: total / count for key, (total, count) in zip(keys, totals) if count}
+        out = {f"{prefix}/grad_norm": means.pop(GRAD_NORM)} if GRAD_NORM in means else {}
+        by_task = defaultdict(list)
+        for (name, kind), mean in means.items():
+            by_task[self.task_of[name], kind].append(mean)
+        out.update(self.metric_names(prefix, means))
+        out.update(self.metric_names(prefix, {key: sum(v) / len(v) for key, v in sorted(by_task.items())}, tasks=True))
         totals = [(total, count) for (_, kind), (total, count) in zip(keys, totals) if kind == "total"]
         if sum(count for _, count in totals):
             out[f"{prefix}/loss"] = sum(total for total, _ in totals) / sum(count for _, count in totals)
         return out
+
+    def metric_names(self, prefix, means, tasks=False):
+        """{metric name: mean} of {(dataset, or task type with `tasks`, kind): mean}. `grouped`:
+        prefix/dataset/kind and prefix/task_type/kind, each term apart. `published`: the published
+        TensorBoard names, dataset/training_loss_hard (valid_loss_... for validation) and
+        Avg/task_type/training_loss_in_batch; in training the Matryoshka terms are added to the loss
+        they cut, as the published code logs them (its validation has none: ours are kept apart)."""
+        if self.keys == "grouped":
+            return {f"{prefix}/{name}/{kind}": mean for (name, kind), mean in means.items()}
+        out = defaultdict(float)
+        for (name, kind), mean in means.items():
+            kind = kind.removeprefix("mrl_") if prefix == "train" else kind
+            kind = PUBLISHED_KINDS.get(kind, kind)
+            out[f"{'Avg/' if tasks else ''}{name}/{PUBLISHED_SPLITS[prefix]}_loss_{kind}"] += mean
+        return dict(out)
 
     def state_dict(self, accelerator):
         """The pending sums, reduced over processes (collective), for a checkpoint."""
@@ -132,8 +152,8 @@ class Throughput:
 
 
 def batch_losses(embeddings, batch, task, cfg):
-    """The recipe's losses of one batch: {"hard": ..., "inbatch": ...(retrieval only)}, plus "mrl" with
-    use_mrl and "kd" when the batch carries its teacher embeddings."""
+    """The recipe's losses of one batch: {"hard": ..., "inbatch": ...(retrieval only)}, plus "mrl_hard"
+    and "mrl_inbatch" with use_mrl and "kd" when the batch carries its teacher embeddings."""
     mrl_dims = matryoshka_dims(embeddings.shape[-1], cfg.mrl_dims) if cfg.use_mrl else ()
     return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, cfg.temperature,
                         cfg.inbatch_gradient, mrl_dims, batch.get("teacher"), cfg.kd_weight)
@@ -141,7 +161,7 @@ def batch_losses(embeddings, batch, task, cfg):
 
 def loss_kinds(cfg, distill=False):
     """The loss terms a step logs: the recipe's two, plus the F2LLM-v2 ones the config turns on."""
-    return ("inbatch", "hard") + (("mrl",) if cfg.use_mrl else ()) + (("kd",) if distill else ())
+    return ("inbatch", "hard") + (("mrl_inbatch", "mrl_hard") if cfg.use_mrl else ()) + (("kd",) if distill else ())
 
 
 def embed(model, batch):
@@ -214,7 +234,7 @@ def optimizer_step(model, cfg, accelerator, optimizer):
 def validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator):
     """The validation losses of every dataset, and the retrieval metrics of the eval_sets."""
     model.eval()
-    tracker = LossTracker(valid_loaders, task_of, loss_kinds(cfg))
+    tracker = LossTracker(valid_loaders, task_of, loss_kinds(cfg), cfg.log_keys)
     for name in sorted(valid_loaders):
         for batch in valid_loaders[name]:
             batch = to_device(batch, accelerator.device)
@@ -472,7 +492,7 @@ def main(argv=None):
                                cfg.train_steps if cfg.train_steps > 0 else unsharded)
     accelerator.register_for_checkpointing(scheduler)
 
-    tracker = LossTracker(splits, task_of, loss_kinds(cfg, distill=teacher is not None))
+    tracker = LossTracker(splits, task_of, loss_kinds(cfg, distill=teacher is not None), cfg.log_keys)
     step, bad_in_a_row, skipped = 0, 0, 0
     state = checkpoint.restore(accelerator, cfg.resume_from, cfg.run_dir)
     if state is not None:

@@ -81,6 +81,6 @@ def test_preset_trains_with_two_processes_on_the_published_schedule(version, tin
     assert [logged["lr"][s] for s in steps] == pytest.approx(expected, rel=1e-6)
     warmup_end = expected.index(max(expected)) + 1
     assert warmup_end == (3 if version == "v1" else 6)  # v1: warmup_steps / processes optimizer steps
-    assert "train/msmarco/inbatch" in logged and (("train/msmarco/mrl" in logged) == (version == "v2"))
+    assert "train/msmarco/inbatch" in logged and (("train/msmarco/mrl_hard" in logged) == (version == "v2"))
     saved = sorted(os.listdir(run_dir(values)))
     assert ("step_5" in saved) == (version == "v2")  # v2's first checkpoint for merging

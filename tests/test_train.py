@@ -142,3 +142,51 @@ def test_published_switches_run(tmp_path, tiny_base, tmp_path_factory):
     proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29534))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"final checkpoint: {values['output_dir']}/e2e/step_8" in proc.stdout
+
+
+class OneProcess:
+    """What LossTracker asks of an Accelerator, for one process (a reduce is the identity)."""
+    device = torch.device("cpu")
+
+    @staticmethod
+    def reduce(tensor, reduction):
+        return tensor
+
+
+def fill_tracker(keys):
+    """A LossTracker after three steps (two on msmarco, a retrieval set, one on imdb, classification)
+    with Matryoshka terms, and the values added, to compute the expected means by hand."""
+    from run import LossTracker
+
+    tracker = LossTracker(["msmarco", "imdb"], {"msmarco": "retrieval", "imdb": "classification"},
+                          ("inbatch", "hard", "mrl_inbatch", "mrl_hard"), keys)
+    steps = [("msmarco", {"inbatch": 2.0, "hard": 1.0, "mrl_inbatch": 0.5, "mrl_hard": 0.25}),
+             ("msmarco", {"inbatch": 4.0, "hard": 3.0, "mrl_inbatch": 1.5, "mrl_hard": 0.75}),
+             ("imdb", {"hard": 0.6, "mrl_hard": 0.2})]
+    for name, losses in steps:
+        tracker.add(name, {k: torch.tensor(v) for k, v in losses.items()}, grad_norm=1.0)
+    return tracker
+
+
+def test_published_log_keys_fold_the_matryoshka_terms_into_their_loss():
+    out = fill_tracker("published").report(OneProcess, "train")
+    assert out["msmarco/training_loss_in_batch"] == pytest.approx((2 + 0.5 + 4 + 1.5) / 2)
+    assert out["msmarco/training_loss_hard"] == pytest.approx((1 + 0.25 + 3 + 0.75) / 2)
+    assert out["imdb/training_loss_hard"] == pytest.approx(0.8)
+    assert out["Avg/retrieval/training_loss_in_batch"] == pytest.approx(4.0)
+    assert out["Avg/retrieval/training_loss_hard"] == pytest.approx(2.5)
+    assert out["Avg/classification/training_loss_hard"] == pytest.approx(0.8)
+    assert "imdb/training_loss_in_batch" not in out and "Avg/classification/training_loss_in_batch" not in out
+    assert out["train/loss"] == pytest.approx((3.75 + 9.25 + 0.8) / 3) and out["train/grad_norm"] == 1.0
+    # The published validation has no Matryoshka terms: ours stay apart under their own names.
+    valid = fill_tracker("published").report(OneProcess, "valid")
+    assert valid["msmarco/valid_loss_hard"] == pytest.approx(2.0)
+    assert valid["msmarco/valid_loss_mrl_hard"] == pytest.approx(0.5)
+    assert valid["Avg/retrieval/valid_loss_in_batch"] == pytest.approx(3.0)
+
+
+def test_grouped_log_keys_keep_every_term_apart():
+    out = fill_tracker("grouped").report(OneProcess, "train")
+    assert out["train/msmarco/inbatch"] == pytest.approx(3.0) and out["train/msmarco/mrl_inbatch"] == pytest.approx(1.0)
+    assert out["train/retrieval/hard"] == pytest.approx(2.0) and out["train/classification/mrl_hard"] == pytest.approx(0.2)
+    assert not any(key.startswith("Avg/") or "_loss_" in key for key in out)

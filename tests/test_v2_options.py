@@ -47,18 +47,20 @@ def test_mrl_term_is_the_weighted_losses_on_truncated_embeddings(task):
     emb = random_batch(bs, k, d)
     plain = loss.f2llm_losses(emb, bs, k, task)
     out = loss.f2llm_losses(emb, bs, k, task, mrl_dims=[8, 16])
-    assert out["hard"] == plain["hard"] and set(out) == set(plain) | {"mrl"}
-    # The published loop: for dim in sorted(mrl_dims + [d])[::-1], term n (from 1) divided by n sqrt(d / dim).
-    expected = 0
-    for n, dim in enumerate(sorted([8, 16] + [d])[::-1], start=1):
-        cut = loss.f2llm_losses(emb[:, :dim].contiguous(), bs, k, task)
-        expected += sum(cut.values()) / (n * math.sqrt(d / dim))
-    assert (out["mrl"] + sum(plain.values())).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["hard"] == plain["hard"] and set(out) == set(plain) | {f"mrl_{kind}" for kind in plain}
+    # The published loop: for dim in sorted(mrl_dims + [d])[::-1], term n (from 1) divided by n sqrt(d / dim),
+    # for each loss apart.
+    for kind in plain:
+        expected = 0
+        for n, dim in enumerate(sorted([8, 16] + [d])[::-1], start=1):
+            cut = loss.f2llm_losses(emb[:, :dim].contiguous(), bs, k, task)
+            expected += cut[kind] / (n * math.sqrt(d / dim))
+        assert (out[f"mrl_{kind}"] + plain[kind]).item() == pytest.approx(expected.item(), rel=1e-5)
     # The truncated terms see only the first dimensions: changing the rest leaves them alone.
     changed = emb.clone()
     changed[:, 16:] = torch.randn_like(changed[:, 16:])
     redo = loss.f2llm_losses(changed, bs, k, task, mrl_dims=[8, 16])
-    assert redo["mrl"].item() == pytest.approx(out["mrl"].item(), rel=1e-5)
+    assert redo["mrl_hard"].item() == pytest.approx(out["mrl_hard"].item(), rel=1e-5)
     assert redo["hard"].item() != pytest.approx(out["hard"].item(), rel=1e-3)
 
 
@@ -156,11 +158,11 @@ def test_mrl_kd_and_lora_train_and_resume(tmp_path, tiny, tokenized, teacher):
     datasets = {tag.split("/")[1] for tag in tags if tag.startswith("train/") and tag.endswith("/total")}
     assert datasets, tags
     for name in datasets:
-        kinds = ("inbatch", "hard", "mrl", "kd") if f"train/{name}/inbatch" in tags else ("hard", "mrl", "kd")
+        kinds = (("inbatch", "mrl_inbatch") if f"train/{name}/inbatch" in tags else ()) + ("hard", "mrl_hard", "kd")
         for step, total in tb_at(tb, f"train/{name}/total").items():
             terms = [tb_at(tb, f"train/{name}/{kind}")[step] for kind in kinds]
             assert total == pytest.approx(sum(terms), rel=1e-5) and min(terms) > 0
-    assert set(tb_at(tb, "valid/msmarco/mrl")) == {3, 6} and not os.path.exists(f"{tb}/e2e/valid/msmarco/kd")
+    assert set(tb_at(tb, "valid/msmarco/mrl_inbatch")) == {3, 6} and not os.path.exists(f"{tb}/e2e/valid/msmarco/kd")
     for key in ("ndcg@10", "mrr@10", "recall@10"):
         assert all(0 <= v <= 1 for v in tb_at(tb, f"valid/retrieval/{key}").values())
     assert all(v > 0 for v in tb_at(tb, "train/tokens_per_s").values())
