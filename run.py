@@ -404,7 +404,8 @@ def build_teacher(cfg, tokenizer, hidden_size, device):
         raise UserError(f"teacher_model_path {cfg.teacher_model_path}: hidden size {backbone.config.hidden_size} "
                         f"is below the student's {hidden_size}; its embeddings are cut to the student's size")
     backbone.requires_grad_(False)
-    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id).to(device).eval()
+    mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None  # as the student's
+    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad).to(device).eval()
 
 
 def build_loaders(splits, cfg, tokenizer, vocab_size, accelerator):

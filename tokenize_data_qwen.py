@@ -1,4 +1,5 @@
-"""Pre-tokenize F2LLM training data (--layout v1, the published output, or v2).
+"""Pre-tokenize F2LLM training data (--layout v1: F2LLM's published output; v2: a query file plus a corpus
+per dataset; published_v2: F2LLM-v2's published output).
 
 Reads every `*.parquet` of --input_dir (columns `query`, `passage`, `negative_1` ... `negative_n`).
 Each text: no special tokens, cut to max_seq_length - 1 tokens, eos appended. Passages and
@@ -6,24 +7,43 @@ negatives are deduplicated first, so each unique text is tokenized once, in batc
 of worker processes. Output per input file NAME.parquet:
 - v1: the same file in --output_dir with int-list columns `query_input_ids`, `passage_input_ids`,
   `negative_{i}_input_ids` added.
-- v2 (F2LLM-v2's disk-efficient layout): the corpus `corpus/NAME.parquet` of the unique passages
-  and negatives (`doc_id` = row position, `input_ids`), written first, then the query file
-  `NAME.parquet` with `query_input_ids` and ids into the corpus `passage_id`, `negative_{i}_id`.
+- v2 (F2LLM-v2's disk-efficient idea, with integer ids): the corpus `corpus/NAME.parquet` of the
+  unique passages and negatives (`doc_id` = row position, `input_ids`), written first, then the query
+  file `NAME.parquet` with `query_input_ids` and ids into the corpus `passage_id`, `negative_{i}_id`.
+- published_v2 (the files F2LLM-v2's published tokenizer writes): the corpus `NAME_corpus.parquet`
+  of the unique passages and negatives (`input_ids`, `doc_id` = the string "NAME_{i}"), written
+  first, then `NAME_query.parquet` with `query_input_ids` and, under the published names
+  `passage_input_ids`, `negative_{i}_input_ids`, the string doc_ids of the corpus rows (the text
+  columns dropped). The published README concatenates the `*_corpus.parquet` files into one
+  `corpus.parquet`; training reads either, so none is written here.
+The published F2LLM-v2 run is `--layout published_v2 --max_seq_length 2048 --max_rows_per_dataset
+80000` (--sample_seed 42, the default); its default special tokens add none for Qwen3, as here.
+
+--max_rows_per_dataset N keeps N rows of each file that has more, drawn as the published v2 script
+draws them: it seeds numpy once (transformers.set_seed(42)) and calls pandas' `df.sample(n=N)` on each
+larger file in sorted order, that is `choice(num_rows, N, replace=False)` on numpy's global
+RandomState, rows taken in the order drawn. Here one `np.random.RandomState(--sample_seed)` draws
+for every larger input in sorted order, files skipped as already tokenized included (their row
+counts come from the parquet footers, their data is not read), so a re-run after an interruption
+keeps the same rows. A file's rows thus also depend on the row counts of the larger files before it.
 
 Re-running is cheap and safe. Each output file is written atomically (a temp file
 `NAME.parquet.tmp-PID`, then a rename) and records in its parquet schema metadata (key
 `f2llm_tokenize`) what it was made from: the input file's size and modification time (`st_size`,
 `st_mtime_ns`; for a folder of parquet parts, over all its files), max_seq_length, a fingerprint of
-the tokenizer and the layout; a v2 corpus holds the same record as its query file. A later run
+the tokenizer, the layout and, for a file cut by --max_rows_per_dataset, the rows kept (`sample`:
+max_rows, seed and a short sha256 of the drawn row indices; absent when all rows are kept, so files
+written without the flag still match); a corpus holds the same record as its query file. A later run
 skips every output whose record matches, so after an interrupted job the same command finishes only
-the missing files; an output without a record, or with a different one, or a v2 query file whose
-corpus is missing or has another record, is tokenized again (one line says why), and --overwrite
-tokenizes everything again. Size plus mtime rather than a hash of the input because it costs one
-stat() where a hash reads every file in full; the price: an input rewritten with the same size
-within the file system's timestamp resolution, or with its mtime set back, goes unnoticed (use
+the missing files; an output without a record, or with a different one, or a v2 / published_v2 query
+file whose corpus is missing or has another record, is tokenized again (one line says why), and
+--overwrite tokenizes everything again. Size plus mtime rather than a hash of the input because it
+costs one stat() where a hash reads every file in full; the price: an input rewritten with the same
+size within the file system's timestamp resolution, or with its mtime set back, goes unnoticed (use
 --overwrite after such edits). An in-place run (output file == input file) always tokenizes again,
-since the input's stamp then is the output's own (v2 cannot run in place: its query files hold no
-texts). Temp files left by a killed run are removed at start.
+since the input's stamp then is the output's own (v2 and published_v2 cannot run in place: their
+query files hold no texts; nor can --max_rows_per_dataset: the rows not kept would be lost). Temp
+files left by a killed run are removed at start.
 """
 import argparse
 import glob
@@ -36,6 +56,7 @@ import re
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -45,7 +66,7 @@ from model import load_tokenizer
 
 CHUNK = 1000  # texts per worker task: large enough for batched fast tokenization
 RECORD_KEY = b"f2llm_tokenize"  # parquet schema metadata: what an output file was made from
-LAYOUTS = ("v1", "v2")
+LAYOUTS = ("v1", "v2", "published_v2")
 RECORD_VERSION = 1  # bump when this script's output for the same input and settings changes
 TEMP_FILE = re.compile(r".+\.parquet\.tmp-(\d+)")  # write_atomic's temp files (the number is a pid)
 
@@ -177,6 +198,55 @@ def tokenize_v2(table, columns, pool, desc):
     return queries, corpus
 
 
+def tokenize_published_v2(table, columns, pool, name):
+    """published_v2: (query table, corpus) in the published F2LLM-v2 format. The corpus holds each
+    distinct passage / negative text once, as (input_ids, doc_id = "NAME_{i}", i in the order of the
+    distinct texts): the name makes the ids unique across datasets, so that the corpora can be
+    concatenated. The query table has `query_input_ids` and, for each passage and negative column,
+    `{column}_input_ids` holding doc_id strings (the published names, although they are not tokens)."""
+    query_ids, query_index = tokenize_texts(table, columns[:1], pool, f"{name} queries")
+    docs, doc_index = tokenize_texts(table, columns[1:], pool, f"{name} passages+negatives")
+    doc_ids = pa.array([f"{name}_{i}" for i in range(len(docs))], pa.string())
+    corpus = pa.table({"input_ids": docs, "doc_id": doc_ids})
+    queries = pa.table({"query_input_ids": query_ids.take(query_index["query"]),
+                        **{f"{c}_input_ids": doc_ids.take(doc_index[c]) for c in columns[1:]}})
+    return queries, corpus
+
+
+def output_paths(output_dir, name, layout):
+    """(the output file, its corpus or None) for the input NAME.parquet; the output file is the one
+    a skip is decided on (v2 and published_v2: the query file, written after its corpus)."""
+    if layout == "published_v2":
+        return os.path.join(output_dir, f"{name}_query.parquet"), os.path.join(output_dir, f"{name}_corpus.parquet")
+    out_path = os.path.join(output_dir, f"{name}.parquet")
+    return out_path, (corpus_path(out_path) if layout == "v2" else None)
+
+
+def count_rows(path):
+    """The rows of an input file (or folder of parquet parts), from the parquet footers alone: a file
+    skipped as already tokenized still advances the sampling stream, but its data is not read."""
+    try:
+        return ds.dataset(path, format="parquet").count_rows()
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+
+
+def draw_rows(num_rows, max_rows, rs):
+    """The row indices kept of a file with num_rows rows: None (all, in order, rs not advanced) when
+    num_rows <= max_rows, else `rs.choice(num_rows, max_rows, replace=False)`, in the order drawn,
+    which is what pandas' `df.sample(n=max_rows)` draws from numpy's global RandomState."""
+    if num_rows <= max_rows:
+        return None
+    return rs.choice(num_rows, max_rows, replace=False)
+
+
+def sample_record(rows, max_rows, seed):
+    """The record's "sample" entry of a file cut to `rows`: a short sha256 of the indices, since
+    they also depend on the row counts of the earlier files, which max_rows and seed do not show."""
+    digest = hashlib.sha256(np.ascontiguousarray(rows, dtype="<i8").tobytes()).hexdigest()[:16]
+    return {"max_rows": max_rows, "seed": seed, "rows": digest}
+
+
 def write_atomic(table, path):
     """Write to `path.tmp-PID`, then rename: `path` is either the old file or the whole new one."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -225,7 +295,9 @@ def input_stamp(path):
 
 
 def make_record(input_path, max_seq_length, fingerprint, layout):
-    """What an output is made from: the input's stamp (size, mtime_ns) and the settings."""
+    """What an output is made from: the input's stamp (size, mtime_ns) and the settings. A file cut by
+    --max_rows_per_dataset adds "sample" (sample_record); a file kept whole has none, so that its
+    record is the one it had before the flag existed."""
     return {"version": RECORD_VERSION, "input": input_stamp(input_path), "max_seq_length": max_seq_length,
             "tokenizer": fingerprint, "layout": layout}
 
@@ -266,8 +338,8 @@ def read_record(path):
 
 
 def why_tokenize(input_path, output_path, record, overwrite):
-    """None if output_path (and for v2 its corpus) already holds the tokenization `record` describes;
-    else why it is (re)made ("" for a new file)."""
+    """None if output_path (and for v2 / published_v2 its corpus) already holds the tokenization
+    `record` describes; else why it is (re)made ("" for a new file)."""
     if not os.path.exists(output_path):
         return ""
     if overwrite:
@@ -288,13 +360,36 @@ def why_tokenize(input_path, output_path, record, overwrite):
         return f"max_seq_length changed ({have.get('max_seq_length')} -> {record['max_seq_length']})"
     if have.get("tokenizer") != record["tokenizer"]:
         return "the tokenizer changed"
-    return "the input file changed (size or modification time) since it was tokenized"
+    if have.get("input") != record["input"]:
+        return "the input file changed (size or modification time) since it was tokenized"
+    if have.get("sample") != record.get("sample"):
+        return why_sample(have.get("sample"), record.get("sample"))
+    return "the existing output's tokenization record does not match this run's"
+
+
+def why_sample(have, want):
+    """Why the rows kept differ, the input and the other settings being the same."""
+    def kept(sample):
+        return "all rows" if sample is None else f"{sample['max_rows']} rows, seed {sample['seed']}"
+
+    if have is not None and want is not None and (have["max_rows"], have["seed"]) == (want["max_rows"], want["seed"]):
+        return ("the rows drawn by --max_rows_per_dataset changed: the row count of an earlier input file "
+                "changed (each file's draw continues one random stream over the files in sorted order)")
+    return f"--max_rows_per_dataset / --sample_seed changed the rows kept ({kept(have)} -> {kept(want)})"
+
+
+def corpus_of(output_path, layout):
+    """The corpus of a v2 or published_v2 query file; None for v1."""
+    if layout == "published_v2":
+        return output_path[: -len("_query.parquet")] + "_corpus.parquet"
+    return corpus_path(output_path) if layout == "v2" else None
 
 
 def why_corpus(output_path, record):
-    """None unless the output is a v2 query file whose corpus is missing or has another record."""
-    corpus = corpus_path(output_path)
-    if record["layout"] != "v2":
+    """None unless the output is a v2 / published_v2 query file whose corpus is missing or has
+    another record."""
+    corpus = corpus_of(output_path, record["layout"])
+    if corpus is None:
         return None
     if not os.path.exists(corpus):
         return f"its corpus {corpus} is missing"
@@ -341,8 +436,17 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=int, default=1024, help="tokens per text, eos included")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer worker processes")
     p.add_argument("--layout", choices=LAYOUTS, default="v1",
-                   help="v1: token columns added to each file (published); v2: a query file of ids into a "
-                        "per-dataset corpus file corpus/NAME.parquet (F2LLM-v2, smaller on disk)")
+                   help="v1: token columns added to each file (F2LLM's published output); v2: a query file of "
+                        "integer ids into a per-dataset corpus file corpus/NAME.parquet (smaller on disk); "
+                        "published_v2: F2LLM-v2's published output, NAME_query.parquet with string doc ids into "
+                        "NAME_corpus.parquet (the published v2 run: --layout published_v2 --max_seq_length 2048 "
+                        "--max_rows_per_dataset 80000)")
+    p.add_argument("--max_rows_per_dataset", type=int, default=None, metavar="N",
+                   help="keep N rows, drawn at random, of each input file that has more (the published v2 run: "
+                        "80000); default: keep every row")
+    p.add_argument("--sample_seed", type=int, default=42,
+                   help="seed of the one numpy RandomState that draws the rows for --max_rows_per_dataset over "
+                        "the files in sorted order, as the published v2 script does with seed 42 (default 42)")
     p.add_argument("--overwrite", action="store_true",
                    help="tokenize every file again, even those already tokenized with the same input and settings")
     return p.parse_args(argv)
@@ -353,6 +457,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.max_seq_length < 2:
         raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
+    if args.max_rows_per_dataset is not None and args.max_rows_per_dataset < 2:
+        raise UserError(f"--max_rows_per_dataset must be at least 2 (got {args.max_rows_per_dataset}); "
+                        "leave it out to keep every row")
+    if not 0 <= args.sample_seed < 2**32:
+        raise UserError(f"--sample_seed must be between 0 and {2**32 - 1} (a numpy RandomState seed), "
+                        f"got {args.sample_seed}")
     if not os.path.isdir(args.input_dir):
         raise UserError(f"input folder {args.input_dir} not found: pass --input_dir with the raw parquet files")
     files = sorted(glob.glob(os.path.join(args.input_dir, "*.parquet")))
@@ -364,22 +474,44 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create the output folder {args.output_dir}: {err.strerror}") from None
+    in_place = os.path.samefile(args.input_dir, args.output_dir)
+    if in_place and args.layout == "v2":
+        raise UserError("--layout v2 cannot write into --input_dir: its query files hold no texts and would "
+                        "replace the raw files; pass another --output_dir")
+    if in_place and args.layout == "published_v2":
+        raise UserError("--layout published_v2 cannot write into --input_dir: its NAME_query.parquet and "
+                        "NAME_corpus.parquet files would be read as raw files by the next run; pass another "
+                        "--output_dir")
+    if in_place and args.max_rows_per_dataset is not None:
+        raise UserError("--max_rows_per_dataset cannot write into --input_dir: the files cut to the rows kept "
+                        "would replace the raw ones; pass another --output_dir")
     if args.layout == "v2":
-        if os.path.samefile(args.input_dir, args.output_dir):
-            raise UserError("--layout v2 cannot write into --input_dir: its query files hold no texts and would "
-                            "replace the raw files; pass another --output_dir")
         try:
             os.makedirs(os.path.join(args.output_dir, "corpus"), exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create the corpus folder in {args.output_dir}: {err.strerror}") from None
         remove_stale_temp_files(os.path.join(args.output_dir, "corpus"))
     remove_stale_temp_files(args.output_dir)
+    inputs = {os.path.realpath(path): path for path in files}
+    # one stream for all files, as the published script's global RandomState; none without the flag
+    rs = np.random.RandomState(args.sample_seed) if args.max_rows_per_dataset is not None else None
     pool, pool_started, done, skipped = None, False, 0, 0
     try:
         for path in files:
             name = os.path.basename(path)[: -len(".parquet")]
-            out_path = os.path.join(args.output_dir, f"{name}.parquet")
+            out_path, corpus = output_paths(args.output_dir, name, args.layout)
+            if args.layout != "v1":  # v1 may replace its own input (in place); no other layout may
+                for target in (corpus, out_path):
+                    if os.path.realpath(target) in inputs:
+                        raise UserError(f"{target}: writing it would replace the input file "
+                                        f"{inputs[os.path.realpath(target)]}; pass another --output_dir")
             record = make_record(path, args.max_seq_length, fingerprint, args.layout)  # stamp taken before reading
+            num_rows = rows = None
+            if rs is not None:  # every file draws (skipped ones too), so each file's rows match the full run's
+                num_rows = count_rows(path)
+                rows = draw_rows(num_rows, args.max_rows_per_dataset, rs)
+            if rows is not None:
+                record["sample"] = sample_record(rows, args.max_rows_per_dataset, args.sample_seed)
             reason = why_tokenize(path, out_path, record, args.overwrite)
             if reason is None:
                 print(f"skip {name}: already tokenized (same input file, max_seq_length and tokenizer)", flush=True)
@@ -391,13 +523,19 @@ def main(argv=None):
             columns = text_columns(table.schema, path)
             check_texts(table, columns, path)
             table = table.drop_columns([c for c in table.column_names if c.endswith("_input_ids")])
+            if rows is not None:  # checked in full first, so that errors name the input's own rows
+                if table.num_rows != num_rows:
+                    raise UserError(f"{path}: changed while being read ({num_rows} rows in its footer, "
+                                    f"{table.num_rows} read); run again")
+                table = table.take(rows)
             if not pool_started:  # only once some file needs it: a run that skips everything starts no workers
                 pool, pool_started = make_pool(args.model_path, args.max_seq_length, args.num_proc), True
             if args.layout == "v1":
                 write_atomic(with_record(tokenize_table(table, columns, pool, name), record), out_path)
             else:  # the corpus first: a query file never exists without its corpus
-                queries, corpus = tokenize_v2(table, columns, pool, name)
-                write_atomic(with_record(corpus, record), corpus_path(out_path))
+                make = tokenize_v2 if args.layout == "v2" else tokenize_published_v2
+                queries, corpus_table = make(table, columns, pool, name)
+                write_atomic(with_record(corpus_table, record), corpus)
                 write_atomic(with_record(queries, record), out_path)
             done += 1
     finally:

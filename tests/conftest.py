@@ -11,6 +11,7 @@ import subprocess
 import sys
 import traceback
 
+import pandas as pd
 import pytest
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,11 +46,65 @@ def tiny_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def teacher(tiny, tmp_path_factory):
+    """A wider random model (hidden 48 > the student's 32) with the student's tokenizer."""
+    from model import load_tokenizer
+
+    path = str(tmp_path_factory.mktemp("teacher"))
+    load_tokenizer(f"{tiny}/backbone").save_pretrained(path)
+    demo.build_backbone(path, len(load_tokenizer(path)), hidden_size=48, num_layers=1, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tokenized(tiny, tmp_path_factory):
     """The `tiny` raw data tokenized by the real CLI (max_seq_length 64)."""
     out = str(tmp_path_factory.mktemp("tokenized"))
     run_cli("tokenize_data_qwen.py", "--model_path", f"{tiny}/backbone", "--input_dir", f"{tiny}/raw",
             "--output_dir", out, "--max_seq_length", "64", "--num_proc", "1", check=True)
+    return out
+
+
+def write_published_v2(raw_dir, out_dir, tokenizer, max_seq_length):
+    """The published v2 script's output for every raw file, written with pandas as that script does
+    (its rules, not its code): tokens cut to max_seq_length - 1 plus eos; the distinct passage /
+    negative texts numbered in set order as "{name}_{i}"; the corpus indexed by doc_id; the text
+    columns dropped from the query file."""
+    def tokens(text):
+        return tokenizer(text, max_length=max_seq_length - 1, truncation=True).input_ids + [tokenizer.eos_token_id]
+
+    os.makedirs(out_dir, exist_ok=True)
+    for file in sorted(os.listdir(raw_dir)):
+        name = file.split(".")[0]
+        df = pd.read_parquet(os.path.join(raw_dir, file))
+        df["query_input_ids"] = df["query"].map(tokens)
+        docs = ["passage"] + [f"negative_{i}" for i in range(1, 25) if f"negative_{i}" in df]
+        texts = list(set(t for c in docs for t in df[c]))
+        corpus = pd.DataFrame({"text": texts, "input_ids": [tokens(t) for t in texts],
+                               "doc_id": [f"{name}_{i}" for i in range(len(texts))]})
+        doc_id = corpus.set_index("text")["doc_id"].to_dict()
+        for c in docs:
+            df[f"{c}_input_ids"] = df[c].map(doc_id)
+        df.drop(columns=docs + ["query"]).to_parquet(os.path.join(out_dir, f"{name}_query.parquet"), index=False)
+        corpus.drop(columns=["text"]).set_index("doc_id").to_parquet(os.path.join(out_dir, f"{name}_corpus.parquet"))
+
+
+def concatenate_corpus(folder):
+    """The published README's step: all corpus files into one corpus.parquet (with pandas)."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith("_corpus.parquet"))
+    pd.concat([pd.read_parquet(os.path.join(folder, f)) for f in files]).to_parquet(os.path.join(folder,
+                                                                                                  "corpus.parquet"))
+
+
+@pytest.fixture(scope="session")
+def published(tiny, tmp_path_factory):
+    """The `tiny` raw data in the published v2 layout (max_seq_length 64, as the `tokenized` fixture),
+    with the per-dataset corpus files and their concatenation corpus.parquet."""
+    out = str(tmp_path_factory.mktemp("published_v2"))
+    from model import load_tokenizer
+
+    write_published_v2(f"{tiny}/raw", out, load_tokenizer(f"{tiny}/backbone"), 64)
+    concatenate_corpus(out)
     return out
 
 

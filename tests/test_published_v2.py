@@ -1,7 +1,8 @@
 """Training reads the published F2LLM-v2 tokenized layout: `NAME_query.parquet` files whose document
 columns hold string ids "NAME_i", and one `corpus.parquet` (or the `NAME_corpus.parquet` files it is
 concatenated from). The files here are written as the published tokenize_data_qwen.py (v2) and its
-README write them, with pandas, and must give the same batches as the v1 layout of the same data."""
+README write them (conftest.write_published_v2), and must give the same batches as the v1 layout of
+the same data."""
 import os
 import shutil
 
@@ -13,47 +14,6 @@ from conftest import assert_user_error, call_main, write_config
 from test_v2_layout import DATASETS, batches_per_dataset
 
 import run
-from model import load_tokenizer
-
-
-def write_published_v2(raw_dir, out_dir, tokenizer, max_seq_length):
-    """The published v2 script's output for every raw file (its rules, not its code): tokens cut to
-    max_seq_length - 1 plus eos; the distinct passage / negative texts numbered in set order as
-    "{name}_{i}"; the corpus indexed by doc_id; the text columns dropped from the query file."""
-    def tokens(text):
-        return tokenizer(text, max_length=max_seq_length - 1, truncation=True).input_ids + [tokenizer.eos_token_id]
-
-    os.makedirs(out_dir, exist_ok=True)
-    for file in sorted(os.listdir(raw_dir)):
-        name = file.split(".")[0]
-        df = pd.read_parquet(os.path.join(raw_dir, file))
-        df["query_input_ids"] = df["query"].map(tokens)
-        docs = ["passage"] + [f"negative_{i}" for i in range(1, 25) if f"negative_{i}" in df]
-        texts = list(set(t for c in docs for t in df[c]))
-        corpus = pd.DataFrame({"text": texts, "input_ids": [tokens(t) for t in texts],
-                               "doc_id": [f"{name}_{i}" for i in range(len(texts))]})
-        doc_id = corpus.set_index("text")["doc_id"].to_dict()
-        for c in docs:
-            df[f"{c}_input_ids"] = df[c].map(doc_id)
-        df.drop(columns=docs + ["query"]).to_parquet(os.path.join(out_dir, f"{name}_query.parquet"), index=False)
-        corpus.drop(columns=["text"]).set_index("doc_id").to_parquet(os.path.join(out_dir, f"{name}_corpus.parquet"))
-
-
-def concatenate_corpus(folder):
-    """The published README's step: all corpus files into one corpus.parquet (with pandas)."""
-    files = sorted(f for f in os.listdir(folder) if f.endswith("_corpus.parquet"))
-    pd.concat([pd.read_parquet(os.path.join(folder, f)) for f in files]).to_parquet(os.path.join(folder,
-                                                                                                  "corpus.parquet"))
-
-
-@pytest.fixture(scope="module")
-def published(tiny, tmp_path_factory):
-    """The `tiny` raw data in the published v2 layout (max_seq_length 64, as the `tokenized` fixture),
-    with the per-dataset corpus files and their concatenation corpus.parquet."""
-    out = str(tmp_path_factory.mktemp("published_v2"))
-    write_published_v2(f"{tiny}/raw", out, load_tokenizer(f"{tiny}/backbone"), 64)
-    concatenate_corpus(out)
-    return out
 
 
 def assert_same_batches(expected, got):

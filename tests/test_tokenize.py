@@ -814,3 +814,312 @@ def test_dangling_input_link_and_output_dir_that_is_a_file(tiny, tmp_path):
     (tmp_path / "file").write_text("")
     proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", tmp_path / "raw", tmp_path / "file")[1:])
     assert_user_error(proc, "cannot create the output folder", str(tmp_path / "file"))
+
+
+# ---- --max_rows_per_dataset: the published v2 script's pandas sampling ----------------------------
+
+SAMPLE_N = 10
+SAMPLE_SIZES = {"a": 30, "b": 7, "c": 25, "d": 10, "e": 41}  # c: a folder of two parts; b, d kept whole
+SAMPLED = ["a", "c", "e"]
+
+
+def sample_rows(name, n, start=0):
+    """Rows with a distinct query each (it names the row), passages repeated across rows."""
+    return [{"query": f"{name} query {i}", "passage": f"{name} passage {i % 9}",
+             "negative_1": f"{name} passage {(i + 1) % 9}", "negative_2": f"other text {i % 4}"}
+            for i in range(start, start + n)]
+
+
+def write_sample_raw(raw, sizes=SAMPLE_SIZES):
+    for name, n in sizes.items():
+        if name == "c":
+            write(sample_rows(name, 12), raw / "c.parquet" / "part-0.parquet")
+            write(sample_rows(name, n - 12, start=12), raw / "c.parquet" / "part-1.parquet")
+        else:
+            write(sample_rows(name, n), raw / f"{name}.parquet")
+    return raw
+
+
+def published_sample(raw, n, seed=42):
+    """{name: DataFrame} of the rows the published v2 script keeps, computed its way: seed numpy's
+    global RandomState once, then `df.sample(n=n)` on each larger file in sorted order."""
+    import numpy as np
+    import pandas as pd
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        kept = {}
+        for fname in sorted(os.listdir(raw)):
+            df = pd.read_parquet(os.path.join(raw, fname))
+            if len(df) > n:
+                df = df.sample(n=n).reset_index(drop=True)
+            kept[fname[: -len(".parquet")]] = df
+        return kept
+    finally:
+        np.random.set_state(state)
+
+
+def assert_published_rows(out_dir, raw, n, seed=42, names=tuple(SAMPLE_SIZES)):
+    """Each v1 output holds exactly the rows pandas keeps, in the order it keeps them."""
+    want = published_sample(raw, n, seed)
+    for name in names:
+        out = pq.read_table(f"{out_dir}/{name}.parquet")
+        for c in ("query", "passage", "negative_1", "negative_2"):
+            assert out.column(c).to_pylist() == want[name][c].tolist(), (name, c)
+
+
+def sample_args(tiny, raw, out, *extra):
+    return [*tokenize_args(f"{tiny}/backbone", raw, out)[1:], "--max_rows_per_dataset", str(SAMPLE_N), *extra]
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny, tmp_path_factory):
+    """The SAMPLE_SIZES raw files tokenized with --max_rows_per_dataset 10 (v1 and published_v2) and
+    without it (v1): {"raw", "v1", "published", "whole"}."""
+    root = tmp_path_factory.mktemp("sampled")
+    raw = write_sample_raw(root / "raw")
+    runs = {"v1": sample_args(tiny, raw, root / "v1"),
+            "published": sample_args(tiny, raw, root / "published", "--layout", "published_v2"),
+            "whole": tokenize_args(f"{tiny}/backbone", raw, root / "whole")[1:]}
+    for name, args in runs.items():
+        proc = tokenize_main(*args)
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    return {"raw": raw, **{name: root / name for name in runs}}
+
+
+def test_max_rows_per_dataset_keeps_the_rows_pandas_sample_keeps(sampled, tok):
+    """The rows of each file are those of the published script's `df.sample(n=N)` on numpy's global
+    RandomState seeded once with 42, in the order drawn (a folder of parts counts as one file); the
+    token ids are those of the rows kept."""
+    out_dir = sampled["v1"]
+    assert sorted(os.listdir(out_dir)) == [f"{n}.parquet" for n in SAMPLE_SIZES]
+    assert_published_rows(out_dir, sampled["raw"], SAMPLE_N)
+    for name, size in SAMPLE_SIZES.items():
+        out = pq.read_table(f"{out_dir}/{name}.parquet")
+        assert out.num_rows == min(size, SAMPLE_N), name
+        for c in ("query", "passage", "negative_2"):
+            assert out.column(f"{c}_input_ids").to_pylist() == expected_ids(tok, out.column(c).to_pylist(), 64)
+    # the stream runs on over the files: c's rows are not those of a fresh RandomState(42)
+    import pandas as pd
+
+    fresh = pd.read_parquet(sampled["raw"] / "c.parquet").sample(n=SAMPLE_N, random_state=42)
+    assert fresh["query"].tolist() != pq.read_table(f"{out_dir}/c.parquet").column("query").to_pylist()
+
+
+def test_max_rows_per_dataset_records(sampled):
+    """A file cut to N rows records max_rows, seed and a hash of the rows drawn; a file kept whole has
+    no "sample" entry: its table and record are those of a run without the flag."""
+    digests = set()
+    for name in SAMPLE_SIZES:
+        record = tokenize_data_qwen.read_record(f"{sampled['v1']}/{name}.parquet")
+        whole = f"{sampled['whole']}/{name}.parquet"
+        if name in SAMPLED:
+            sample = record.pop("sample")
+            assert sample["max_rows"] == SAMPLE_N and sample["seed"] == 42, name
+            assert re.fullmatch(r"[0-9a-f]{16}", sample["rows"]), sample
+            digests.add(sample["rows"])
+            assert record == tokenize_data_qwen.read_record(whole), name
+        else:
+            assert record == tokenize_data_qwen.read_record(whole), name
+            assert pq.read_table(f"{sampled['v1']}/{name}.parquet").equals(pq.read_table(whole)), name
+    assert len(digests) == len(SAMPLED)
+
+
+def test_sampled_rerun_skips_and_another_seed_redraws(tiny, sampled, tmp_path, pool_spy):
+    out = tmp_path / "out"
+    shutil.copytree(sampled["v1"], out)
+    before = stamps(out)
+    proc = tokenize_main(*sample_args(tiny, sampled["raw"], out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "skip ") == skip_lines(SAMPLE_SIZES) and not lines(proc, "retokenize ")
+    assert stamps(out) == before and pool_spy == []
+
+    proc = tokenize_main(*sample_args(tiny, sampled["raw"], out, "--sample_seed", "7"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "retokenize ") == [
+        f"retokenize {n}: --max_rows_per_dataset / --sample_seed changed the rows kept "
+        f"({SAMPLE_N} rows, seed 42 -> {SAMPLE_N} rows, seed 7)" for n in SAMPLED]
+    assert lines(proc, "skip ") == skip_lines(["b", "d"])
+    assert_published_rows(out, sampled["raw"], SAMPLE_N, seed=7)
+
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", sampled["raw"], out)[1:])  # the flag left out
+    assert lines(proc, "retokenize ") == [
+        f"retokenize {n}: --max_rows_per_dataset / --sample_seed changed the rows kept "
+        f"({SAMPLE_N} rows, seed 7 -> all rows)" for n in SAMPLED]
+    assert_same_outputs(out, sampled["whole"], names=SAMPLE_SIZES)
+
+
+def test_interrupted_sampled_run_redraws_the_same_rows(tiny, sampled, tmp_path):
+    """Outputs missing after an interruption are made with the rows of the uninterrupted run: the
+    files skipped before them still advance the random stream."""
+    out = tmp_path / "out"
+    shutil.copytree(sampled["v1"], out)
+    os.remove(out / "c.parquet")
+    os.remove(out / "e.parquet")
+    proc = tokenize_main(*sample_args(tiny, sampled["raw"], out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "skip ") == skip_lines(["a", "b", "d"])
+    assert "tokenized 2 file(s), skipped 3 already tokenized" in proc.stdout
+    assert_same_outputs(out, sampled["v1"], names=SAMPLE_SIZES)
+
+
+def test_earlier_file_row_count_change_redraws_later_files(tiny, tmp_path):
+    """The first file cut to fewer rows than N draws nothing any more, which changes what the stream
+    draws for every later cut file: those are made again (the reason says so), with the rows pandas
+    now keeps. (Not every change of a row count moves the stream: numpy may use the same number of
+    random words for a permutation of 30 and of 31.)"""
+    raw, out = write_sample_raw(tmp_path / "raw"), tmp_path / "out"
+    assert tokenize_main(*sample_args(tiny, raw, out)).returncode == 0
+    write(sample_rows("a", SAMPLE_N - 2), raw / "a.parquet")
+    proc = tokenize_main(*sample_args(tiny, raw, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "retokenize ") == [
+        "retokenize a: the input file changed (size or modification time) since it was tokenized",
+        *(f"retokenize {n}: the rows drawn by --max_rows_per_dataset changed: the row count of an earlier input "
+          "file changed (each file's draw continues one random stream over the files in sorted order)"
+          for n in ("c", "e"))]
+    assert lines(proc, "skip ") == skip_lines(["b", "d"])
+    assert_published_rows(out, raw, SAMPLE_N)
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--max_rows_per_dataset", "1"], ["--max_rows_per_dataset must be at least 2 (got 1)"]),
+    (["--max_rows_per_dataset", "0"], ["--max_rows_per_dataset must be at least 2 (got 0)"]),
+    (["--max_rows_per_dataset", "5", "--sample_seed", "-1"], ["--sample_seed", "4294967295", "got -1"]),
+    (["--max_rows_per_dataset", "5", "--sample_seed", str(2**32)], ["--sample_seed", "4294967295"]),
+])
+def test_max_rows_per_dataset_bad_values(tiny, tmp_path, extra, fragments):
+    raw = write_sample_raw(tmp_path / "raw", {"a": 6})
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", raw, tmp_path / "out")[1:], *extra)
+    assert_user_error(proc, *fragments)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_max_rows_per_dataset_refuses_to_write_into_the_input_folder(tiny, tmp_path):
+    raw = write_sample_raw(tmp_path / "raw", {"a": 6})
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", raw, raw)[1:], "--max_rows_per_dataset", "2")
+    assert_user_error(proc, "--max_rows_per_dataset", "--input_dir", "--output_dir")
+    assert os.listdir(raw) == ["a.parquet"] and pq.read_table(raw / "a.parquet").num_rows == 6
+
+
+def test_help_names_the_published_v2_run():
+    proc = tokenize_main("--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "--layout published_v2 --max_seq_length 2048 --max_rows_per_dataset 80000" in text
+    assert "published_v2" in text and "--sample_seed" in text
+
+
+# ---- --layout published_v2: NAME_query.parquet with string doc ids into NAME_corpus.parquet ---------
+
+def published_files(names):
+    return sorted(f"{n}_{kind}.parquet" for n in names for kind in ("query", "corpus"))
+
+
+def assert_resolves_to_v1(published_dir, v1_dir, names):
+    """Row by row, each string id of the query file, looked up in its corpus, gives exactly the v1
+    token list of that passage / negative; queries equal; ids are NAME_i in the order of the corpus,
+    one corpus row per distinct passage / negative text."""
+    for name in names:
+        v1 = pq.read_table(f"{v1_dir}/{name}.parquet")
+        queries = pq.read_table(f"{published_dir}/{name}_query.parquet")
+        corpus = pq.read_table(f"{published_dir}/{name}_corpus.parquet")
+        docs = text_cols(v1)[1:]
+        assert queries.column_names == ["query_input_ids"] + [f"{c}_input_ids" for c in docs], name
+        assert corpus.column_names == ["input_ids", "doc_id"], name
+        assert queries.schema.field("query_input_ids").type == pa.list_(pa.int32())
+        assert corpus.schema.field("input_ids").type == pa.list_(pa.int32())
+        assert all(queries.schema.field(f"{c}_input_ids").type == pa.string() for c in docs)
+        assert corpus.schema.field("doc_id").type == pa.string()
+        doc_ids = corpus.column("doc_id").to_pylist()
+        assert doc_ids == [f"{name}_{i}" for i in range(corpus.num_rows)], name  # unique, NAME_i
+        assert corpus.num_rows == len({t for c in docs for t in v1.column(c).to_pylist()}), name
+        tokens = dict(zip(doc_ids, corpus.column("input_ids").to_pylist()))
+        assert queries.num_rows == v1.num_rows
+        assert queries.column("query_input_ids").to_pylist() == v1.column("query_input_ids").to_pylist()
+        for c in docs:
+            ids = queries.column(f"{c}_input_ids").to_pylist()
+            assert [tokens[i] for i in ids] == v1.column(f"{c}_input_ids").to_pylist(), (name, c)
+        record = tokenize_data_qwen.read_record(f"{published_dir}/{name}_query.parquet")
+        assert record == tokenize_data_qwen.read_record(f"{published_dir}/{name}_corpus.parquet")
+        assert record == {**tokenize_data_qwen.read_record(f"{v1_dir}/{name}.parquet"), "layout": "published_v2"}
+
+
+@pytest.fixture(scope="module")
+def published(tiny, tmp_path_factory):
+    """The `tiny` raw data tokenized with --layout published_v2 (max_seq_length 64, as `tokenized`)."""
+    out = tmp_path_factory.mktemp("published_v2")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", out)[1:], "--layout", "published_v2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_published_v2_resolves_to_the_v1_tokens(tokenized, published):
+    assert sorted(os.listdir(published)) == published_files(DATASETS)
+    assert_resolves_to_v1(published, tokenized, DATASETS)
+    # retrieval data repeats its documents: the corpus is smaller than the id cells
+    corpus = pq.read_table(f"{published}/msmarco_corpus.parquet")
+    assert corpus.num_rows < ROWS["msmarco"] * 11
+
+
+def test_published_v2_rerun_skips_and_a_missing_or_foreign_corpus_remakes_both(tiny, published, tmp_path,
+                                                                               monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(published, out)
+    args = [*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", out)[1:], "--layout", "published_v2"]
+    before = stamps(out)
+    proc = tokenize_main(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "skip ") == skip_lines(DATASETS) and stamps(out) == before
+
+    written = []
+    write_atomic = tokenize_data_qwen.write_atomic
+    monkeypatch.setattr(tokenize_data_qwen, "write_atomic",
+                        lambda table, path: (written.append(os.path.basename(path)), write_atomic(table, path)))
+    os.remove(out / "msmarco_corpus.parquet")
+    foreign = pq.read_table(out / "imdb_corpus.parquet")  # a corpus from other settings
+    record = {**tokenize_data_qwen.read_record(out / "imdb_corpus.parquet"), "max_seq_length": 8}
+    pq.write_table(tokenize_data_qwen.with_record(foreign, record), out / "imdb_corpus.parquet")
+    proc = tokenize_main(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "retokenize ") == [
+        f"retokenize imdb: its corpus {out}/imdb_corpus.parquet is not from the same input and settings",
+        f"retokenize msmarco: its corpus {out}/msmarco_corpus.parquet is missing"]
+    assert lines(proc, "skip ") == skip_lines(["banking77", "natural_questions"])
+    assert written == ["imdb_corpus.parquet", "imdb_query.parquet", "msmarco_corpus.parquet", "msmarco_query.parquet"]
+    after = stamps(out)
+    assert after["imdb_query.parquet"] != before["imdb_query.parquet"]  # the query file is made again too
+    assert after["msmarco_query.parquet"] != before["msmarco_query.parquet"]
+    assert sorted(os.listdir(out)) == published_files(DATASETS)
+    for name in os.listdir(out):
+        assert pq.read_table(out / name).equals(pq.read_table(published / name)), name
+        assert tokenize_data_qwen.read_record(out / name) == tokenize_data_qwen.read_record(published / name)
+
+
+def test_published_v2_with_max_rows_per_dataset(sampled):
+    """Cut and published_v2 together: the same rows as the cut v1 run, resolved to the same tokens."""
+    assert sorted(os.listdir(sampled["published"])) == published_files(SAMPLE_SIZES)
+    assert_resolves_to_v1(sampled["published"], sampled["v1"], SAMPLE_SIZES)
+    assert "sample" in tokenize_data_qwen.read_record(f"{sampled['published']}/a_query.parquet")
+
+
+def test_published_v2_refuses_to_write_into_the_input_folder(tiny, tmp_path):
+    raw = tmp_path / "raw"
+    write(good_rows(), raw / "a.parquet")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", raw, raw)[1:], "--layout", "published_v2")
+    assert_user_error(proc, "--layout published_v2", "--input_dir", "--output_dir")
+    assert os.listdir(raw) == ["a.parquet"]
+
+
+def test_published_v2_output_that_would_replace_an_input_is_a_user_error(tiny, tmp_path):
+    """An output name that leads to an input file (here a link left in the output folder) stops the
+    run before anything is written, the input intact."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write(good_rows(), raw / "a.parquet")
+    os.makedirs(out)
+    os.symlink(raw / "a.parquet", out / "a_corpus.parquet")
+    size = os.path.getsize(raw / "a.parquet")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", raw, out)[1:], "--layout", "published_v2")
+    assert_user_error(proc, str(out / "a_corpus.parquet"), "replace the input file", str(raw / "a.parquet"))
+    assert os.path.getsize(raw / "a.parquet") == size and os.listdir(out) == ["a_corpus.parquet"]

@@ -187,6 +187,8 @@ def test_published_log_keys_fold_the_matryoshka_terms_into_their_loss():
 
 def test_grouped_log_keys_keep_every_term_apart():
     out = fill_tracker("grouped").report(OneProcess, "train")
-    assert out["train/msmarco/inbatch"] == pytest.approx(3.0) and out["train/msmarco/mrl_inbatch"] == pytest.approx(1.0)
-    assert out["train/retrieval/hard"] == pytest.approx(2.0) and out["train/classification/mrl_hard"] == pytest.approx(0.2)
+    assert out["train/msmarco/inbatch"] == pytest.approx(3.0)
+    assert out["train/msmarco/mrl_inbatch"] == pytest.approx(1.0)
+    assert out["train/retrieval/hard"] == pytest.approx(2.0)
+    assert out["train/classification/mrl_hard"] == pytest.approx(0.2)
     assert not any(key.startswith("Avg/") or "_loss_" in key for key in out)

@@ -127,16 +127,6 @@ def test_lora_unknown_target_module_is_one_line(tiny, tokenized, tmp_path):
 
 # ---- training runs ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def teacher(tiny, tmp_path_factory):
-    """A wider random model (hidden 48 > the student's 32) with the student's tokenizer."""
-    path = str(tmp_path_factory.mktemp("teacher"))
-    tokenizer = model.load_tokenizer(f"{tiny}/backbone")
-    tokenizer.save_pretrained(path)
-    demo.build_backbone(path, len(tokenizer), hidden_size=48, num_layers=1, seed=1)
-    return path
-
-
 def tb_at(tb_dir, tag):
     return dict(scalars(tb_dir, tag))
 
