@@ -46,6 +46,15 @@ def tiny_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tokenized_base(tiny_base, tmp_path_factory):
+    """The `tiny_base` raw data tokenized by the real CLI (max_seq_length 64)."""
+    out = str(tmp_path_factory.mktemp("tokenized_base"))
+    run_cli("tokenize_data_qwen.py", "--model_path", f"{tiny_base}/backbone", "--input_dir", f"{tiny_base}/raw",
+            "--output_dir", out, "--max_seq_length", "64", "--num_proc", "1", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def teacher(tiny, tmp_path_factory):
     """A wider random model (hidden 48 > the student's 32) with the student's tokenizer."""
     from model import load_tokenizer
@@ -97,7 +106,7 @@ def concatenate_corpus(folder):
 
 
 @pytest.fixture(scope="session")
-def published(tiny, tmp_path_factory):
+def published_v2_data(tiny, tmp_path_factory):
     """The `tiny` raw data in the published v2 layout (max_seq_length 64, as the `tokenized` fixture),
     with the per-dataset corpus files and their concatenation corpus.parquet."""
     out = str(tmp_path_factory.mktemp("published_v2"))

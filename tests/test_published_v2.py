@@ -26,22 +26,22 @@ def assert_same_batches(expected, got):
             assert torch.equal(a["input_ids"], b["input_ids"]), name
 
 
-def test_published_v2_files_give_the_v1_batches(tiny, tokenized, published, tmp_path):
+def test_published_v2_files_give_the_v1_batches(tiny, tokenized, published_v2_data, tmp_path):
     assert_same_batches(batches_per_dataset(tiny, tokenized, tmp_path / "c1"),
-                        batches_per_dataset(tiny, published, tmp_path / "c2"))
+                        batches_per_dataset(tiny, published_v2_data, tmp_path / "c2"))
 
 
-def test_the_per_dataset_corpus_files_serve_without_concatenation(tiny, tokenized, published, tmp_path):
+def test_the_per_dataset_corpus_files_serve_without_concatenation(tiny, tokenized, published_v2_data, tmp_path):
     folder = tmp_path / "data"
-    shutil.copytree(published, folder)
+    shutil.copytree(published_v2_data, folder)
     os.remove(folder / "corpus.parquet")
     assert_same_batches(batches_per_dataset(tiny, tokenized, tmp_path / "c1"),
                         batches_per_dataset(tiny, str(folder), tmp_path / "c2"))
 
 
-def test_integer_ids_are_made_once_and_remade_when_a_file_changes(tiny, published, tmp_path):
+def test_integer_ids_are_made_once_and_remade_when_a_file_changes(tiny, published_v2_data, tmp_path):
     folder, cache = tmp_path / "data", tmp_path / "cache"
-    shutil.copytree(published, folder)
+    shutil.copytree(published_v2_data, folder)
     batches_per_dataset(tiny, str(folder), cache)
     twins = {f: os.stat(cache / "published_v2" / f).st_mtime_ns for f in os.listdir(cache / "published_v2")}
     assert sorted(f.rsplit("-", 1)[0] for f in twins) == DATASETS
@@ -74,9 +74,9 @@ BAD = {  # case: (how to break a copy of the published folder, the file the erro
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_published_v2_input_is_one_line_naming_the_file(tiny, published, tmp_path, case):
+def test_bad_published_v2_input_is_one_line_naming_the_file(tiny, published_v2_data, tmp_path, case):
     folder = tmp_path / "data"
-    shutil.copytree(published, folder)
+    shutil.copytree(published_v2_data, folder)
     breaks, named, fragments = BAD[case]
     breaks(folder)
     config = write_config(tmp_path / "c.json", model_path=f"{tiny}/backbone", train_data_path=str(folder),
@@ -85,22 +85,22 @@ def test_bad_published_v2_input_is_one_line_naming_the_file(tiny, published, tmp
     assert_user_error(proc, str(folder / named), *fragments)
 
 
-def test_prepare_only_lists_the_published_datasets_by_name(tiny, published, tmp_path):
-    config = write_config(tmp_path / "c.json", model_path=f"{tiny}/backbone", train_data_path=published,
+def test_prepare_only_lists_the_published_datasets_by_name(tiny, published_v2_data, tmp_path):
+    config = write_config(tmp_path / "c.json", model_path=f"{tiny}/backbone", train_data_path=published_v2_data,
                           cache_dir=str(tmp_path / "cache"), num_hard_neg=3)
     proc = call_main(run.main, ["--config", config, "--prepare_only"])
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[0] for line in proc.stdout.splitlines()] == DATASETS
-    assert pq.read_metadata(f"{published}/corpus.parquet").num_rows == sum(
-        pq.read_metadata(f"{published}/{n}_corpus.parquet").num_rows for n in DATASETS)
+    assert pq.read_metadata(f"{published_v2_data}/corpus.parquet").num_rows == sum(
+        pq.read_metadata(f"{published_v2_data}/{n}_corpus.parquet").num_rows for n in DATASETS)
 
 
 @pytest.mark.parametrize("split", ["validation", "all"])
-def test_evaluate_reads_the_published_layout(tiny, tokenized, published, split):
+def test_evaluate_reads_the_published_layout(tiny, tokenized, published_v2_data, split):
     import evaluate
 
     tables = [call_main(evaluate.main, [f"{tiny}/backbone", folder, "--split", split, "--max_queries", "20"])
-              for folder in (tokenized, published)]
+              for folder in (tokenized, published_v2_data)]
     assert all(proc.returncode == 0 for proc in tables), tables[1].stderr
     assert tables[0].stdout.splitlines()[-4:] == tables[1].stdout.splitlines()[-4:]
     assert "msmarco" in tables[1].stdout and "natural_questions" in tables[1].stdout

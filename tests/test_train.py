@@ -110,40 +110,6 @@ def test_train_steps_stops_inside_an_epoch(tmp_path, tiny, tokenized):
     assert f"final checkpoint: {run_dir}/step_7" in proc.stdout
 
 
-def final_weights(values, step):
-    return AutoModel.from_pretrained(os.path.join(values["output_dir"], "e2e", f"step_{step}")).state_dict()
-
-
-def test_cached_step_trains_like_the_plain_step(tmp_path, tiny, tokenized):
-    """Same seeds, same batches: the GradCache run reaches the same weights as the plain run."""
-    runs = {}
-    for chunk in (0, 5):
-        (tmp_path / f"chunk{chunk}").mkdir()
-        config, values = train_config(tmp_path / f"chunk{chunk}", tiny, tokenized, train_steps=6,
-                                      checkpointing_steps=0, validation_steps=0, grad_cache_chunk_size=chunk)
-        proc = run_cli("run.py", "--config", config)
-        assert proc.returncode == 0, proc.stderr
-        runs[chunk] = final_weights(values, 6)
-    initial = AutoModel.from_pretrained(f"{tiny}/backbone").state_dict()
-    for key, plain in runs[0].items():
-        assert torch.allclose(runs[5][key], plain, rtol=1e-4, atol=1e-6), key
-    assert max((runs[0][k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it did train
-
-
-def test_published_switches_run(tmp_path, tiny_base, tmp_path_factory):
-    """The published behaviour, all switches together: padded batches, pad-id attention mask (with a
-    Base tokenizer, pad == eos), no in-batch gradient to the positives; 2 processes."""
-    out = str(tmp_path_factory.mktemp("tokenized_base"))
-    run_cli("tokenize_data_qwen.py", "--model_path", f"{tiny_base}/backbone", "--input_dir", f"{tiny_base}/raw",
-            "--output_dir", out, "--max_seq_length", "64", "--num_proc", "1", check=True)
-    config, values = train_config(tmp_path, tiny_base, out, train_steps=8, checkpointing_steps=0,
-                                  validation_steps=0, batch_layout="padded", attention_mask_from="pad_token_id",
-                                  inbatch_gradient="none")
-    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29534))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"final checkpoint: {values['output_dir']}/e2e/step_8" in proc.stdout
-
-
 class OneProcess:
     """What LossTracker asks of an Accelerator, for one process (a reduce is the identity)."""
     device = torch.device("cpu")
