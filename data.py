@@ -171,14 +171,7 @@ def published_v2_columns(path, schema, columns):
         raise UserError(f"{path}: its string document ids need the folder's corpus.parquet (or NAME_corpus.parquet "
                         "files), which is missing; re-run tokenize_data_qwen.py --layout published_v2")
     for file in corpus:
-        _, corpus_schema = read_schema(file)
-        for col, ok, what in (("doc_id", is_text, "string document ids"), ("input_ids", is_token_list,
-                                                                            "a list of token ids")):
-            if col not in corpus_schema.names:
-                raise UserError(f"{file}: no column '{col}'; re-run tokenize_data_qwen.py --layout published_v2")
-            if not ok(corpus_schema.field(col).type):
-                raise UserError(f"{file}: column '{col}' is {corpus_schema.field(col).type}, not {what}; re-run "
-                                "tokenize_data_qwen.py --layout published_v2")
+        check_corpus_schema(file, is_text, "string document ids", "published_v2")
     return columns
 
 
@@ -187,14 +180,18 @@ def check_corpus_columns(path):
     corpus = corpus_path(path)
     if not os.path.isfile(corpus):
         raise UserError(f"{path}: its corpus {corpus} is missing; re-run tokenize_data_qwen.py --layout v2")
+    check_corpus_schema(corpus, pa.types.is_integer, "integer ids", "v2")
+
+
+def check_corpus_schema(corpus, is_id, id_type, layout):
+    """A corpus file's `doc_id` (`is_id` of its type, described as `id_type`) and `input_ids` token lists."""
     _, schema = read_schema(corpus)
-    for col, ok, what in (("doc_id", pa.types.is_integer, "integer ids"), ("input_ids", is_token_list,
-                                                                            "a list of token ids")):
+    for col, ok, what in (("doc_id", is_id, id_type), ("input_ids", is_token_list, "a list of token ids")):
         if col not in schema.names:
-            raise UserError(f"{corpus}: no column '{col}'; re-run tokenize_data_qwen.py --layout v2")
+            raise UserError(f"{corpus}: no column '{col}'; re-run tokenize_data_qwen.py --layout {layout}")
         if not ok(schema.field(col).type):
             raise UserError(f"{corpus}: column '{col}' is {schema.field(col).type}, not {what}; re-run "
-                            "tokenize_data_qwen.py --layout v2")
+                            f"tokenize_data_qwen.py --layout {layout}")
 
 
 def rows_shown(rows):

@@ -48,10 +48,7 @@ def tiny_base(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenized_base(tiny_base, tmp_path_factory):
     """The `tiny_base` raw data tokenized by the real CLI (max_seq_length 64)."""
-    out = str(tmp_path_factory.mktemp("tokenized_base"))
-    run_cli("tokenize_data_qwen.py", "--model_path", f"{tiny_base}/backbone", "--input_dir", f"{tiny_base}/raw",
-            "--output_dir", out, "--max_seq_length", "64", "--num_proc", "1", check=True)
-    return out
+    return _tokenize(tiny_base, str(tmp_path_factory.mktemp("tokenized_base")))
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +65,11 @@ def teacher(tiny, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenized(tiny, tmp_path_factory):
     """The `tiny` raw data tokenized by the real CLI (max_seq_length 64)."""
-    out = str(tmp_path_factory.mktemp("tokenized"))
-    run_cli("tokenize_data_qwen.py", "--model_path", f"{tiny}/backbone", "--input_dir", f"{tiny}/raw",
+    return _tokenize(tiny, str(tmp_path_factory.mktemp("tokenized")))
+
+
+def _tokenize(root, out):
+    run_cli("tokenize_data_qwen.py", "--model_path", f"{root}/backbone", "--input_dir", f"{root}/raw",
             "--output_dir", out, "--max_seq_length", "64", "--num_proc", "1", check=True)
     return out
 
