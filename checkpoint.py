@@ -7,14 +7,21 @@ to continue exactly: model, optimizer, lr scheduler and every process's RNG stat
 (`accelerator.save_state`), `trainer_state.json` (step, config, logging sums) and, written last,
 a manifest of every file's size. The folder is written as `.step_N.partial` and renamed when
 complete, so that a process killed mid-write never leaves a folder that looks complete.
+
+The run folder is taken by one launch at a time (RunLock), and a storage error while saving is
+one line that leaves the newest complete checkpoint as it was.
 """
+import atexit
+import errno
 import glob
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import sys
+import time
 
 import numpy as np
 import torch
@@ -26,6 +33,7 @@ from model import save_inference_model
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 
 
 def warn(accelerator, message):
@@ -82,32 +90,101 @@ def set_rng_state(state):
 def save(accelerator, model, tokenizer, path, trainer_state, keep, max_seq_length=1024, prompts=None):
     """Write checkpoint `path` atomically (collective: every process calls it), then keep the
     training state of only the newest `keep` checkpoints (0: all). max_seq_length and prompts go
-    into the inference model's sentence-transformers configuration."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    into the inference model's sentence-transformers configuration. Refuses (UserError) to start
+    when the folder has less free space than the last checkpoint took, and turns a storage error
+    while writing into one line; either way the partial folder is removed and the checkpoints
+    already written stay as they were."""
+    run_dir = os.path.dirname(path)
+    tmp = os.path.join(run_dir, f".{os.path.basename(path)}.partial")
+    problem = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
-    accelerator.wait_for_everyone()
+        problem = _space_problem(run_dir, path)
+    _agree(accelerator, problem, tmp)
     state_dir = os.path.join(tmp, STATE_DIR)
-    accelerator.save_state(state_dir)  # every process writes its RNG states (and its ZeRO shard)
-    torch.save(rng_state(), _rng_file(state_dir, accelerator.process_index))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(state_dir)  # every process writes its RNG states (and its ZeRO shard)
+        torch.save(rng_state(), _rng_file(state_dir, accelerator.process_index))
+    except (OSError, RuntimeError) as err:
+        problem = _storage_problem(run_dir, err, path)
+    _agree(accelerator, problem, tmp)
     if accelerator.is_main_process:
-        backbone = accelerator.unwrap_model(model).backbone
-        if is_lora(backbone):  # the adapters merged in, so that the weights load without peft
-            backbone, weights = backbone.get_base_model(), merged_state_dict(backbone)
-        else:
-            weights = None
-        save_inference_model(backbone, tokenizer, tmp, max_seq_length, prompts, save_function=accelerator.save,
-                             state_dict=weights)
-        with open(os.path.join(state_dir, TRAINER_STATE), "w") as f:
-            json.dump(trainer_state, f, indent=1)
-        _write_manifest(tmp)
-        _replace_dir(tmp, path)
-        if keep:
-            prune(os.path.dirname(path), keep)
-    accelerator.wait_for_everyone()
+        try:
+            backbone = accelerator.unwrap_model(model).backbone
+            if is_lora(backbone):  # the adapters merged in, so that the weights load without peft
+                backbone, weights = backbone.get_base_model(), merged_state_dict(backbone)
+            else:
+                weights = None
+            save_inference_model(backbone, tokenizer, tmp, max_seq_length, prompts, save_function=accelerator.save,
+                                 state_dict=weights)
+            with open(os.path.join(state_dir, TRAINER_STATE), "w") as f:
+                json.dump(trainer_state, f, indent=1)
+            _write_manifest(tmp)
+            _replace_dir(tmp, path)
+            if keep:
+                prune(run_dir, keep)
+        except (OSError, RuntimeError) as err:
+            problem = _storage_problem(run_dir, err, path)
+    _agree(accelerator, problem, tmp)
     accelerator.print(f"checkpoint saved: {path}")
     return path
+
+
+def _agree(accelerator, problem, tmp):
+    """A barrier at which every process learns whether one of them failed; then all stop together
+    (the main process with the line, the others quietly), the partial folder removed."""
+    if not any_process(accelerator, problem is not None):
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(problem or "saving a checkpoint failed on another process (see its log); the checkpoints "
+                                   "already written are intact")
+    raise SystemExit(2)
+
+
+def checkpoint_bytes(path):
+    """A complete checkpoint's size on disk, from its manifest (0 if it has none)."""
+    try:
+        with open(os.path.join(path, STATE_DIR, MANIFEST)) as f:
+            return sum(json.load(f).values())
+    except (OSError, ValueError):
+        return 0
+
+
+def _space_problem(run_dir, path):
+    """Why the next checkpoint would not fit: the newest one's size is the best estimate of it."""
+    sizes = [checkpoint_bytes(p) for _, p in candidates(run_dir)]
+    needed = max(sizes[:1] + [0])
+    free = shutil.disk_usage(run_dir).free
+    if needed and free < needed:
+        return (f"no space for checkpoint {path}: {run_dir} has {_size(free)} free, the last checkpoint took "
+                f"{_size(needed)}; free some space (or lower save_total_limit) and resume_from latest")
+    return None
+
+
+LOW_SPACE = 64 * 2**20  # below this, a failed write is taken for a full disk
+
+
+def _storage_problem(run_dir, err, path):
+    """One line for an error while writing a checkpoint. torch.save reports a full disk as a
+    RuntimeError of its zip writer: one is taken for a storage error only when little space is left
+    or it says it failed writing, else it is raised as the bug it is."""
+    free = shutil.disk_usage(run_dir).free if os.path.isdir(run_dir) else 0
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, RuntimeError) and free >= LOW_SPACE and not re.search(r"writ|iostream", message, re.I):
+        raise err
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < LOW_SPACE:
+        return (f"no space left writing checkpoint {path} ({_size(free)} free in {run_dir}); free some space and "
+                "resume_from latest: the checkpoints already written are intact")
+    return (f"cannot write checkpoint {path}: {getattr(err, 'strerror', None) or message} ({run_dir}); fix the "
+            "folder and resume_from latest: the checkpoints already written are intact")
+
+
+def _size(n):
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def problem_with(path):
@@ -219,3 +296,105 @@ def restore(accelerator, resume_from, run_dir):
         warn(accelerator, f"skipping checkpoint {path}: {problem}")
     accelerator.print(f"resume_from latest: no complete checkpoint in {run_dir}; starting afresh")
     return None
+
+
+class RunLock:
+    """The run folder taken by one launch: `run_dir/.lock` holds the main process's pid, host and
+    start time, created exclusively before anything is written there and removed at exit. A second
+    launch into the folder stops with one line while the holder lives. A lock whose holder is gone
+    (same host, pid not running, or our own pid: a container restarted) is stale and taken over;
+    on another host liveness cannot be checked, and `break_lock` takes it over anyway. Taking the
+    lock is also the start-up check that the folder is writable."""
+
+    def __init__(self, accelerator, run_dir, break_lock=False):
+        self.path = os.path.join(run_dir, LOCK)
+        self.mine = None
+        problem = None
+        if accelerator.is_main_process:
+            try:
+                problem = self._take(run_dir, break_lock)
+            except OSError as err:
+                problem = (f"cannot write into the run folder {run_dir} ({err.strerror or err}); set output_dir "
+                           "to a writable folder")
+        if any_process(accelerator, problem is not None):
+            if accelerator.is_main_process:
+                raise UserError(problem)
+            raise SystemExit(2)
+        if accelerator.is_main_process:
+            clean_leftovers(run_dir)
+
+    def _take(self, run_dir, break_lock):
+        os.makedirs(run_dir, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                holder = _read_lock(self.path)
+                if not (break_lock or _stale(holder)):
+                    return (f"run folder {run_dir} is in use by pid {holder['pid']} on {holder['host']} (since "
+                            f"{holder['since']}): another launch trains into it. Wait for it or stop it; if no job "
+                            "uses the folder any more, relaunch with --break_lock")
+                print(f"taking over the run folder lock {self.path} of {holder or 'an unreadable lock'} "
+                      f"({'--break_lock' if break_lock else 'its process is gone'})", flush=True)
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        self.mine = me
+        atexit.register(self.release)
+        return None
+
+    def release(self):
+        """Remove the lock if it is still ours."""
+        if self.mine is not None and _read_lock(self.path) == self.mine:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+        self.mine = None
+
+
+def _read_lock(path):
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder if {"pid", "host", "since"} <= set(holder) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _stale(holder):
+    """True when the lock's process is known to be gone (an unreadable lock: its writer died)."""
+    if holder is None:
+        return True
+    if holder["host"] != socket.gethostname():
+        return False
+    if holder["pid"] == os.getpid():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def clean_leftovers(run_dir):
+    """What a killed save leaves: `.NAME.partial` (incomplete: removed) and `.NAME.old` (the previous
+    NAME, moved aside while its replacement was renamed in: removed if NAME exists, else put back)."""
+    for partial in glob.glob(os.path.join(run_dir, ".*.partial")):
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"removed {partial}: left by a save that did not finish", flush=True)
+    for old in glob.glob(os.path.join(run_dir, ".*.old")):
+        name = os.path.join(run_dir, os.path.basename(old)[1: -len(".old")])
+        if os.path.exists(name):
+            shutil.rmtree(old, ignore_errors=True)
+            print(f"removed {old}: the previous {os.path.basename(name)}, already replaced", flush=True)
+        else:
+            os.rename(old, name)
+            print(f"restored {name} from {old}: its replacement was never renamed in", flush=True)

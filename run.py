@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections import defaultdict
 from functools import partial
@@ -188,6 +189,14 @@ def forward_backward(model, batch, task, cfg, accelerator):
     return losses
 
 
+def weights_finite(model, accelerator):
+    """Whether every weight is finite on every process: one norm per tensor (a non-finite weight
+    makes its norm non-finite; weights beyond about 1e19 overflow it too, and no trained model has
+    them), one host sync and one all-reduce."""
+    norms = torch.stack([p.detach().norm().float() for p in model.parameters()])
+    return not any_process(accelerator, not torch.isfinite(norms).all().item())
+
+
 def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler, teacher=None):
     """One optimizer step on one batch: (its losses, the gradient norm before clipping), the losses
     None if the step was skipped because a loss or the gradient norm was not finite, the norm None
@@ -202,6 +211,10 @@ def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler, teach
         applied, norm = optimizer_step(model, cfg, accelerator, optimizer)
         if not applied:
             losses = None
+        elif not weights_finite(model, accelerator):  # a finite gradient times a huge learning rate
+            raise UserError(f"an optimizer step (lr {optimizer.param_groups[0]['lr']:.3g}, gradient norm {norm:.3g}) "
+                            "made the weights non-finite (or too large for a finite norm); nothing was saved from it. "
+                            'Lower learning_rate, then resume_from "latest" (or start again)')
     optimizer.zero_grad()
     scheduler.step()
     clamp_lr(scheduler.optimizer, cfg.min_lr)
@@ -332,27 +345,90 @@ def checkpoint_due(step, total_steps, cfg):
     return bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class StopSignal:
     """Remembers SIGTERM or SIGUSR1 (preemption notices): the loop finishes its step, saves a
-    checkpoint and exits, instead of dying mid-step."""
+    checkpoint and exits with status 0, instead of dying mid-step. Once the stop is agreed, further
+    notices are ignored (a scheduler often repeats them), so that none cuts the stop path short."""
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
 
     def agreed(self, accelerator):
         """The signal if any process received one (all processes stop at the same step)."""
-        return any_process(accelerator, self.received is not None)
+        if not any_process(accelerator, self.received is not None):
+            return False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        return True
+
+
+class SurvivingStream:
+    """A text stream whose writes never raise: once its reader is gone (a closed pipe: `| tee log`
+    killed with the job's process group) or its file cannot take more, the descriptor is pointed at
+    /dev/null and the text dropped, so that a preempted run still saves and exits 0 (see note)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):  # BrokenPipeError, ENOSPC, EIO; ValueError: the stream was closed
+            self.drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.drop()
+
+    def drop(self):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a StringIO): the write was dropped anyway
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def survive_closed_output():
+    """Route stdout and stderr (prints, tqdm, logging) through SurvivingStream."""
+    if not isinstance(sys.stdout, SurvivingStream):
+        sys.stdout = SurvivingStream(sys.stdout)
+    if not isinstance(sys.stderr, SurvivingStream):
+        sys.stderr = SurvivingStream(sys.stderr)
+
+
+def note(accelerator, cfg, line):
+    """Print a line that matters after the output may be gone (a stop, the final checkpoint), and
+    append it to run_dir/run.log, which outlives a closed pipe."""
+    accelerator.print(line)
+    if accelerator.is_main_process:
+        try:
+            with open(os.path.join(cfg.run_dir, "run.log"), "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        except OSError:
+            pass
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="JSON config (see configs/config.json and the README)")
     p.add_argument("--prepare_only", action="store_true", help="build the dataset split cache, then exit")
+    p.add_argument("--break_lock", action="store_true",
+                   help="take over the run folder's lock even if its holder may still run (see the README)")
     return p.parse_args(argv)
 
 
@@ -457,6 +533,7 @@ def check_resumable(state, cfg, accelerator, train_loader):
 
 @exit_on_user_error
 def main(argv=None):
+    survive_closed_output()
     args = parse_args(argv)
     cfg = load_config(args.config)
     dataset_types = load_dataset_types(cfg)
@@ -466,6 +543,7 @@ def main(argv=None):
         return
 
     accelerator = make_accelerator()
+    checkpoint.RunLock(accelerator, cfg.run_dir, args.break_lock)  # before any write; checks it is writable
     set_seed(cfg.seed)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
@@ -518,63 +596,68 @@ def main(argv=None):
                       f"{total_steps} steps, {accelerator.num_processes} process(es)")
     stop, throughput = StopSignal(), Throughput()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    saved, stopped = None, False
-    model.train()
-    for epoch in range(step // per_epoch, cfg.train_epochs):
-        train_loader.set_epoch(epoch, start=step - epoch * per_epoch)
-        for name, batch in islice(train_loader, max(total_steps - step, 0)):
-            throughput.add(len(batch["input_ids"]))
-            batch = to_device(batch, accelerator.device)
-            losses, grad_norm = train_step(model, batch, task_of[name], cfg, accelerator, optimizer, scheduler,
-                                           teacher)
-            step += 1
+    try:  # the bar ends its line before any error line
+        saved, stopped = None, False
+        model.train()
+        for epoch in range(step // per_epoch, cfg.train_epochs):
+            train_loader.set_epoch(epoch, start=step - epoch * per_epoch)
+            for name, batch in islice(train_loader, max(total_steps - step, 0)):
+                throughput.add(len(batch["input_ids"]))
+                batch = to_device(batch, accelerator.device)
+                losses, grad_norm = train_step(model, batch, task_of[name], cfg, accelerator, optimizer, scheduler,
+                                               teacher)
+                step += 1
 
-            bar.update(1)
-            if losses is not None:
-                tracker.add(name, losses, grad_norm)
-                bad_in_a_row = 0
-            else:
-                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                warn(accelerator, f"step {step}: non-finite loss or gradient on {name}; step skipped "
-                                  f"({bad_in_a_row} in a row, {skipped} in all)")
-                if bad_in_a_row >= cfg.max_bad_steps:
-                    path = save(f"step_{step}")
-                    raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (max_bad_steps "
-                                    f"{cfg.max_bad_steps}); stopped at step {step}, checkpoint {path} holds the last "
-                                    "good weights. Lower learning_rate or check the data, then resume_from it")
-            if step % cfg.log_interval == 0:
-                metrics = {"lr": adamw.param_groups[0]["lr"], "train/skipped_steps": skipped,
-                           **tracker.report(accelerator, "train"), **throughput.report(accelerator)}
-                log(writer, metrics, step)
-                bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", lr=f"{metrics['lr']:.2e}",
-                                tokens_per_s=f"{metrics['train/tokens_per_s']:.0f}")
-            with throughput.paused():
-                if cfg.validation_steps and step % cfg.validation_steps == 0:
-                    log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
-                if checkpoint_due(step, total_steps, cfg):
-                    saved = save(f"step_{step}")
-            if stop.agreed(accelerator):
-                path = saved if saved == os.path.join(cfg.run_dir, f"step_{step}") else save(f"step_{step}")
-                accelerator.print(f"stopped by {stop.received or 'a signal to another process'} at step {step}: "
-                                  f'checkpoint {path}; continue with "resume_from": "latest"')
-                stopped = True
+                bar.update(1)
+                if losses is not None:
+                    tracker.add(name, losses, grad_norm)
+                    bad_in_a_row = 0
+                else:
+                    bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                    warn(accelerator, f"step {step}: non-finite loss or gradient on {name}; step skipped "
+                                      f"({bad_in_a_row} in a row, {skipped} in all)")
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        path = save(f"step_{step}")
+                        raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                        f"(max_bad_steps {cfg.max_bad_steps}); stopped at step {step}, checkpoint "
+                                        f"{path} holds the weights of the last applied step (finite, checked). Lower "
+                                        "learning_rate or check the data, then resume_from it")
+                if step % cfg.log_interval == 0:
+                    metrics = {"lr": adamw.param_groups[0]["lr"], "train/skipped_steps": skipped,
+                               **tracker.report(accelerator, "train"), **throughput.report(accelerator)}
+                    log(writer, metrics, step)
+                    bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", lr=f"{metrics['lr']:.2e}",
+                                    tokens_per_s=f"{metrics['train/tokens_per_s']:.0f}")
+                with throughput.paused():
+                    if cfg.validation_steps and step % cfg.validation_steps == 0:
+                        log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
+                    if checkpoint_due(step, total_steps, cfg):
+                        saved = save(f"step_{step}")
+                if stop.agreed(accelerator):
+                    path = saved if saved == os.path.join(cfg.run_dir, f"step_{step}") else save(f"step_{step}")
+                    note(accelerator, cfg, f"stopped by {stop.received or 'a signal to another process'} at step "
+                                           f'{step}: checkpoint {path}; continue with "resume_from": "latest"')
+                    stopped = True
+                    break
+            if stopped:
                 break
-        if stopped:
-            break
-        # An epoch end, or train_steps reached inside an epoch: validate and save either way.
-        with throughput.paused():
-            log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
-            if step == (epoch + 1) * per_epoch:
-                saved = save(f"epoch_{epoch + 1}")
-            elif saved != os.path.join(cfg.run_dir, f"step_{step}"):
-                saved = save(f"step_{step}")
-        if step >= total_steps:
-            break
-    bar.close()
+            # An epoch end, or train_steps reached inside an epoch: validate (unless this step just was)
+            # and save either way.
+            with throughput.paused():
+                if not (cfg.validation_steps and step % cfg.validation_steps == 0):
+                    log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
+                if step == (epoch + 1) * per_epoch:
+                    saved = save(f"epoch_{epoch + 1}")
+                elif saved != os.path.join(cfg.run_dir, f"step_{step}"):
+                    saved = save(f"step_{step}")
+            if step >= total_steps:
+                break
+    finally:
+        bar.close()
     if writer is not None:
         writer.close()
     if not stopped:
-        accelerator.print(f"final checkpoint: {saved}")
+        note(accelerator, cfg, f"final checkpoint: {saved}")
     accelerator.end_training()
 
 
