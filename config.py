@@ -6,7 +6,9 @@ is one switch away (see README, "Differences from the published code").
 """
 import dataclasses
 import json
+import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -37,6 +39,12 @@ PROMPT_NAMES = ("query", "document")
 LORA_KEYS = {"r": int, "alpha": float, "dropout": float, "target_modules": list}
 LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05,
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+# The smallest temperature: the logits cos/temperature then stay within +-1000. Below it the softmax is
+# an argmax in all but name (a bfloat16 cosine near 1 moves in steps of 2**-8, over 4 nats of logit
+# at 1e-3 and 40 at 1e-4) and the loss and gradient norm grow as 1/temperature, until the gradient
+# norm overflows float32 near 1e-19 and every step is skipped as non-finite (1e-30: inf).
+MIN_TEMPERATURE = 1e-3
+SEED_LIMIT = 2**32  # numpy's seeds (accelerate's set_seed seeds numpy): 0 <= seed < 2**32
 
 
 def _opt(default, help, **kw):
@@ -66,7 +74,8 @@ class Config:
     num_hard_neg: int = _opt(7, "Hard negatives per query for retrieval and clustering (classification uses 1).")
     train_steps: int = _opt(-1, "Total optimizer steps; -1 means batches per epoch x train_epochs.")
     # Options this project adds.
-    temperature: float = _opt(0.05, "Softmax temperature of both contrastive losses (cosine similarity).")
+    temperature: float = _opt(0.05, "Softmax temperature of both contrastive losses (cosine similarity); at least "
+                                    "0.001, which keeps the logits cos/temperature within +-1000.")
     negative_sampling: str = _opt("per_row", "How a training batch's hard negatives are drawn from each row's: "
                                              "`per_row`, each row on its own; `per_batch` (published), one draw of "
                                              "columns for the whole batch (k = 1: always negative_1).")
@@ -107,7 +116,8 @@ class Config:
     merge_checkpoints: bool = _opt(False, "F2LLM-v2's extra checkpoints for merging: step_5, and every 500 steps in "
                                           "the last 2,500 (with checkpointing_steps on). See merge_checkpoints.py.")
     validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.")
-    seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw.")
+    seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw "
+                        "(0 <= seed < 2**32).")
     lr_schedule_steps: str = _opt("optimizer", "`optimizer`: warmup over warmup_steps optimizer steps, decay over "
                                               "the run; `published_v1`: as the published v1 code, whose schedule "
                                               "advances once per process per step over the unsharded step count "
@@ -172,6 +182,41 @@ def _type_ok(value, typ):
     return isinstance(value, typ)
 
 
+class _Overflow:
+    """A JSON number literal beyond the range of a float, such as 1e400 (which json reads as Infinity)."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+def _parse_float(text):
+    value = float(text)
+    return _Overflow(text) if math.isinf(value) else value
+
+
+def _not_finite(value, where):
+    """(where, what) of the first number in `value`, lists and objects searched in order, that is not a
+    finite float: NaN, Infinity or -Infinity (Python's JSON reader accepts them), or a number beyond the
+    float range; `where` names its position (lora.alpha, adam_betas[1]). None if every number is finite."""
+    if isinstance(value, _Overflow):
+        return where, f"{value.text}, beyond the range of a float (+-1.8e308)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        return where, f"a number of {len(str(abs(value)))} digits, beyond the range of a float (+-1.8e308)"
+    if isinstance(value, dict):
+        items = ((f".{k}" if k.isidentifier() else f"[{json.dumps(k)}]", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for step, item in items:
+        found = _not_finite(item, where + step)
+        if found:
+            return found
+    return None
+
+
 def _validate(cfg, path):
     def bad(key, why):
         raise UserError(f"{path}: key '{key}' {why}")
@@ -179,16 +224,23 @@ def _validate(cfg, path):
     for key in ("train_batch_size", "max_seq_length", "train_epochs", "log_interval"):
         if getattr(cfg, key) < 1:
             bad(key, "must be at least 1")
-    for key in ("checkpointing_steps", "validation_steps", "warmup_steps", "num_hard_neg", "save_total_limit", "seed"):
+    for key in ("checkpointing_steps", "validation_steps", "warmup_steps", "num_hard_neg", "save_total_limit"):
         if getattr(cfg, key) < 0:
             bad(key, "must be 0 or more")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        bad("seed", f"must be between 0 and {SEED_LIMIT - 1} (a numpy seed, 0 <= seed < 2**32), got {cfg.seed}")
     if cfg.max_seq_length < 2:
         bad("max_seq_length", "must be at least 2 (one token of text plus eos)")
     if cfg.train_steps == 0 or cfg.train_steps < -1:
         bad("train_steps", "must be -1 (epochs decide) or a positive number of steps")
-    for key in ("learning_rate", "min_lr", "weight_decay"):
+    if cfg.learning_rate <= 0:
+        bad("learning_rate", f"must be positive, got {cfg.learning_rate:g}")
+    for key in ("min_lr", "weight_decay"):
         if getattr(cfg, key) < 0:
             bad(key, "must be 0 or more")
+    if cfg.min_lr > cfg.learning_rate:
+        bad("min_lr", f"({cfg.min_lr:g}) is above learning_rate ({cfg.learning_rate:g}): the lr, clamped from below "
+                      "at min_lr, would stay at min_lr for the whole run; lower min_lr or raise learning_rate")
     for key, names in CHOICES.items():
         if getattr(cfg, key) not in names:
             quoted = [f"'{name}'" for name in names]
@@ -197,8 +249,10 @@ def _validate(cfg, path):
         bad("max_bad_steps", "must be at least 1")
     if cfg.max_grad_norm <= 0:
         bad("max_grad_norm", "must be positive")
-    if cfg.temperature <= 0:
-        bad("temperature", "must be positive")
+    if not cfg.temperature >= MIN_TEMPERATURE:
+        bad("temperature", f"must be a positive number of at least {MIN_TEMPERATURE:g} (the logits cos/temperature "
+                           f"then stay within +-{1 / MIN_TEMPERATURE:g}; below it the loss and gradient norm grow "
+                           f"as 1/temperature), got {cfg.temperature:g}; the default is 0.05")
     if not 0 < cfg.validation_fraction < 1:
         bad("validation_fraction", "must be between 0 and 1")
     if cfg.attention_mask_from == "pad_token_id" and cfg.batch_layout == "packed":
@@ -243,9 +297,11 @@ def load_config(path):
         raise UserError(f"config file {path} not found: pass --config with a JSON file like configs/config.json")
     try:
         with open(path) as f:
-            raw = json.load(f)
+            raw = json.load(f, parse_float=_parse_float)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})")
+    except ValueError as err:  # not UTF-8 text, an integer of over 4300 digits
+        raise UserError(f"{path}: not valid JSON ({err})")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: must hold one JSON object of config keys")
     fields = {f.name: f for f in dataclasses.fields(Config)}
@@ -256,6 +312,10 @@ def load_config(path):
             raise UserError(f"{path}: key '{key}' was replaced by {REPLACED_KEYS[key]}")
         if key not in fields:
             raise UserError(f"{path}: unknown key '{key}'; valid keys: {', '.join(fields)}")
+        if found := _not_finite(value, key):
+            where, what = found
+            held = "is" if where == key else f"has {where} ="
+            raise UserError(f"{path}: key '{key}' {held} {what}; give a finite number")
         if value is None and fields[key].default is None:
             continue
         if not _type_ok(value, hints[key]):

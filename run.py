@@ -543,12 +543,12 @@ def main(argv=None):
         return
 
     accelerator = make_accelerator()
+    tokenizer = load_tokenizer(cfg.model_path)
+    checked = check_datasets(cfg, dataset_types)  # every process fails at once on bad input
     checkpoint.RunLock(accelerator, cfg.run_dir, args.break_lock)  # before any write; checks it is writable
     set_seed(cfg.seed)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
-    tokenizer = load_tokenizer(cfg.model_path)
-    checked = check_datasets(cfg, dataset_types)  # every process fails at once on bad input
     with accelerator.main_process_first():  # one process builds the split cache, the others read it
         splits = dict(sorted(prepare(cfg, checked).items()))
     task_of = {name: task for name, (task, _, _) in splits.items()}

@@ -231,6 +231,24 @@ def count_rows(path):
         raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
 
 
+def empty_input_error(path):
+    """The error for an input file with no rows: its output would be an empty dataset, which training
+    refuses only when it starts, after every other file was tokenized."""
+    return UserError(f"{path}: 0 rows; remove the file or fill it")
+
+
+def check_not_empty(files):
+    """Every input has rows, from the parquet footers alone, checked before anything is written. A file
+    whose footer cannot be read is left to read_input, whose error says more about it."""
+    for path in files:
+        try:
+            num_rows = count_rows(path)
+        except UserError:
+            continue
+        if num_rows == 0:
+            raise empty_input_error(path)
+
+
 def draw_rows(num_rows, max_rows, rs):
     """The row indices kept of a file with num_rows rows: None (all, in order, rs not advanced) when
     num_rows <= max_rows, else `rs.choice(num_rows, max_rows, replace=False)`, in the order drawn,
@@ -468,6 +486,7 @@ def main(argv=None):
     files = sorted(glob.glob(os.path.join(args.input_dir, "*.parquet")))
     if not files:
         raise UserError(f"no *.parquet files in {args.input_dir}")
+    check_not_empty(files)
     tokenizer = load_tokenizer(args.model_path)  # fail here, once, rather than in every worker
     fingerprint = tokenizer_fingerprint(tokenizer)
     try:
@@ -520,6 +539,8 @@ def main(argv=None):
             if reason:
                 print(f"retokenize {name}: {reason}", flush=True)
             table = read_input(path)
+            if table.num_rows == 0:  # emptied since check_not_empty
+                raise empty_input_error(path)
             columns = text_columns(table.schema, path)
             check_texts(table, columns, path)
             table = table.drop_columns([c for c in table.column_names if c.endswith("_input_ids")])

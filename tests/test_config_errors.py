@@ -214,6 +214,80 @@ def test_bad_value(env, key, value, fragments):
     assert_user_error(run_main(path), str(path), *fragments)
 
 
+def failed_before_the_run(env, name, fragments, **values):
+    """run.main (training, not --prepare_only) on the base config plus `values`, with an output_dir of
+    its own: one error line with `fragments`, and no output folder made. The training data is a folder
+    without parquet files, so that a value let through fails fast on that (another line), not by
+    training."""
+    out = env["root"] / name / "output"
+    path = config(env, name, output_dir=str(out), train_data_path=env["dirs"]["empty"], **values)
+    assert_user_error(run_main(path, prepare_only=False), str(path), *fragments)
+    assert not os.path.exists(out)
+
+
+NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+@pytest.mark.parametrize("shown", NON_FINITE)
+@pytest.mark.parametrize("key", ["learning_rate", "max_grad_norm", "weight_decay", "temperature", "min_lr",
+                                 "kd_weight", "validation_fraction", "train_batch_size"])
+def test_non_finite_number(env, key, shown):
+    """Python's JSON reader takes NaN, Infinity and -Infinity: each is an error naming the key (a NaN
+    passes every comparison of the range checks; NaN weight_decay was an AdamW traceback)."""
+    failed_before_the_run(env, f"nonfinite_{key}_{shown}", [f"key '{key}' is {shown};", "finite number"],
+                          **{key: NON_FINITE[shown]})
+
+
+@pytest.mark.parametrize("key, value, where, shown", [
+    ("lora", {"alpha": float("nan")}, "lora.alpha", "NaN"),
+    ("lora", {"r": 8, "dropout": float("inf")}, "lora.dropout", "Infinity"),
+    ("adam_betas", [0.9, float("nan")], "adam_betas[1]", "NaN"),
+    ("mrl_dims", [64, float("-inf")], "mrl_dims[1]", "-Infinity"),
+    ("prompts", {"query": float("nan")}, "prompts.query", "NaN"),
+    ("dataset_types", {"my-data": float("inf")}, 'dataset_types["my-data"]', "Infinity"),
+])
+def test_non_finite_number_inside_a_value(env, key, value, where, shown):
+    failed_before_the_run(env, f"nonfinite_in_{key}_{len(where)}",
+                          [f"key '{key}' has {where} = {shown};", "finite number"], **{key: value})
+
+
+@pytest.mark.parametrize("text, shown", [("1e400", "1e400, beyond the range of a float"),
+                                         ("-1E+999", "-1E+999, beyond the range of a float"),
+                                         ("1" + "0" * 400, "a number of 401 digits, beyond the range of a float")])
+def test_number_beyond_the_float_range(env, text, shown):
+    """json reads 1e400 as Infinity: the error shows what the file says."""
+    path = raw_config(env, f"huge_{len(text)}", '{"model_path": "m", "train_data_path": "d", "learning_rate": '
+                      + text + "}")
+    assert_user_error(run_main(path), str(path), f"key 'learning_rate' is {shown}", "finite number")
+
+
+def test_integer_too_long_for_json_is_one_line(env):
+    """Python refuses integers of over 4300 digits with a ValueError that is not a JSONDecodeError."""
+    path = raw_config(env, "long_int", '{"model_path": "m", "train_data_path": "d", "seed": ' + "7" * 5000 + "}")
+    assert_user_error(run_main(path), str(path), "not valid JSON", "4300 digits")
+
+
+@pytest.mark.parametrize("key, value, fragments", [
+    ("temperature", 1e-30, ["'temperature'", "at least 0.001", "+-1000", "got 1e-30"]),
+    ("temperature", 1e-4, ["'temperature'", "at least 0.001", "got 0.0001"]),
+    ("seed", 2**32, ["'seed'", "4294967295", "got 4294967296"]),
+    ("seed", -1, ["'seed'", "4294967295", "got -1"]),
+    ("learning_rate", 0, ["'learning_rate'", "positive"]),
+    ("min_lr", 1e-5, ["'min_lr'", "above learning_rate", "8e-06"]),
+])
+def test_out_of_range(env, key, value, fragments):
+    """temperature 1e-30 makes the logits cos/temperature 1e30 (the gradient norm overflows); seed
+    2**32 was numpy's traceback in set_seed; learning_rate 0 or below min_lr would run at min_lr."""
+    failed_before_the_run(env, f"range_{key}_{value}", fragments, **{key: value})
+
+
+def test_range_bounds_accepted(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.json", model_path="m", train_data_path="d", temperature=1e-3,
+                                   seed=2**32 - 1, learning_rate=1e-5, min_lr=1e-5, weight_decay=0, kd_weight=0,
+                                   max_grad_norm=1e-3, adam_betas=[0, 0.999], lora={"alpha": 1e-3}))
+    assert cfg.temperature == 1e-3 and cfg.seed == 2**32 - 1 and cfg.min_lr == cfg.learning_rate
+
+
 @pytest.mark.parametrize("drop, listed", [(["model_path"], ["model_path"]),
                                           (["model_path", "train_data_path"], ["model_path", "train_data_path"])])
 def test_missing_required_key(env, drop, listed):

@@ -480,6 +480,50 @@ def test_missing_required_argument():
     assert proc.returncode != 0 and "--model_path" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def zero_rows():
+    return pa.table({c: pa.array([], pa.string()) for c in ("query", "passage", "negative_1")})
+
+
+@pytest.mark.parametrize("extra", [[], ["--max_rows_per_dataset", "2"], ["--layout", "published_v2"]])
+def test_zero_row_file_is_a_user_error_before_any_output(tiny, tmp_path, extra):
+    """A raw file with no rows would become an empty dataset that training refuses only when it
+    starts: one line names it, and nothing is written, not even the good files sorted before it."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write(good_rows(), raw / "a_good.parquet")
+    empty = write(zero_rows(), raw / "b_empty.parquet")
+    write(good_rows(), raw / "c_good.parquet")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", raw, out)[1:], *extra)
+    assert_user_error(proc, empty, "0 rows", "remove the file or fill it")
+    assert not os.path.exists(out)
+
+
+def test_zero_row_file_found_while_reading(tiny, tmp_path, monkeypatch):
+    """A file that has rows when the run starts and none when it is read (emptied meanwhile) is the
+    same error, and its output is not written."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write(good_rows(), raw / "a_good.parquet")
+    empty = write(zero_rows(), raw / "b_empty.parquet")
+    monkeypatch.setattr(tokenize_data_qwen, "check_not_empty", lambda files: None)
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", raw, out)[1:])
+    assert_user_error(proc, empty, "0 rows")
+    assert os.listdir(out) == ["a_good.parquet"]
+
+
+def test_zero_row_check_leaves_unreadable_files_to_the_reader(tiny, tmp_path):
+    """A corrupt file next to an empty one sorted after it: the footer check skips it, so the error is
+    the empty file's; alone, the corrupt file keeps read_input's own message."""
+    raw = tmp_path / "raw"
+    write(good_rows(), raw / "a_good.parquet")
+    (raw / "b_corrupt.parquet").write_bytes(b"PAR1" + os.urandom(512) + b"PAR1")
+    empty = write(zero_rows(), raw / "c_empty.parquet")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", raw, tmp_path / "out")[1:])
+    assert_user_error(proc, empty, "0 rows")
+    assert not os.path.exists(tmp_path / "out")
+    os.remove(empty)
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", raw, tmp_path / "out")[1:])
+    assert_user_error(proc, str(raw / "b_corrupt.parquet"), "not a readable parquet file")
+
+
 # ---- validation functions, in-process ---------------------------------------------------------
 
 def test_text_columns_orders_negatives_numerically():
