@@ -13,7 +13,7 @@ import argparse
 import os
 
 from errors import UserError, exit_on_user_error
-from model import dtype_argument, load_tokenizer, save_inference_model, st_settings
+from model import dtype_argument, load_pretrained, load_tokenizer, save_inference_model, st_settings
 
 
 def parse_args(argv=None):
@@ -24,11 +24,9 @@ def parse_args(argv=None):
 
 
 def load_weights(path):
-    from transformers import AutoModel
-
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"checkpoint {path} not found: pass step_N / epoch_N folders (with config.json and weights)")
-    return AutoModel.from_pretrained(path, **dtype_argument("auto"))
+    """A checkpoint's model in its own dtype, checked like a training backbone (a folder of a
+    supported decoder, with every weight present)."""
+    return load_pretrained(path, "checkpoint", **dtype_argument("auto"))
 
 
 def merge(paths):

@@ -1,4 +1,4 @@
-"""The backbone (a Qwen3 `AutoModel`, no LM head), last-token pooling, and the encoder.
+"""The backbone (a Qwen3 or Qwen2 `AutoModel`, no LM head), last-token pooling, and the encoder.
 
 The embedding of a sequence is the last hidden state at its last real token, the eos appended
 to every text. It is not normalised here: the loss and the evaluation normalise.
@@ -74,12 +74,97 @@ def dtype_argument(dtype):
     return {key: dtype}
 
 
-def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient_checkpointing=False, packed=False):
+# model_type in a backbone's config.json -> the models it covers. The code here (last-token pooling,
+# packed attention through `sdpa_varlen`, flex or flash-attn, LoRA target names) is written for these
+# decoders; Qwen2 shares Qwen3's layout (tested: packed and padded batches give the per-text
+# embeddings). Any other model_type would load with none of its weights matching.
+SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3", "qwen2": "Qwen2, Qwen2.5"}
+# Weight files from_pretrained reads from a local folder: one file, or the index of a sharded one.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+FOLDER_HINT = "point it at a local folder with the backbone's config.json, weights and tokenizer"
+
+
+def supported_types():
+    """The supported model types for a message: "qwen3 (Qwen3) or qwen2 (Qwen2, Qwen2.5)"."""
+    return " or ".join(f"{key} ({models})" for key, models in SUPPORTED_MODEL_TYPES.items())
+
+
+def require_folder(path, setting="model_path"):
+    """Fail unless `path` is a local folder. transformers takes a path that does not exist for a hub
+    repo id and answers with its repo-id rules, which says nothing about the typo. `setting` names
+    the option the path came from (model_path, teacher_model_path, checkpoint)."""
+    if not os.path.exists(path):
+        raise UserError(f"{setting} {path} not found: {FOLDER_HINT}")
+    if not os.path.isdir(path):
+        raise UserError(f"{setting} {path} is a file, not a folder: {FOLDER_HINT}")
+
+
+def check_model_type(path, setting="model_path"):
+    """Fail unless the folder's config.json names a supported decoder: AutoModel would build any
+    other architecture from it, and a mismatch of config and weights only shows as a load report."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise UserError(f"{setting} {path} has no config.json: {FOLDER_HINT}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{setting} {path}: cannot read config.json ({err})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        said = f"says model_type {model_type!r}" if model_type else "names no model_type"
+        raise UserError(f"{setting} {path}: its config.json {said}; this project trains {supported_types()} "
+                        "decoders: point it at one of those")
+
+
+def check_weight_files(path, setting="model_path"):
+    """Fail unless the folder holds weights: without a weight file from_pretrained may build the
+    model from its config alone, every weight random."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        raise UserError(f"{setting} {path} holds no weights (none of {', '.join(WEIGHT_FILES)}): "
+                        "copy the backbone's weight files into it")
+
+
+def check_model_folder(path, setting="model_path"):
+    """The checks a backbone folder passes before its weights load; they read config.json only."""
+    require_folder(path, setting)
+    check_model_type(path, setting)
+    check_weight_files(path, setting)
+
+
+def check_no_missing_weights(model, loading_info, path, setting="model_path"):
+    """Fail when loading left weights of the model out: transformers initialises them at random
+    and only logs it. Unexpected weights (a CausalLM's lm_head) are dropped, which is fine."""
+    missing = sorted(loading_info["missing_keys"])
+    if missing:
+        names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise UserError(f"{len(missing)} of {len(model.state_dict())} backbone weights are missing from {setting} "
+                        f"{path} ({names}), so they would start from random init: point it at a complete checkpoint")
+
+
+def load_pretrained(path, setting="model_path", **kwargs):
+    """`AutoModel.from_pretrained(path, **kwargs)` for a checked folder, refusing a load that left
+    weights missing. Load errors the checks do not foresee (a truncated file, a shard that the
+    index names but the folder lacks) become one line too."""
+    check_model_folder(path, setting)
+    try:
+        model, loading_info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model from {setting} {path}: {str(err).strip().splitlines()[0]}") from None
+    check_no_missing_weights(model, loading_info, path, setting)
+    return model
+
+
+def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient_checkpointing=False, packed=False,
+                  setting="model_path"):
+    """The backbone ready to train or embed, from a checked folder (see load_pretrained); `setting`
+    names the option the path came from, for the error lines."""
     attn_implementation = pick_attn_implementation(attn_implementation, packed)
     if attn_implementation == "sdpa_varlen":
         _register_sdpa_varlen()
-    backbone = AutoModel.from_pretrained(model_path, attn_implementation=attn_implementation,
-                                         **dtype_argument(pick_dtype(dtype)))
+    backbone = load_pretrained(model_path, setting, attn_implementation=attn_implementation,
+                               **dtype_argument(pick_dtype(dtype)))
     backbone.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant checkpointing works under DDP and with inputs that need no gradient.
@@ -220,11 +305,8 @@ def load_encoder(path, device=None, dtype="auto", max_seq_length=None, layout="p
     """An Encoder for a checkpoint (or any backbone folder with its tokenizer), on `device`
     (default: cuda if available). max_seq_length and prompts come from the checkpoint's
     sentence-transformers files when present (defaults 1024 and none)."""
-    tokenizer = load_tokenizer(path)
-    try:
-        backbone = load_backbone(path, dtype=dtype, packed=layout == "packed")
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a model from {path}: {str(err).splitlines()[0]}")
+    tokenizer = load_tokenizer(path, setting="checkpoint")
+    backbone = load_backbone(path, dtype=dtype, packed=layout == "packed", setting="checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     embedder = Embedder(backbone, layout, tokenizer.pad_token_id).to(device)
     saved_length, prompts = st_settings(path)
@@ -242,9 +324,11 @@ def st_settings(path):
             read("config_sentence_transformers.json").get("prompts") or {})
 
 
-def load_tokenizer(model_path):
+def load_tokenizer(model_path, setting="model_path"):
     """The backbone's tokenizer; it must have an eos token (appended to every text). A missing pad
-    token falls back to eos, which is safe because the attention mask comes from lengths."""
+    token falls back to eos, which is safe because the attention mask comes from lengths. `setting`
+    names the option the path came from, for the error lines."""
+    require_folder(model_path, setting)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:

@@ -37,7 +37,7 @@ from grad_cache import cached_backward
 from evaluate import retrieval_metrics, retrieval_set
 from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
-from model import Embedder, flatten, load_backbone, load_tokenizer
+from model import Embedder, check_model_folder, flatten, load_backbone, load_tokenizer
 
 
 GRAD_NORM = ("", "grad_norm")  # LossTracker's key of the gradient norm, beside (dataset, loss term)
@@ -471,11 +471,11 @@ def build_teacher(cfg, tokenizer, hidden_size, device):
     It must share the student's tokenizer (it embeds the same token ids) and be at least as wide."""
     if not cfg.teacher_model_path:
         return None
-    if load_tokenizer(cfg.teacher_model_path).get_vocab() != tokenizer.get_vocab():
+    if load_tokenizer(cfg.teacher_model_path, "teacher_model_path").get_vocab() != tokenizer.get_vocab():
         raise UserError(f"teacher_model_path {cfg.teacher_model_path}: its tokenizer differs from model_path's; "
                         "the teacher embeds the student's token ids, so both need the same tokenizer")
     backbone = load_backbone(cfg.teacher_model_path, cfg.attn_implementation, cfg.dtype,
-                             packed=cfg.batch_layout == "packed")
+                             packed=cfg.batch_layout == "packed", setting="teacher_model_path")
     if backbone.config.hidden_size < hidden_size:
         raise UserError(f"teacher_model_path {cfg.teacher_model_path}: hidden size {backbone.config.hidden_size} "
                         f"is below the student's {hidden_size}; its embeddings are cut to the student's size")
@@ -544,6 +544,9 @@ def main(argv=None):
 
     accelerator = make_accelerator()
     tokenizer = load_tokenizer(cfg.model_path)
+    check_model_folder(cfg.model_path)  # a wrong folder is one line before the data is prepared
+    if cfg.teacher_model_path:
+        check_model_folder(cfg.teacher_model_path, "teacher_model_path")
     checked = check_datasets(cfg, dataset_types)  # every process fails at once on bad input
     checkpoint.RunLock(accelerator, cfg.run_dir, args.break_lock)  # before any write; checks it is writable
     set_seed(cfg.seed)
