@@ -143,9 +143,20 @@ def check_no_missing_weights(model, loading_info, path, setting="model_path"):
                         f"{path} ({names}), so they would start from random init: point it at a complete checkpoint")
 
 
+def check_finite_weights(model, path, setting="model_path"):
+    """Fail when a loaded weight holds NaN or inf: training from it would only produce NaN losses
+    (every step skipped) or spread them, and a checkpoint of it would be garbage that looks fine."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise UserError(f"{setting} {path} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s) ({names}): "
+                        "point it at an intact checkpoint")
+
+
 def load_pretrained(path, setting="model_path", **kwargs):
     """`AutoModel.from_pretrained(path, **kwargs)` for a checked folder, refusing a load that left
-    weights missing. Load errors the checks do not foresee (a truncated file, a shard that the
+    weights missing or holds non-finite ones. Load errors the checks do not foresee (a truncated file, a shard that the
     index names but the folder lacks) become one line too."""
     check_model_folder(path, setting)
     try:
@@ -153,6 +164,7 @@ def load_pretrained(path, setting="model_path", **kwargs):
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a model from {setting} {path}: {str(err).strip().splitlines()[0]}") from None
     check_no_missing_weights(model, loading_info, path, setting)
+    check_finite_weights(model, path, setting)
     return model
 
 

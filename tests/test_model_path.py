@@ -45,9 +45,14 @@ def bad(tiny, tmp_path_factory):
     state = load_file(f"{tiny}/backbone/model.safetensors")
     save_file({k: v for k, v in state.items() if ".layers.1." not in k}, f"{partial}/model.safetensors",
               metadata={"format": "pt"})
+    nan = tokenizer_copy(tiny, root / "nan")
+    shutil.copy(f"{tiny}/backbone/config.json", nan)
+    state["embed_tokens.weight" if "embed_tokens.weight" in state else next(k for k in state if "embed" in k)][7] = \
+        float("nan")
+    save_file(state, f"{nan}/model.safetensors", metadata={"format": "pt"})
     (root / "a_file").write_text("not a model")
     return {"missing": str(root / "nope"), "file": str(root / "a_file"), "gpt2": gpt2, "no_weights": no_weights,
-            "partial": partial}
+            "partial": partial, "nan": nan}
 
 
 def assert_no_training(values):
@@ -68,6 +73,7 @@ CASES = {
     "gpt2": ["model_type 'gpt2'", "qwen3", "qwen2"],
     "no_weights": ["holds no weights", "model.safetensors"],
     "partial": ["11 of 24 backbone weights are missing", "layers.1.", "random init"],
+    "nan": ["holds non-finite weights", "1 tensor(s)", "embed_tokens.weight"],
 }
 
 

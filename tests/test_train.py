@@ -106,7 +106,7 @@ def test_train_steps_stops_inside_an_epoch(tmp_path, tiny, tokenized):
     proc = run_cli("run.py", "--config", config)
     assert proc.returncode == 0, proc.stderr
     run_dir = os.path.join(values["output_dir"], "e2e")
-    assert sorted(os.listdir(run_dir)) == ["args.json", "step_7"]
+    assert sorted(os.listdir(run_dir)) == ["args.json", "run.log", "step_7"]
     assert f"final checkpoint: {run_dir}/step_7" in proc.stdout
 
 

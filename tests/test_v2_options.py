@@ -152,7 +152,9 @@ def test_mrl_kd_and_lora_train_and_resume(tmp_path, tiny, tokenized, teacher):
         for step, total in tb_at(tb, f"train/{name}/total").items():
             terms = [tb_at(tb, f"train/{name}/{kind}")[step] for kind in kinds]
             assert total == pytest.approx(sum(terms), rel=1e-5) and min(terms) > 0
-    assert set(tb_at(tb, "valid/msmarco/mrl_inbatch")) == {3, 6} and not os.path.exists(f"{tb}/e2e/valid/msmarco/kd")
+    # validated at steps 3 and 6, once each: the last step is both a validation step and the run's end
+    assert [step for step, _ in scalars(tb, "valid/msmarco/mrl_inbatch")] == [3, 6]
+    assert not os.path.exists(f"{tb}/e2e/valid/msmarco/kd")
     for key in ("ndcg@10", "mrr@10", "recall@10"):
         assert all(0 <= v <= 1 for v in tb_at(tb, f"valid/retrieval/{key}").values())
     assert all(v > 0 for v in tb_at(tb, "train/tokens_per_s").values())
