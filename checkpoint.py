@@ -153,8 +153,7 @@ def checkpoint_bytes(path):
 
 def _space_problem(run_dir, path):
     """Why the next checkpoint would not fit: the newest one's size is the best estimate of it."""
-    sizes = [checkpoint_bytes(p) for _, p in candidates(run_dir)]
-    needed = max(sizes[:1] + [0])
+    needed = sum(checkpoint_bytes(p) for _, p in candidates(run_dir)[:1])  # the newest one's manifest only
     free = shutil.disk_usage(run_dir).free
     if needed and free < needed:
         return (f"no space for checkpoint {path}: {run_dir} has {_size(free)} free, the last checkpoint took "

@@ -155,6 +155,19 @@ def is_text(typ):
     return pa.types.is_string(typ) or pa.types.is_large_string(typ)
 
 
+def id_column(column):
+    """The v2 name of a published v2 document column: `X_input_ids` (string ids) -> `X_id`."""
+    return column[: -len("_input_ids")] + "_id"
+
+
+def as_v2_ids(path, table, columns, cache_dir, cached=False):
+    """A published v2 query file's rows as v2 rows: (the table, or with `cached` the path of its
+    twin under cache_dir; the v2 columns; the folder corpus's token lists)."""
+    corpus = published_corpus(tuple(published_corpus_files(os.path.dirname(path))), cache_dir)
+    rows = corpus.integer_ids(path, table, columns, cache_dir) if cached else corpus.id_table(table, columns, path)
+    return rows, columns[:1] + [id_column(c) for c in columns[1:]], corpus.documents
+
+
 def published_v2_columns(path, schema, columns):
     """token_columns of a published v2 query file: query_input_ids token lists, string document ids
     in the others, and a folder corpus with string `doc_id` and `input_ids` token lists."""
@@ -267,10 +280,8 @@ def load_splits(path, columns, cfg):
     ds = read_dataset(path, cfg.cache_dir)
     documents = None
     if is_text(ds.data.schema.field(columns[1]).type):
-        corpus = published_corpus(tuple(published_corpus_files(os.path.dirname(path))), cfg.cache_dir)
-        ds = read_dataset(corpus.integer_ids(path, ds.data.table, columns, cfg.cache_dir), cfg.cache_dir)
-        columns = columns[:1] + [c[: -len("_input_ids")] + "_id" for c in columns[1:]]
-        documents = corpus.documents
+        twin, columns, documents = as_v2_ids(path, ds.data.table, columns, cfg.cache_dir, cached=True)
+        ds = read_dataset(twin, cfg.cache_dir)
     id_columns = [c for c in columns if c.endswith("_id")]
     check_token_values(ds.data, [c for c in columns if c.endswith("_input_ids")], path)
     if id_columns:
@@ -287,6 +298,11 @@ def load_splits(path, columns, cfg):
 def published_corpus(paths, cache_dir):
     """The PublishedCorpus of a folder, read once per process for all its datasets."""
     return PublishedCorpus(paths, cache_dir)
+
+
+def id_stems(ids):
+    """Each id without a trailing `_NUMBER`: the dataset name of a published id "NAME_i"."""
+    return pc.replace_substring_regex(ids, pattern=r"_[0-9]+$", replacement="")
 
 
 class PublishedCorpus:
@@ -319,7 +335,7 @@ class PublishedCorpus:
             twice = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
             raise UserError(f"{self.label}: {len(twice)} doc_id(s) appear more than once (e.g. {twice[0]}); "
                             "concatenate each NAME_corpus.parquet once")
-        stems = pc.replace_substring_regex(self.doc_ids, pattern=r"_[0-9]+$", replacement="")
+        stems = id_stems(self.doc_ids)
         names = pc.unique(stems)
         codes = np.asarray(pc.index_in(stems, value_set=names), dtype=np.int64)
         order = np.argsort(codes, kind="stable")
@@ -330,7 +346,7 @@ class PublishedCorpus:
         if self.groups is None:
             self.build_groups()
         names, order, starts = self.groups
-        stems = pc.unique(pc.replace_substring_regex(ids, pattern=r"_[0-9]+$", replacement=""))
+        stems = pc.unique(id_stems(ids))
         found = pc.index_in(stems, value_set=names).drop_null().to_numpy()
         rows = np.concatenate([order[starts[g]: starts[g + 1]] for g in found] + [np.zeros(0, np.int64)])
         where = pc.index_in(ids, value_set=self.doc_ids.take(pa.array(rows)).combine_chunks())
@@ -341,7 +357,7 @@ class PublishedCorpus:
 
     def integer_ids(self, path, table, columns, cache_dir):
         """The path of the query file's v2 twin under cache_dir (its id_table); made here unless already there."""
-        stamps = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in [path, *self.paths]]
+        stamps = [(os.path.abspath(p), st.st_size, st.st_mtime_ns) for p in [path, *self.paths] for st in [os.stat(p)]]
         key = hashlib.sha256(json.dumps([1, stamps, columns]).encode()).hexdigest()[:16]
         name = os.path.basename(path)[: -len(QUERY_SUFFIX)]
         twin = os.path.join(cache_dir, "published_v2", f"{name}-{key}.parquet")
@@ -368,7 +384,7 @@ class PublishedCorpus:
                 raise UserError(f"{path}: column '{col}' has {len(bad)} document id(s) that {self.label} does not "
                                 f"hold (rows {rows_shown(bad)}, e.g. {ids[int(bad[0])]}); concatenate every "
                                 "NAME_corpus.parquet into corpus.parquet, or re-run tokenize_data_qwen.py")
-            out[col[: -len("_input_ids")] + "_id"] = pa.array(rows, pa.int64())
+            out[id_column(col)] = pa.array(rows, pa.int64())
         return pa.table(out)
 
 

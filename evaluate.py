@@ -22,8 +22,8 @@ import torch
 from datasets.table import InMemoryTable
 
 from config import Config, load_config, load_dataset_types
-from data import (CorpusRows, check_ids, check_token_values, corpus_path, find_datasets, is_text, load_corpus,
-                  load_splits, published_corpus, published_corpus_files, rows_of, token_columns, tokenize)
+from data import (CorpusRows, as_v2_ids, check_ids, check_token_values, corpus_path, find_datasets, is_text,
+                  load_corpus, load_splits, rows_of, token_columns, tokenize)
 from errors import UserError, exit_on_user_error
 from model import load_encoder
 from tokenize_data_qwen import check_texts, text_columns
@@ -139,9 +139,7 @@ def resolve_ids(table, columns, path, cfg):
     looked up in its corpus, as data.load_splits' splits do."""
     documents = None
     if is_text(table.schema.field(columns[1]).type):  # published v2: string ids into the folder's corpus
-        corpus = published_corpus(tuple(published_corpus_files(os.path.dirname(path))), cfg.cache_dir)
-        table, documents = corpus.id_table(table, columns, path), corpus.documents
-        columns = columns[:1] + [c[: -len("_input_ids")] + "_id" for c in columns[1:]]
+        table, columns, documents = as_v2_ids(path, table, columns, cfg.cache_dir)
     check_token_values(table, [c for c in columns if c.endswith("_input_ids")], path)
     id_columns = [c for c in columns if c.endswith("_id")]
     if not id_columns:
