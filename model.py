@@ -53,6 +53,32 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     return out.transpose(1, 2).contiguous(), None
 
 
+# The oldest transformers whose packed batches are right: 4.53.0 added AttentionMaskInterface (the mask
+# hook of sdpa_varlen) and 4.53.1 the packed-sequence masks that sdpa, eager and flex_attention build from
+# the restarting position_ids. Before 4.53.1 those let each packed sequence attend to the ones before it
+# in its row: wrong embeddings, no error (tested: 4.51.3, 4.52.4, 4.53.0).
+PACKED_MIN_TRANSFORMERS = "4.53.1"
+
+
+def check_library_support(attn_implementation="auto", packed=False):
+    """Refuse, as one line, a layout / attention / library version combination known to give wrong
+    embeddings (or to fail deep inside transformers): the packed layout, whatever the attention, and
+    sdpa_varlen on a transformers older than PACKED_MIN_TRANSFORMERS. The padded and grouped layouts
+    are right there. Reads transformers.__version__ at each call."""
+    attn = pick_attn_implementation(attn_implementation, packed)
+    installed = transformers.__version__
+    if version.parse(installed) >= version.parse(PACKED_MIN_TRANSFORMERS):
+        return
+    upgrade = f'upgrade it (pip install -U "transformers>={PACKED_MIN_TRANSFORMERS}")'
+    if packed:
+        raise UserError(f'batch_layout "packed" needs transformers >= {PACKED_MIN_TRANSFORMERS} (installed: '
+                        f"{installed}, where packed sequences attend to each other: wrong embeddings, no error): "
+                        f'{upgrade} or set "batch_layout": "padded"')
+    if attn == "sdpa_varlen":
+        raise UserError(f"attn_implementation sdpa_varlen needs transformers >= {PACKED_MIN_TRANSFORMERS} "
+                        f'(installed: {installed}): {upgrade} or set "attn_implementation": "sdpa"')
+
+
 def _register_sdpa_varlen():
     from transformers import AttentionInterface, AttentionMaskInterface
 
@@ -173,6 +199,7 @@ def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient
     """The backbone ready to train or embed, from a checked folder (see load_pretrained); `setting`
     names the option the path came from, for the error lines."""
     attn_implementation = pick_attn_implementation(attn_implementation, packed)
+    check_library_support(attn_implementation, packed)  # before sdpa_varlen's registration and the weights
     if attn_implementation == "sdpa_varlen":
         _register_sdpa_varlen()
     backbone = load_pretrained(model_path, setting, attn_implementation=attn_implementation,
@@ -226,6 +253,8 @@ class Embedder(nn.Module):
         super().__init__()
         if layout not in BATCH_LAYOUTS:
             raise ValueError(f"layout must be one of {BATCH_LAYOUTS}, got {layout!r}")
+        if layout == "packed":  # also a backbone that load_backbone loaded for padded batches
+            check_library_support(packed=True)
         self.backbone = backbone
         self.layout = layout
         self.pad_token_id = pad_token_id
@@ -248,14 +277,17 @@ class Embedder(nn.Module):
 
     def _packed(self, input_ids, lengths):
         # position_ids restart at 0 per sequence (RoPE, and packing detection in flex / flash-attn);
-        # cu_seq_lens give the boundaries to varlen kernels.
+        # cu_seq_lens give the boundaries to varlen kernels. use_cache=False whatever the config says:
+        # with a cache transformers skips the packing detection, and sdpa / eager / flex would attend
+        # across the sequences.
         ends = lengths.cumsum(0)
         cu = nn.functional.pad(ends, (1, 0)).int()
         positions = torch.arange(len(input_ids), device=input_ids.device) - torch.repeat_interleave(ends - lengths,
                                                                                                      lengths)
         longest = int(lengths.max())
         hidden = self.backbone(input_ids=input_ids[None], position_ids=positions[None], cu_seq_lens_q=cu,
-                               cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).last_hidden_state[0]
+                               cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
+                               use_cache=False).last_hidden_state[0]
         return hidden[ends - 1]
 
 

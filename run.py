@@ -37,7 +37,7 @@ from grad_cache import cached_backward
 from evaluate import retrieval_metrics, retrieval_set
 from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
-from model import Embedder, check_model_folder, flatten, load_backbone, load_tokenizer
+from model import Embedder, check_library_support, check_model_folder, flatten, load_backbone, load_tokenizer
 
 
 GRAD_NORM = ("", "grad_norm")  # LossTracker's key of the gradient norm, beside (dataset, loss term)
@@ -545,6 +545,7 @@ def main(argv=None):
     accelerator = make_accelerator()
     tokenizer = load_tokenizer(cfg.model_path)
     check_model_folder(cfg.model_path)  # a wrong folder is one line before the data is prepared
+    check_library_support(cfg.attn_implementation, cfg.batch_layout == "packed")  # so is a wrong-results stack
     if cfg.teacher_model_path:
         check_model_folder(cfg.teacher_model_path, "teacher_model_path")
     checked = check_datasets(cfg, dataset_types)  # every process fails at once on bad input

