@@ -29,6 +29,7 @@ CHOICES = {
     "batch_layout": BATCH_LAYOUTS,
     "dtype": ("auto", "bfloat16", "float32"),
     "log_keys": ("grouped", "published"),
+    "contrastive_loss": ("f2llm", "joint"),
 }
 # Keys of earlier versions of this project: what replaced them.
 REPLACED_KEYS = {"gather_with_grad": "inbatch_gradient (true: \"all\", false: \"own\")"}
@@ -88,6 +89,15 @@ class Config:
     inbatch_gradient: str = _opt("all", "Which positives of the global batch the in-batch loss sends gradient to: "
                                         "`all` (the gradient of the global-batch loss), `own` (this process's "
                                         "only), `none` (published: only the queries learn from it).")
+    contrastive_loss: str = _opt("f2llm", "`f2llm` (published): hard-negative loss plus in-batch loss over the "
+                                          "positives; `joint`: on retrieval batches one softmax of each query over "
+                                          "every positive and hard negative of the global batch (sentence-"
+                                          "transformers' MultipleNegativesRankingLoss), a candidate with the "
+                                          "positive's text not counted as a negative; other task types keep the "
+                                          "hard-negative loss.")
+    false_negative_margin: float = _opt(None, "If set (e.g. 0.1), every contrastive term drops the candidates whose "
+                                              "cosine similarity to the query exceeds the positive's by more than "
+                                              "this (likely unlabeled positives). null: off (published).")
     log_keys: str = _opt("grouped", "TensorBoard names of the losses: `grouped`, train/DATASET/hard, "
                                     "valid/TASK_TYPE/inbatch, ... (each loss term apart); `published`, "
                                     "DATASET/training_loss_hard, Avg/TASK_TYPE/valid_loss_in_batch, ... (training's "
@@ -271,6 +281,8 @@ def _validate(cfg, path):
         bad("eval_queries", "must be 0 (off) or more")
     if cfg.mrl_dims is not None and (not cfg.mrl_dims or not all(_type_ok(m, int) and m > 0 for m in cfg.mrl_dims)):
         bad("mrl_dims", "must be a list of positive integers, e.g. [64, 128, 256], or null")
+    if cfg.false_negative_margin is not None and not cfg.false_negative_margin >= 0:
+        bad("false_negative_margin", "must be 0 or more (a cosine similarity margin, e.g. 0.1), or null (off)")
     if cfg.kd_weight < 0:
         bad("kd_weight", "must be 0 or more")
     for name, text in cfg.prompts.items():

@@ -457,8 +457,21 @@ def pick_negatives(num_rows, num_available, num_neg, rng, per_batch=False):
     return np.argsort(rng.random((num_rows, num_available)), axis=1)[:, :num_neg]
 
 
-def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None, per_batch_negatives=False):
-    """An Arrow table of one dataset's rows -> {input_ids [T], lengths [n], num_queries, num_neg}.
+def sequence_keys(input_ids, lengths):
+    """One int64 key per sequence of the flat `input_ids` (int64 numpy), from its token ids: equal
+    for equal sequences, different for different ones but with probability ~2**-64 (an 8-byte
+    blake2b digest), and the same in every process (Python's own hash of bytes is seeded per process)."""
+    raw = input_ids.tobytes()
+    ends = np.cumsum(lengths) * input_ids.itemsize
+    starts = ends - np.asarray(lengths) * input_ids.itemsize
+    return np.array([int.from_bytes(hashlib.blake2b(raw[a:b], digest_size=8).digest(), "little", signed=True)
+                     for a, b in zip(starts.tolist(), ends.tolist())], dtype=np.int64)
+
+
+def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None, per_batch_negatives=False,
+            doc_keys=False):
+    """An Arrow table of one dataset's rows -> {input_ids [T], lengths [n], num_queries, num_neg}, and
+    with `doc_keys` the sequences' sequence_keys as doc_keys [n] (the joint loss's same-text test).
 
     The n = bs x (2 + num_neg) sequences, in the order bs queries, bs positives, then each query's
     negatives in turn, are concatenated into flat `input_ids`; each is cut to max_seq_length with
@@ -486,8 +499,11 @@ def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None
         raise UserError(f"token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab_size or '...'}): "
                         "was the file tokenized with the model's tokenizer (tokenize_data_qwen.py --model_path)?")
     input_ids[out_ends - 1] = eos_id
-    return {"input_ids": torch.from_numpy(input_ids), "lengths": torch.from_numpy(lengths),
-            "num_queries": bs, "num_neg": num_neg}
+    out = {"input_ids": torch.from_numpy(input_ids), "lengths": torch.from_numpy(lengths),
+           "num_queries": bs, "num_neg": num_neg}
+    if doc_keys:
+        out["doc_keys"] = torch.from_numpy(sequence_keys(input_ids, lengths))
+    return out
 
 
 class DatasetBatches:
@@ -504,13 +520,13 @@ class DatasetBatches:
 
     def __init__(self, split, *, batch_size, num_neg, max_seq_length, eos_id, train, seed=0, stream=0,
                  rank=0, world=1, name="", vocab_size=None, per_batch_negatives=False,
-                 random_validation_negatives=False):
+                 random_validation_negatives=False, doc_keys=False):
         self.rows, self.name = rows_of(split), name
         self.batch_size, self.train, self.rank, self.world = batch_size, train, rank, world
         self.random_validation_negatives = random_validation_negatives
         self.entropy = [seed, stream]
         self.collate = partial(collate, num_neg=num_neg, max_seq_length=max_seq_length, eos_id=eos_id,
-                               vocab_size=vocab_size, per_batch_negatives=per_batch_negatives)
+                               vocab_size=vocab_size, per_batch_negatives=per_batch_negatives, doc_keys=doc_keys)
         self.num_batches = -(-len(self.rows) // batch_size)
         self.epoch, self.order = 0, None
 
@@ -625,4 +641,5 @@ def make_loader(split, task, cfg, eos_id, *, train, stream=0, rank=0, world=1, n
                           max_seq_length=cfg.max_seq_length, eos_id=eos_id, train=train, seed=cfg.seed,
                           stream=stream, rank=rank, world=world, name=name, vocab_size=vocab_size,
                           per_batch_negatives=cfg.negative_sampling == "per_batch",
-                          random_validation_negatives=cfg.validation_negatives == "random")
+                          random_validation_negatives=cfg.validation_negatives == "random",
+                          doc_keys=cfg.contrastive_loss == "joint")

@@ -6,6 +6,13 @@ because in classification and clustering data other queries' positives may share
 Both work in a plain process; in a distributed run `inbatch_loss` gathers the positives of all processes.
 F2LLM-v2 adds the Matryoshka terms (both losses again on the first m dimensions, scaled by
 `matryoshka_weight`) and `kd_loss` (distillation from a teacher's embeddings).
+
+Beyond the recipe (config `contrastive_loss: joint`, `false_negative_margin`): `joint_loss`, each
+query against every positive and every hard negative of the global batch in one softmax, as
+sentence-transformers' MultipleNegativesRankingLoss with hard negatives (van den Oord et al. 2018,
+arXiv 1807.03748; Henderson et al. 2017, arXiv 1705.00652), and false-negative masking, which drops
+from a query's softmax the candidates that score above its positive by more than a margin (as the
+Qwen3-Embedding training does, arXiv 2506.05176, section 3.1).
 """
 import math
 
@@ -43,60 +50,119 @@ def _all_gather_padded(x, sizes):
     return [part[:n] for part, n in zip(parts, sizes)]
 
 
-def gather_positives(passage, gradient="all"):
-    """Positives of every process in rank order, and the offset of this process's rows among them.
+def gather_rows(rows, gradient="all"):
+    """Rows of every process in rank order, and the offset of this process's rows among them.
 
-    `gradient`: which gathered positives carry the in-batch loss's gradient back. "all": every
-    process's, so each process's positives get the gradient of every process's loss (the gradient
-    of the global-batch loss); "own": this process's rows only, the others are constants; "none":
-    no positive at all, only the queries learn from the in-batch loss (the published code, whose
-    accelerate.gather returns a tensor without gradient, on one process too).
+    `gradient`: which gathered rows carry the loss's gradient back. "all": every process's, so each
+    process's rows get the gradient of every process's loss (the gradient of the global-batch loss);
+    "own": this process's rows only, the others are constants; "none": no row at all, only the
+    queries learn from the loss (the published code, whose accelerate.gather returns a tensor
+    without gradient, on one process too). Integer rows (document keys) carry no gradient.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return (passage.detach() if gradient == "none" else passage), 0
-    size = torch.tensor([len(passage)], device=passage.device)
+        return (rows.detach() if gradient == "none" else rows), 0
+    size = torch.tensor([len(rows)], device=rows.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     sizes = [int(s) for s in sizes]
     rank = dist.get_rank()
     offset = sum(sizes[:rank])
-    if gradient == "all":
-        return _GatherWithGrad.apply(passage, sizes), offset
+    if gradient == "all" and rows.is_floating_point():
+        return _GatherWithGrad.apply(rows, sizes), offset
     with torch.no_grad():
-        parts = _all_gather_padded(passage.detach(), sizes)
+        parts = _all_gather_padded(rows.detach(), sizes)
     if gradient == "own":
-        parts[rank] = passage
+        parts[rank] = rows
     return torch.cat(parts), offset
 
 
-def inbatch_loss(query, passage, temperature=0.05, gradient="all"):
+def gather_positives(passage, gradient="all"):
+    """The positives of the global batch (see gather_rows): the in-batch loss's candidates."""
+    return gather_rows(passage, gradient)
+
+
+def drop_false_negatives(scores, labels, margin=None, same=None):
+    """The cosine scores [bs, C] with the candidates that must not count as negatives set to -inf:
+    with `margin`, those scoring above the query's positive (column `labels`) by more than the margin
+    (the test runs without gradient: it selects, it is not learned); with `same` ([bs, C] bool),
+    those marked (the same text as the positive). The positive itself always stays."""
+    if margin is None and same is None:
+        return scores
+    drop = torch.zeros_like(scores, dtype=torch.bool) if same is None else same.clone()
+    if margin is not None:
+        with torch.no_grad():
+            drop |= scores > scores.gather(1, labels[:, None]) + margin
+    drop[torch.arange(len(labels), device=labels.device), labels] = False
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def _cross_entropy(scores, labels, temperature, margin=None, same=None):
+    # the logits in the embeddings' dtype, then float32 for the softmax, as the published code
+    return F.cross_entropy((drop_false_negatives(scores, labels, margin, same) / temperature).float(), labels)
+
+
+def inbatch_loss(query, passage, temperature=0.05, gradient="all", margin=None):
     """Cross-entropy of each query over all positives of the global batch; target: its own positive.
 
     query, passage: [bs, d] local embeddings, row i of `passage` the positive of query i; `gradient`:
-    see gather_positives.
+    see gather_rows; `margin`: see drop_false_negatives.
     """
-    return gathered_inbatch_loss(query, *gather_positives(passage, gradient), temperature)
+    return gathered_inbatch_loss(query, *gather_positives(passage, gradient), temperature, margin)
 
 
-def gathered_inbatch_loss(query, all_passages, offset, temperature=0.05):
+def gathered_inbatch_loss(query, all_passages, offset, temperature=0.05, margin=None):
     """inbatch_loss given the global batch's positives (query i's own at row offset + i)."""
-    logits = F.normalize(query, dim=-1) @ F.normalize(all_passages, dim=-1).T / temperature
+    scores = F.normalize(query, dim=-1) @ F.normalize(all_passages, dim=-1).T
     labels = torch.arange(len(query), device=query.device) + offset
-    return F.cross_entropy(logits.float(), labels)
+    return _cross_entropy(scores, labels, temperature, margin)
 
 
-def hard_loss(query, passage, negatives, temperature=0.05):
+def hard_loss(query, passage, negatives, temperature=0.05, margin=None):
     """Cross-entropy of each query over [its positive, its k hard negatives]; target: the positive.
 
-    query, passage: [bs, d]; negatives: [bs, k, d] or None (then only the positive is scored).
+    query, passage: [bs, d]; negatives: [bs, k, d] or None (then only the positive is scored);
+    `margin`: see drop_false_negatives.
     """
     query = F.normalize(query, dim=-1)
     candidates = F.normalize(passage, dim=-1).unsqueeze(1)
     if negatives is not None:
         candidates = torch.cat([candidates, F.normalize(negatives, dim=-1)], dim=1)
-    logits = torch.einsum("bd,bkd->bk", query, candidates) / temperature
+    scores = torch.einsum("bd,bkd->bk", query, candidates)
     labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
-    return F.cross_entropy(logits.float(), labels)
+    return _cross_entropy(scores, labels, temperature, margin)
+
+
+def gather_candidates(passage, negatives, keys=None, gradient="all"):
+    """joint_loss's candidates: the global batch's positives, then its hard negatives (each
+    process's [bs x k] in rank order), their document keys in the same order (or None), and the
+    offset of this process's positives."""
+    all_passages, offset = gather_rows(passage, gradient)
+    parts = [all_passages]
+    if negatives is not None:
+        parts.append(gather_rows(negatives.flatten(0, 1), gradient)[0])
+    if keys is None:
+        return torch.cat(parts), None, offset
+    bs = len(passage)
+    key_parts = [gather_rows(keys[bs: 2 * bs])[0]]
+    if negatives is not None:
+        key_parts.append(gather_rows(keys[2 * bs:])[0])
+    return torch.cat(parts), torch.cat(key_parts), offset
+
+
+def joint_loss(query, candidates, candidate_keys, offset, temperature=0.05, margin=None):
+    """Cross-entropy of each query over every positive and every hard negative of the global batch
+    (gather_candidates); target: its own positive, at row offset + i. Candidates with the positive's
+    document key (the same text: in F2LLM data one row's positive is often another's hard negative)
+    are not negatives; `margin`: see drop_false_negatives.
+
+    query: [bs, d]; candidates: [C, d]; candidate_keys: [C] int64 or None (no same-text test).
+    """
+    scores = F.normalize(query, dim=-1) @ F.normalize(candidates, dim=-1).T
+    labels = torch.arange(len(query), device=query.device) + offset
+    same = None
+    if candidate_keys is not None:
+        same = candidate_keys[None, :] == candidate_keys[labels][:, None]
+    return _cross_entropy(scores, labels, temperature, margin, same)
 
 
 def split_embeddings(embeddings, num_queries, num_neg):
@@ -129,23 +195,33 @@ def kd_loss(student, teacher, num_queries):
 
 
 def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, inbatch_gradient="all",
-                 mrl_dims=(), teacher=None, kd_weight=1.0):
-    """The recipe's losses for one homogeneous batch: {"hard": ..., "inbatch": ... (retrieval only)},
-    plus F2LLM-v2's "mrl_hard" and "mrl_inbatch" when mrl_dims is given (Matryoshka: each loss again
+                 mrl_dims=(), teacher=None, kd_weight=1.0, form="f2llm", margin=None, keys=None):
+    """The losses for one homogeneous batch. `form` "f2llm", the recipe: {"hard": ..., "inbatch": ...
+    (retrieval only)}; "joint": {"joint": ...} on retrieval batches (joint_loss over the global
+    batch's positives and hard negatives, `keys` the batch's document keys for its same-text test),
+    {"hard": ...} on the others, whose in-batch candidates may share the query's label. Plus F2LLM-v2's
+    "mrl_hard" and "mrl_inbatch" (or "mrl_joint") when mrl_dims is given (Matryoshka: each loss again
     on the first m dimensions for each m; the terms taken in the published order, the full dimension
     as term 1, then mrl_dims from the largest down, term n scaled by matryoshka_weight; the published
-    code logs each inside its loss) and "kd" (kd_weight x kd_loss) when the
-    teacher's embeddings of the same sequences are given. The total loss is the sum of the values."""
+    code logs each inside its loss) and "kd" (kd_weight x kd_loss) when the teacher's embeddings of
+    the same sequences are given. `margin`: false-negative masking in every term (drop_false_negatives).
+    The total loss is the sum of the values."""
     query, passage, negatives = split_embeddings(embeddings, num_queries, num_neg)
     retrieval = task_type == "retrieval"
-    if retrieval:
-        all_passages, offset = gather_positives(passage, inbatch_gradient)  # once, then cut per dimension
+    joint = retrieval and form == "joint"
+    if joint:  # gathered once, then cut per dimension
+        candidates, candidate_keys, offset = gather_candidates(passage, negatives, keys, inbatch_gradient)
+    elif retrieval:
+        all_passages, offset = gather_positives(passage, inbatch_gradient)
 
     def both(dim=None):
         cut = (lambda x: x[..., :dim]) if dim else (lambda x: x)
-        out = {"hard": hard_loss(cut(query), cut(passage), None if negatives is None else cut(negatives), temperature)}
+        if joint:
+            return {"joint": joint_loss(cut(query), cut(candidates), candidate_keys, offset, temperature, margin)}
+        out = {"hard": hard_loss(cut(query), cut(passage), None if negatives is None else cut(negatives), temperature,
+                                 margin)}
         if retrieval:
-            out["inbatch"] = gathered_inbatch_loss(cut(query), cut(all_passages), offset, temperature)
+            out["inbatch"] = gathered_inbatch_loss(cut(query), cut(all_passages), offset, temperature, margin)
         return out
 
     losses = both()

@@ -153,16 +153,19 @@ class Throughput:
 
 
 def batch_losses(embeddings, batch, task, cfg):
-    """The recipe's losses of one batch: {"hard": ..., "inbatch": ...(retrieval only)}, plus "mrl_hard"
-    and "mrl_inbatch" with use_mrl and "kd" when the batch carries its teacher embeddings."""
+    """The losses of one batch (loss.f2llm_losses): {"hard": ..., "inbatch": ...(retrieval only)}, or
+    with contrastive_loss joint {"joint": ...} on retrieval batches; plus "mrl_*" with use_mrl and
+    "kd" when the batch carries its teacher embeddings."""
     mrl_dims = matryoshka_dims(embeddings.shape[-1], cfg.mrl_dims) if cfg.use_mrl else ()
     return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, cfg.temperature,
-                        cfg.inbatch_gradient, mrl_dims, batch.get("teacher"), cfg.kd_weight)
+                        cfg.inbatch_gradient, mrl_dims, batch.get("teacher"), cfg.kd_weight, cfg.contrastive_loss,
+                        cfg.false_negative_margin, batch.get("doc_keys"))
 
 
 def loss_kinds(cfg, distill=False):
-    """The loss terms a step logs: the recipe's two, plus the F2LLM-v2 ones the config turns on."""
-    return ("inbatch", "hard") + (("mrl_inbatch", "mrl_hard") if cfg.use_mrl else ()) + (("kd",) if distill else ())
+    """The loss terms a step logs: the contrastive ones, plus the F2LLM-v2 ones the config turns on."""
+    kinds = ("joint", "hard") if cfg.contrastive_loss == "joint" else ("inbatch", "hard")
+    return kinds + tuple(f"mrl_{kind}" for kind in kinds if cfg.use_mrl) + (("kd",) if distill else ())
 
 
 def embed(model, batch):

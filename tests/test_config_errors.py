@@ -198,6 +198,9 @@ def test_wrong_type(env, key, value, fragments):
     ("mrl_dims", [64, 0], ["'mrl_dims'", "positive integers"]),
     ("mrl_dims", [64.5], ["'mrl_dims'", "positive integers"]),
     ("kd_weight", -1.0, ["'kd_weight'"]),
+    ("contrastive_loss", "mnrl", ["'contrastive_loss'", "'f2llm' or 'joint'"]),
+    ("false_negative_margin", -0.1, ["'false_negative_margin'", "0 or more"]),
+    ("false_negative_margin", "0.1", ["'false_negative_margin'"]),
     ("inbatch_gradient", "some", ["'inbatch_gradient'", "'all', 'own' or 'none'"]),
     ("gather_with_grad", False, ["'gather_with_grad'", "replaced by inbatch_gradient", '"own"']),
     ("prompts", {"passage": "x"}, ["'prompts'", "'query' and/or 'document'", "'passage'"]),
@@ -230,7 +233,7 @@ NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float(
 
 @pytest.mark.parametrize("shown", NON_FINITE)
 @pytest.mark.parametrize("key", ["learning_rate", "max_grad_norm", "weight_decay", "temperature", "min_lr",
-                                 "kd_weight", "validation_fraction", "train_batch_size"])
+                                 "kd_weight", "validation_fraction", "train_batch_size", "false_negative_margin"])
 def test_non_finite_number(env, key, shown):
     """Python's JSON reader takes NaN, Infinity and -Infinity: each is an error naming the key (a NaN
     passes every comparison of the range checks; NaN weight_decay was an AdamW traceback)."""
