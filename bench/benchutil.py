@@ -24,9 +24,12 @@ import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
-for _path in (BENCH_DIR, REPO_DIR):  # REPO_DIR ends up first
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+# REPO_DIR first, even where it is already on the path (accelerate launch puts the working folder on
+# PYTHONPATH, behind the script's bench/): `import run` must find run.py, not bench/run.py.
+for _path in (BENCH_DIR, REPO_DIR):
+    while _path in sys.path:
+        sys.path.remove(_path)
+    sys.path.insert(0, _path)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

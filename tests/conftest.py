@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import traceback
 
 import pandas as pd
@@ -227,6 +228,25 @@ def assert_user_error(proc, *fragments):
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def launch_env(**extra):
+    """The environment of an `accelerate launch` from a test: the launcher runs `deepspeed` and
+    `torchrun` from PATH, as in an activated environment; one thread per process; offline."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PATH": BIN + os.pathsep + os.environ["PATH"], **extra}
+
+
+@pytest.fixture(scope="session")
+def deepspeed_op():
+    """DeepSpeed compiles its shared-memory communication op for the CPU the first time a process
+    starts (1 to 2 minutes on a fresh machine; cached in TORCH_EXTENSIONS_DIR, by default
+    ~/.cache/torch_extensions): build it once, before the launches."""
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                          capture_output=True, text=True, env=launch_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(f"DeepSpeed CPU op ready in {time.time() - start:.0f} s")
 REFERENCE_K = 5  # the reference runs' checkpointing_steps: step_5 lies inside the first epoch
 
 

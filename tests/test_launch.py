@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -23,7 +22,7 @@ from transformers import AutoModel
 
 import model
 from conftest import (BIN, REPO_DIR, assert_same_curves, assert_same_weights, assert_user_error, children, curves,
-                      free_port, make_config, run_cli, run_dir, weights, write_config)
+                      free_port, launch_env, make_config, run_cli, run_dir, weights, write_config)
 from test_resume import KILLER
 
 ZERO2 = os.path.join(REPO_DIR, "configs/accelerate_config.yaml")
@@ -42,15 +41,9 @@ def launch_cmd(config, processes, yaml=ZERO2, flags=(), script=os.path.join(REPO
             "--main_process_port", port or free_port(), *flags, script, "--config", config]
 
 
-def env(**extra):
-    # The launcher runs `deepspeed` and `torchrun` from PATH, as in an activated environment.
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "PATH": BIN + os.pathsep + os.environ["PATH"], **extra}
-
-
 def accelerate(config, processes, yaml=ZERO2, flags=(), script=os.path.join(REPO_DIR, "run.py"), cwd=REPO_DIR):
-    return subprocess.run(launch_cmd(config, processes, yaml, flags, script), cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(launch_cmd(config, processes, yaml, flags, script), cwd=cwd, env=launch_env(),
+                          capture_output=True, text=True, timeout=600)
 
 
 def ok(proc):
@@ -65,8 +58,8 @@ def node_flags(rank):
 def two_nodes(config, yaml, flags=(), cwd=REPO_DIR):
     """The per-node command of the README on two localhost "nodes" of one process each."""
     port = free_port()
-    procs = [subprocess.Popen(launch_cmd(config, 2, yaml, (*node_flags(rank), *flags), port=port), cwd=cwd, env=env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(launch_cmd(config, 2, yaml, (*node_flags(rank), *flags), port=port), cwd=cwd,
+                              env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     out = []
     try:
@@ -90,18 +83,6 @@ def assert_launch_error(proc, *fragments):
     for fragment in fragments:
         assert fragment in line, line
     return line
-
-
-@pytest.fixture(scope="session")
-def deepspeed_op():
-    """DeepSpeed compiles its shared-memory communication op for the CPU the first time a process
-    starts (1 to 2 minutes on a fresh machine; cached in TORCH_EXTENSIONS_DIR, by default
-    ~/.cache/torch_extensions): build it once, before the launches."""
-    start = time.time()
-    proc = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                          capture_output=True, text=True, env=env(), timeout=1200)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    print(f"DeepSpeed CPU op ready in {time.time() - start:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +190,7 @@ def test_sigkill_mid_checkpoint_then_sigterm_then_resume_under_zero2(published, 
     assert left == [f".step_{2 * K}.partial", "args.json", f"step_{K}"], left
 
     # Relaunch; once it has resumed, SIGTERM to one of its two workers.
-    job = subprocess.Popen(launch_cmd(config, 2), cwd=REPO_DIR, env=env(), stdout=subprocess.PIPE,
+    job = subprocess.Popen(launch_cmd(config, 2), cwd=REPO_DIR, env=launch_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -316,7 +297,7 @@ def test_cpu_flag_with_two_processes_is_refused(tiny, tokenized, tmp_path):
     """accelerate's --cpu launcher starts one process whatever --num_processes says."""
     config, values = make_config(tmp_path, tiny, tokenized, "cpu", train_steps=2)
     cmd = [os.path.join(BIN, "accelerate"), "launch", "--cpu", "--num_processes", "2", "run.py", "--config", config]
-    proc = subprocess.run(cmd, cwd=REPO_DIR, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO_DIR, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert_launch_error(proc, "--cpu", "starts a single process", "configs/accelerate_config.yaml")
     assert not os.path.exists(run_dir(values))
 
