@@ -12,7 +12,7 @@ query against every positive and every hard negative of the global batch in one 
 sentence-transformers' MultipleNegativesRankingLoss with hard negatives (van den Oord et al. 2018,
 arXiv 1807.03748; Henderson et al. 2017, arXiv 1705.00652), and false-negative masking, which drops
 from a query's softmax the candidates that score above its positive by more than a margin (as the
-Qwen3-Embedding training does, arXiv 2506.05176, section 3.1).
+Qwen3-Embedding training does, arXiv 2506.05176).
 """
 import math
 

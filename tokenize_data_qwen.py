@@ -3,8 +3,9 @@ per dataset; published_v2: F2LLM-v2's published output).
 
 Reads every `*.parquet` of --input_dir (columns `query`, `passage`, `negative_1` ... `negative_n`).
 Each text: no special tokens, cut to max_seq_length - 1 tokens, eos appended. Passages and
-negatives are deduplicated first, so each unique text is tokenized once, in batches, over a pool
-of worker processes. Output per input file NAME.parquet:
+negatives are deduplicated first, so each unique text is tokenized once, in batches: in this process
+or, once a file brings at least --pool_min_chars characters of distinct text, over a pool of --num_proc
+worker processes. Output per input file NAME.parquet:
 - v1: the same file in --output_dir with int-list columns `query_input_ids`, `passage_input_ids`,
   `negative_{i}_input_ids` added.
 - v2 (F2LLM-v2's disk-efficient idea, with integer ids): the corpus `corpus/NAME.parquet` of the
@@ -49,6 +50,7 @@ import argparse
 import glob
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -60,11 +62,15 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data import corpus_path, rows_shown, tokenize
+from data import corpus_path, row_group_rows, rows_shown, tokenize
 from errors import UserError, exit_on_user_error
 from model import load_tokenizer
 
 CHUNK = 1000  # texts per worker task: large enough for batched fast tokenization
+# Where the pool pays off: on 2 cores this process tokenizes ~0.7-1.1M characters/s (F2LLM-like passages) and
+# 2 workers tokenize no faster, while starting them takes 8.5-14 s (2026-11-30, load average 3-3.6); below
+# ~10M characters (~10,000 passages) their start alone takes longer than the whole job here.
+POOL_MIN_CHARS = 10_000_000
 RECORD_KEY = b"f2llm_tokenize"  # parquet schema metadata: what an output file was made from
 LAYOUTS = ("v1", "v2", "published_v2")
 RECORD_VERSION = 1  # bump when this script's output for the same input and settings changes
@@ -132,7 +138,7 @@ def check_texts(table, columns, path):
                         f"fill or remove those rows and run again")
 
 
-_worker_state = {}  # the tokenizer of a pool worker, loaded once per process by _init_worker
+_worker_state = {}  # the tokenizer _tokenize_chunk uses: a pool worker's (_init_worker), or main()'s (Workers)
 
 
 def _init_worker(model_path, max_seq_length, threads=True):
@@ -143,12 +149,33 @@ def _init_worker(model_path, max_seq_length, threads=True):
 
 
 def make_pool(model_path, max_seq_length, num_proc):
-    """Worker processes that each load the tokenizer once; None for num_proc <= 1 (tokenize here)."""
-    if num_proc <= 1:
-        _init_worker(model_path, max_seq_length)
-        return None
+    """num_proc worker processes that each load the tokenizer once."""
     return multiprocessing.get_context("spawn").Pool(num_proc, initializer=_init_worker,
                                                      initargs=(model_path, max_seq_length, False))
+
+
+class Workers:
+    """Where texts are tokenized (an `imap` like a Pool's): in this process, with the tokenizer main()
+    loaded, until one call brings at least min_chars characters of distinct text; from then on over a
+    pool of num_proc workers. On small inputs the pool costs more than it saves: each spawned worker
+    imports torch and transformers and loads the tokenizer first (see POOL_MIN_CHARS)."""
+
+    def __init__(self, tokenizer, model_path, max_seq_length, num_proc, min_chars=POOL_MIN_CHARS):
+        _worker_state.update(tokenizer=tokenizer, max_seq_length=max_seq_length)  # this process's calls
+        self.pool_args, self.pool = (model_path, max_seq_length, num_proc), None
+        self.min_chars = min_chars if num_proc > 1 else math.inf
+
+    def imap(self, fn, chunks):
+        if self.pool is None and (chars := sum(len(text) for chunk in chunks for text in chunk)) >= self.min_chars:
+            print(f"starting {self.pool_args[2]} tokenizer worker processes ({chars:,} characters of distinct "
+                  f"text to tokenize, at least --pool_min_chars {self.min_chars:,})", flush=True)
+            self.pool = make_pool(*self.pool_args)
+        return map(fn, chunks) if self.pool is None else self.pool.imap(fn, chunks)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()  # every result is in, or the run failed: waiting for the workers to exit took ~3 s
+            self.pool.join()
 
 
 def _tokenize_chunk(texts):
@@ -156,15 +183,15 @@ def _tokenize_chunk(texts):
 
 
 def tokenize_unique(texts, pool, desc):
-    """Tokenize a list of distinct texts through the pool (or in this process if pool is None)."""
+    """Tokenize a list of distinct texts through `pool` (a Pool or Workers; None: in this process)."""
     chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
     results = pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)
-    ids = []
+    arrays = []  # each chunk to Arrow at once: Python's int lists take ~10x the memory of int32 ids
     with tqdm(total=len(texts), desc=desc, unit="text") as bar:
         for chunk_ids in results:
-            ids.extend(chunk_ids)
+            arrays.append(pa.array(chunk_ids, type=pa.list_(pa.int32())))
             bar.update(len(chunk_ids))
-    return pa.array(ids, type=pa.list_(pa.int32()))
+    return pa.concat_arrays(arrays or [pa.array([], type=pa.list_(pa.int32()))])
 
 
 def tokenize_texts(table, group, pool, label):
@@ -269,7 +296,7 @@ def write_atomic(table, path):
     """Write to `path.tmp-PID`, then rename: `path` is either the old file or the whole new one."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_rows(table))  # bounded: see row_group_rows
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.isfile(tmp):
@@ -453,6 +480,10 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True, help="where the tokenized files go")
     p.add_argument("--max_seq_length", type=int, default=1024, help="tokens per text, eos included")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer worker processes")
+    p.add_argument("--pool_min_chars", type=int, default=POOL_MIN_CHARS, metavar="N",
+                   help="start the worker processes only once a file's queries or documents hold at least N "
+                        "characters of distinct text; smaller inputs are tokenized in this process, where they "
+                        f"take less time than starting the workers (default {POOL_MIN_CHARS:,}; 0: always the workers)")
     p.add_argument("--layout", choices=LAYOUTS, default="v1",
                    help="v1: token columns added to each file (F2LLM's published output); v2: a query file of "
                         "integer ids into a per-dataset corpus file corpus/NAME.parquet (smaller on disk); "
@@ -514,7 +545,8 @@ def main(argv=None):
     inputs = {os.path.realpath(path): path for path in files}
     # one stream for all files, as the published script's global RandomState; none without the flag
     rs = np.random.RandomState(args.sample_seed) if args.max_rows_per_dataset is not None else None
-    pool, pool_started, done, skipped = None, False, 0, 0
+    workers, done, skipped = Workers(tokenizer, args.model_path, args.max_seq_length, args.num_proc,
+                                     args.pool_min_chars), 0, 0
     try:
         for path in files:
             name = os.path.basename(path)[: -len(".parquet")]
@@ -549,20 +581,16 @@ def main(argv=None):
                     raise UserError(f"{path}: changed while being read ({num_rows} rows in its footer, "
                                     f"{table.num_rows} read); run again")
                 table = table.take(rows)
-            if not pool_started:  # only once some file needs it: a run that skips everything starts no workers
-                pool, pool_started = make_pool(args.model_path, args.max_seq_length, args.num_proc), True
             if args.layout == "v1":
-                write_atomic(with_record(tokenize_table(table, columns, pool, name), record), out_path)
+                write_atomic(with_record(tokenize_table(table, columns, workers, name), record), out_path)
             else:  # the corpus first: a query file never exists without its corpus
                 make = tokenize_v2 if args.layout == "v2" else tokenize_published_v2
-                queries, corpus_table = make(table, columns, pool, name)
+                queries, corpus_table = make(table, columns, workers, name)
                 write_atomic(with_record(corpus_table, record), corpus)
                 write_atomic(with_record(queries, record), out_path)
             done += 1
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        workers.close()
     print(f"tokenized {done} file(s), skipped {skipped} already tokenized, into {args.output_dir}", flush=True)
 
 

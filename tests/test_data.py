@@ -839,6 +839,33 @@ def test_splits_are_disjoint_cover_the_file_and_are_seeded(tiny, tokenized, tmp_
     assert len(valid3) == 1 and len(train3) == 59
 
 
+def test_read_dataset_scans_without_pre_buffering_and_reuses_its_cache(tokenized, tmp_path, monkeypatch):
+    """Arrow's pre_buffer would keep every row group of the file in memory while datasets converts it:
+    read_dataset turns it off where datasets has the option. The option is part of the cache key, which
+    must stay the same from read to read: a second read reuses the cache files, unchanged."""
+    import datasets
+    from datasets.packaged_modules.parquet.parquet import ParquetConfig
+
+    calls = []
+    original = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    path = os.path.join(tokenized, "msmarco.parquet")
+    first = data.read_dataset(path, str(tmp_path))
+    stamps = {f["filename"]: os.stat(f["filename"]).st_mtime_ns for f in first.cache_files}
+    second = data.read_dataset(path, str(tmp_path))
+    assert {f["filename"]: os.stat(f["filename"]).st_mtime_ns for f in second.cache_files} == stamps
+    assert second.data.table.equals(pq.read_table(path))
+    if "fragment_scan_options" in ParquetConfig.__dataclass_fields__:
+        assert all(kwargs["fragment_scan_options"].pre_buffer is False for kwargs in calls)
+    else:
+        assert all("fragment_scan_options" not in kwargs for kwargs in calls)
+
+
 def check_loader_batches(loader, split, columns, k, tok, bs, max_seq_length=64, picks=None):
     """Every batch: bs*(2+k) flat sequences, eos last, each query with its own positive and negatives
     from the split. Returns the queries in loader order; `picks` gets {query: picked negatives}."""

@@ -1,7 +1,7 @@
 """tokenize_data_qwen.py: through its real CLI (as a user runs it) and its main() in-process.
 
 Each subprocess pays ~4 s of imports (torch, transformers), so the real CLI is used for the full
-runs (the session fixture `tokenized`, --num_proc 2, the Base tokenizer, one bad input), started
+runs (the session fixture `tokenized`, --num_proc 2 with its worker pool, the Base tokenizer, one bad input), started
 together; the other cases call main(argv) in this process through `call_main`, which reports
 exactly what the CLI would print (an uncaught exception shows as a traceback, exit 1).
 """
@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+import data
 import tokenize_data_qwen
 from conftest import assert_user_error, call_main, run_cli
 
@@ -28,9 +29,9 @@ ROWS = {"banking77": 300, "imdb": 300, "msmarco": 60, "natural_questions": 60}
 
 # ---- helpers ----------------------------------------------------------------------------------
 
-def tokenize_args(model_path, input_dir, output_dir, max_seq_length=64, num_proc=1):
+def tokenize_args(model_path, input_dir, output_dir, max_seq_length=64, num_proc=1, *extra):
     return [SCRIPT, "--model_path", str(model_path), "--input_dir", str(input_dir), "--output_dir",
-            str(output_dir), "--max_seq_length", str(max_seq_length), "--num_proc", str(num_proc)]
+            str(output_dir), "--max_seq_length", str(max_seq_length), "--num_proc", str(num_proc), *extra]
 
 
 def tokenize_main(*args):
@@ -103,7 +104,7 @@ def runs(tiny, tiny_base, tokenized, tmp_path_factory):
     write(pa.table({c: pa.array(["kalo is a baker", "mar is a pilot"], pa.large_string())
                     for c in ("query", "passage", "negative_1")}), large / "large.parquet")
     cli = {  # the real CLI, run concurrently with the in-process runs below
-        "np2": (f"{tiny}/backbone", f"{tiny}/raw", root / "np2", 64, 2),
+        "np2": (f"{tiny}/backbone", f"{tiny}/raw", root / "np2", 64, 2, "--pool_min_chars", "0"),  # the pool
         "base": (f"{tiny_base}/backbone", f"{tiny_base}/raw", root / "base", 64, 1),
     }
     in_process = {
@@ -233,6 +234,7 @@ def test_truncation_to_max_seq_length(tiny, runs, tok):
 
 def test_num_proc_2_matches_num_proc_1(tokenized, runs):
     out_dir = ok(runs, "np2")
+    assert "starting 2 tokenizer worker processes" in runs["np2"][0].stdout  # --pool_min_chars 0: the real pool
     assert sorted(os.listdir(out_dir)) == sorted(os.listdir(tokenized))
     for name in DATASETS:
         one = pq.read_table(f"{tokenized}/{name}.parquet")
@@ -374,6 +376,116 @@ def test_tokenize_unique_returns_int32_lists(qwen3_tokenizer):
     arr = tokenize_data_qwen.tokenize_unique(["one two three four five six seven", "x", "<think>"], None, "t")
     assert arr.type == pa.list_(pa.int32())
     assert arr.to_pylist() == [[603, 1378, 2326, 3040, 151645], [87, 151645], [151667, 151645]]
+
+
+# ---- where texts are tokenized: this process, or the worker pool for large inputs --------------
+
+class FakePool:
+    """Stands in for the worker pool (spawning real workers takes ~10 s): runs the chunks here and
+    records how many texts each call brought and whether it was terminated."""
+
+    def __init__(self, *args):
+        self.args, self.calls, self.terminated = args, [], False
+
+    def imap(self, fn, chunks):
+        self.calls.append(sum(map(len, chunks)))
+        return map(fn, chunks)
+
+    def terminate(self):
+        self.terminated = True
+
+    def join(self):
+        assert self.terminated
+
+
+@pytest.fixture
+def fake_pools(monkeypatch):
+    pools = []
+
+    def make(*args):
+        pools.append(FakePool(*args))
+        return pools[-1]
+
+    monkeypatch.setattr(tokenize_data_qwen, "make_pool", make)
+    return pools
+
+
+def test_workers_start_the_pool_at_min_chars_and_keep_it(tiny, tok, fake_pools):
+    """Calls below min_chars characters run in this process; the first call that reaches it starts the
+    pool, which then takes every later call, small ones too; close() terminates it."""
+    small, large, after = ["abcd", "efghi"], ["abcde", "fghij"], ["x"]  # 9, 10 and 1 characters
+    workers = tokenize_data_qwen.Workers(tok, f"{tiny}/backbone", 64, 2, min_chars=10)
+    out = [tokenize_data_qwen.tokenize_unique(texts, workers, "t").to_pylist() for texts in (small, large, after)]
+    assert out == [expected_ids(tok, texts, 64) for texts in (small, large, after)]
+    assert len(fake_pools) == 1 and fake_pools[0].args == (f"{tiny}/backbone", 64, 2)
+    assert fake_pools[0].calls == [2, 1] and not fake_pools[0].terminated
+    workers.close()
+    assert fake_pools[0].terminated
+    one = tokenize_data_qwen.Workers(tok, f"{tiny}/backbone", 64, 1, min_chars=0)  # --num_proc 1: never a pool
+    assert tokenize_data_qwen.tokenize_unique(large, one, "t").to_pylist() == out[1] and len(fake_pools) == 1
+
+
+def test_small_input_is_tokenized_in_process_with_one_tokenizer_load(tiny, tokenized, tmp_path, fake_pools,
+                                                                     monkeypatch):
+    """--num_proc 2 on inputs below --pool_min_chars: no workers, the tokenizer main() loaded is the one
+    used, and the output is the `tokenized` reference's."""
+    loads = []
+    original = tokenize_data_qwen.load_tokenizer
+    monkeypatch.setattr(tokenize_data_qwen, "load_tokenizer", lambda path: loads.append(path) or original(path))
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", tmp_path / "out", 64, 2)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert fake_pools == [] and loads == [f"{tiny}/backbone"] and "worker processes" not in proc.stdout
+    assert_same_outputs(tmp_path / "out", tokenized)
+
+
+def distinct_chars(raw_dir):
+    """The characters of distinct text of each tokenize call main() makes, in order (files sorted;
+    each file's queries, then its passages and negatives)."""
+    out = []
+    for name in DATASETS:
+        table = pq.read_table(f"{raw_dir}/{name}.parquet")
+        cols = text_cols(table)
+        for group in (cols[:1], cols[1:]):
+            out.append(sum(map(len, {t for c in group for t in table.column(c).to_pylist()})))
+    return out
+
+
+def test_pool_starts_at_the_first_call_reaching_pool_min_chars(tiny, tokenized, tmp_path, fake_pools):
+    """With --pool_min_chars the size of the largest call, the pool starts there, once, and takes
+    that call and all later ones; the output is the same."""
+    chars = distinct_chars(f"{tiny}/raw")
+    first = chars.index(max(chars))
+    assert 0 < first < len(chars) - 1  # calls before and after it: both paths run
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", tmp_path / "out", 64, 2,
+                                        "--pool_min_chars", str(max(chars)))[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(fake_pools) == 1 and len(fake_pools[0].calls) == len(chars) - first and fake_pools[0].terminated
+    assert f"starting 2 tokenizer worker processes ({max(chars):,} characters" in proc.stdout
+    assert_same_outputs(tmp_path / "out", tokenized)
+
+
+def test_outputs_are_written_in_row_groups_of_about_row_group_bytes(tiny, tokenized, tmp_path, monkeypatch):
+    """Training's split cache (data.read_dataset) holds a whole row group in memory while it converts a
+    file, and pyarrow's default group is the whole file: the outputs come in groups of about
+    data.ROW_GROUP_BYTES, with the content of the reference (written in one group each)."""
+    monkeypatch.setattr(data, "ROW_GROUP_BYTES", 50_000)
+    run_main(tiny, f"{tiny}/raw", tmp_path / "out")
+    assert_same_outputs(tmp_path / "out", tokenized)
+    for name in DATASETS:
+        assert pq.ParquetFile(f"{tokenized}/{name}.parquet").metadata.num_row_groups == 1
+        out = pq.ParquetFile(tmp_path / "out" / f"{name}.parquet")
+        sizes = [out.read_row_group(i).nbytes for i in range(out.metadata.num_row_groups)]
+        assert len(sizes) > 1 and max(sizes) < 2 * 50_000, (name, sizes)
+
+
+def test_pool_is_terminated_when_a_later_file_fails(tiny, tmp_path, fake_pools):
+    write(good_rows(), tmp_path / "raw" / "a.parquet")
+    write([{**row, "passage": " "} for row in good_rows()], tmp_path / "raw" / "b.parquet")
+    proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", tmp_path / "raw", tmp_path / "out", 64, 2,
+                                        "--pool_min_chars", "0")[1:])
+    assert_user_error(proc, "b.parquet: null or empty texts")
+    assert len(fake_pools) == 1 and fake_pools[0].terminated
+    assert os.listdir(tmp_path / "out") == ["a.parquet"]
 
 
 # ---- bad input --------------------------------------------------------------------------------
