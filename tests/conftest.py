@@ -230,6 +230,20 @@ def assert_user_error(proc, *fragments):
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+def run_two_gloo_workers(tmp_path, source):
+    """Run the script `source` as ranks 0 and 1 of a gloo process group (env RANK, PORT, REPO_DIR, and
+    OUT = tmp_path, where the workers write their results); fails on a worker's non-zero exit."""
+    port = free_port()
+    script = tmp_path / "worker.py"
+    script.write_text(source)
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "REPO_DIR": REPO_DIR, "RANK": str(r), "PORT": str(port),
+                                              "OUT": str(tmp_path)}) for r in (0, 1)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+
+
 def launch_env(**extra):
     """The environment of an `accelerate launch` from a test: the launcher runs `deepspeed` and
     `torchrun` from PATH, as in an activated environment; one thread per process; offline."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_DIR, ddp_launch, free_port, make_config, run_cli
+from conftest import REPO_DIR, ddp_launch, free_port, make_config, run_cli, run_two_gloo_workers
 from test_presets import first_batches, published_events
 
 import data
@@ -156,15 +156,7 @@ def test_joint_loss_across_two_processes(tmp_path):
     positives of rank 0, of rank 1, then negatives of rank 0, of rank 1), the same-text test across
     processes, and the gradients: "all" gives each process's candidates the summed gradient of both
     losses, "own" only its own loss's."""
-    port = free_port()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "REPO_DIR": REPO_DIR, "RANK": str(r), "PORT": str(port),
-                                              "OUT": str(tmp_path)}) for r in (0, 1)]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out
+    run_two_gloo_workers(tmp_path, WORKER)
 
     g = torch.Generator().manual_seed(0)
     k, d, sizes, starts = 2, 6, [3, 5], [0, 3]

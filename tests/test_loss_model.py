@@ -1,8 +1,5 @@
 """loss.py against hand computations, and model.py: pooling, attention masks, Embedder, encode."""
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import REPO_DIR, free_port
+from conftest import run_two_gloo_workers
 
 import data
 import loss
@@ -237,15 +234,7 @@ dist.destroy_process_group()
 
 
 def test_inbatch_loss_across_two_processes(tmp_path):
-    port = free_port()
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "REPO_DIR": REPO_DIR, "RANK": str(r), "PORT": str(port),
-                                              "OUT": str(tmp_path)}) for r in (0, 1)]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out
+    run_two_gloo_workers(tmp_path, WORKER)
 
     g = torch.Generator().manual_seed(0)
     Q, P = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
