@@ -76,11 +76,6 @@ def gather_rows(rows, gradient="all"):
     return torch.cat(parts), offset
 
 
-def gather_positives(passage, gradient="all"):
-    """The positives of the global batch (see gather_rows): the in-batch loss's candidates."""
-    return gather_rows(passage, gradient)
-
-
 def drop_false_negatives(scores, labels, margin=None, same=None):
     """The cosine scores [bs, C] with the candidates that must not count as negatives set to -inf:
     with `margin`, those scoring above the query's positive (column `labels`) by more than the margin
@@ -107,7 +102,7 @@ def inbatch_loss(query, passage, temperature=0.05, gradient="all", margin=None):
     query, passage: [bs, d] local embeddings, row i of `passage` the positive of query i; `gradient`:
     see gather_rows; `margin`: see drop_false_negatives.
     """
-    return gathered_inbatch_loss(query, *gather_positives(passage, gradient), temperature, margin)
+    return gathered_inbatch_loss(query, *gather_rows(passage, gradient), temperature, margin)
 
 
 def gathered_inbatch_loss(query, all_passages, offset, temperature=0.05, margin=None):
@@ -133,20 +128,12 @@ def hard_loss(query, passage, negatives, temperature=0.05, margin=None):
 
 
 def gather_candidates(passage, negatives, keys=None, gradient="all"):
-    """joint_loss's candidates: the global batch's positives, then its hard negatives (each
-    process's [bs x k] in rank order), their document keys in the same order (or None), and the
-    offset of this process's positives."""
-    all_passages, offset = gather_rows(passage, gradient)
-    parts = [all_passages]
-    if negatives is not None:
-        parts.append(gather_rows(negatives.flatten(0, 1), gradient)[0])
-    if keys is None:
-        return torch.cat(parts), None, offset
-    bs = len(passage)
-    key_parts = [gather_rows(keys[bs: 2 * bs])[0]]
-    if negatives is not None:
-        key_parts.append(gather_rows(keys[2 * bs:])[0])
-    return torch.cat(parts), torch.cat(key_parts), offset
+    """joint_loss's candidates: each process's positives followed by its hard negatives ([bs x k]),
+    in rank order, gathered at once; their document keys in the same order (keys: the batch's, the
+    queries' first, as collate gives them; or None), and the offset of this process's positives."""
+    local = passage if negatives is None else torch.cat([passage, negatives.flatten(0, 1)])
+    candidates, offset = gather_rows(local, gradient)
+    return candidates, None if keys is None else gather_rows(keys[len(passage):])[0], offset
 
 
 def joint_loss(query, candidates, candidate_keys, offset, temperature=0.05, margin=None):
@@ -212,7 +199,7 @@ def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, 
     if joint:  # gathered once, then cut per dimension
         candidates, candidate_keys, offset = gather_candidates(passage, negatives, keys, inbatch_gradient)
     elif retrieval:
-        all_passages, offset = gather_positives(passage, inbatch_gradient)
+        all_passages, offset = gather_rows(passage, inbatch_gradient)
 
     def both(dim=None):
         cut = (lambda x: x[..., :dim]) if dim else (lambda x: x)

@@ -152,8 +152,8 @@ dist.destroy_process_group()
 
 
 def test_joint_loss_across_two_processes(tmp_path):
-    """Each process's queries against both processes' positives and negatives (the gathered order:
-    positives of rank 0, of rank 1, then negatives of rank 0, of rank 1), the same-text test across
+    """Each process's queries against both processes' positives and negatives (gathered as rank 0's
+    positives and negatives, then rank 1's; the reference orders them otherwise), the same-text test across
     processes, and the gradients: "all" gives each process's candidates the summed gradient of both
     losses, "own" only its own loss's."""
     run_two_gloo_workers(tmp_path, WORKER)

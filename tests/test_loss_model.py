@@ -87,7 +87,7 @@ def rand(*shape, seed):
 def test_plain_process_has_no_distributed_init():
     assert not (dist.is_available() and dist.is_initialized())
     p = torch.randn(3, 4)
-    gathered, offset = loss.gather_positives(p)
+    gathered, offset = loss.gather_rows(p)
     assert gathered is p and offset == 0
 
 
