@@ -338,23 +338,14 @@ def child_env():
                 HF_HUB_OFFLINE="1")
 
 
-# A child's ru_maxrss starts at its parent's peak RSS (the parent's pages count until exec), so this
-# small process starts the command and writes the command's own peak (itself and its waited children).
-RSS_LAUNCHER = ("import os, subprocess, sys\n"
-                "child = subprocess.Popen(sys.argv[2:])\n"
-                "_, status, usage = os.wait4(child.pid, 0)\n"
-                "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
-                "sys.exit(os.waitstatus_to_exitcode(status))")
-
-
 def launch(cmd, log_path):
     """Run cmd (cwd: the repository) to the end; (wall seconds, peak RSS MiB of it and its waited
     children, its output). A failure raises with the end of its output."""
     rss_path = log_path + ".rss"
     t0 = time.time()
     with open(log_path, "w") as log:
-        code = subprocess.call([sys.executable, "-c", RSS_LAUNCHER, rss_path, *cmd], cwd=REPO_DIR, env=child_env(),
-                               stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(benchutil.with_peak_rss(cmd, rss_path), cwd=REPO_DIR, env=child_env(), stdout=log,
+                               stderr=subprocess.STDOUT)
     wall = time.time() - t0
     with open(log_path) as f:
         out = f.read()
@@ -362,12 +353,6 @@ def launch(cmd, log_path):
         raise RuntimeError(f"{' '.join(cmd)} exited with {code}:\n{out[-3000:]}")
     with open(rss_path) as f:
         return wall, int(f.read()) / 1024, out
-
-
-def own_peak_rss_mib():
-    """This process's peak RSS (VmHWM, its own pages only: ru_maxrss would include the parent's)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def tokenize_for_ours(backbone_dir, raw_dir, out_dir, log_path):
@@ -527,7 +512,7 @@ def st_worker(spec_path):
     hook = model[0].register_forward_pre_hook(count)
     trainer.train()
     trained_at = time.time()
-    rss = own_peak_rss_mib()
+    rss = benchutil.proc_status_kb("VmHWM") / 1024  # its own pages: ru_maxrss would add the parent's
     hook.remove()
     heldout = heldout_set(spec["heldout"])
     curve = []

@@ -37,11 +37,12 @@ Stages, each in its own process, timed from the parent's clock before the proces
    the child's at its first batch). The data-path cost per step is the median (and p90) over the next
    batches of fetch + collate (the loader's next batch: DatasetBatches.batch).
 
-Memory of each stage: `max RSS`, ru_maxrss from os.wait4 on the stage's process (exact: its largest
-single process, reaped workers included; it counts the file pages of memory maps, such as the
-`datasets` cache, that the process touched) and `anon`, the peak of the sum of RssAnon over the
-stage's process tree (workers included), from /proc every 0.05 s: the memory the processes hold
-themselves, file-backed memory maps excluded.
+Memory of each stage: `max RSS`, the stage's ru_maxrss written by benchutil.with_peak_rss's launcher
+(exact: its largest single process, reaped workers included; it counts the file pages of memory maps,
+such as the `datasets` cache, that the process touched; not inflated by this process's own peak, which
+a direct child's ru_maxrss inherits) and `anon`, the peak of the sum of RssAnon over the stage's
+process tree (workers and the small launcher included), from /proc every 0.05 s: the memory the
+processes hold themselves, file-backed memory maps excluded.
 
 Checks: "linear or better": every time and anonymous memory grows with an exponent
 log(y2 / y1) / log(n2 / n1) of at most 1.15 between successive sizes (0: constant, 1: linear; the
@@ -163,37 +164,25 @@ def process_tree(root):
     return out
 
 
-def anon_kb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def run_stage(cmd, log):
     """Run cmd (from the repository root) to its end: {wall_s, max_rss_mb, anon_mb, stdout, start}."""
     start, t0 = time.time(), time.perf_counter()
     with open(log, "w") as out, open(log + ".err", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=benchutil.REPO_DIR, stdout=out, stderr=err)
+        proc = subprocess.Popen(benchutil.with_peak_rss(cmd, log + ".rss"), cwd=benchutil.REPO_DIR, stdout=out,
+                                stderr=err)
     peak = 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaped here: the rusage of this process alone
-        if pid:
-            break
-        peak = max(peak, sum(anon_kb(p) for p in process_tree(proc.pid)))
+    while proc.poll() is None:
+        peak = max(peak, sum(benchutil.proc_status_kb("RssAnon", p) or 0 for p in process_tree(proc.pid)))
         time.sleep(SAMPLE_S)
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     with open(log) as f:
         stdout = f.read()
     if proc.returncode:
         with open(log + ".err") as f:
             raise RuntimeError(f"{' '.join(cmd[:3])} ... exited with {proc.returncode}:\n{f.read()[-3000:]}")
-    return {"wall_s": wall, "max_rss_mb": usage.ru_maxrss / 1024, "anon_mb": peak / 1024, "stdout": stdout,
+    with open(log + ".rss") as f:
+        max_rss_kb = int(f.read())
+    return {"wall_s": wall, "max_rss_mb": max_rss_kb / 1024, "anon_mb": peak / 1024, "stdout": stdout,
             "start": start}
 
 

@@ -58,6 +58,34 @@ def machine():
             f"Python {platform.python_version()}; date: {now}; {load()}")
 
 
+def proc_status_kb(field, pid="self"):
+    """A kB field of /proc/PID/status (VmHWM, VmRSS, RssAnon, ...); None where there is none (not
+    Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# A child's ru_maxrss starts at its parent's peak RSS (Linux records the forked copy of the parent's
+# pages at exec), so a command's own peak comes from a small process in between: it starts the
+# command and writes the command's ru_maxrss (kB: the command and its waited children) to a file.
+_PEAK_RSS_LAUNCHER = ("import os, subprocess, sys\n"
+                      "child = subprocess.Popen(sys.argv[2:])\n"
+                      "_, status, usage = os.wait4(child.pid, 0)\n"
+                      "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+                      "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
+def with_peak_rss(cmd, rss_path):
+    """`cmd` run through the launcher that writes its own peak RSS (kB) to rss_path."""
+    return [sys.executable, "-c", _PEAK_RSS_LAUNCHER, rss_path, *cmd]
+
+
 def load_average():
     """The 1-minute load average (other processes compete for the cores), or None."""
     try:

@@ -159,14 +159,8 @@ def reset_peak_memory():
 
 
 def _proc_status_bytes(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    kb = benchutil.proc_status_kb(field)
+    return None if kb is None else kb * 1024
 
 
 def peak_memory():
