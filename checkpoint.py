@@ -130,6 +130,31 @@ def save(accelerator, model, tokenizer, path, trainer_state, keep, max_seq_lengt
     return path
 
 
+def save_copy(accelerator, src, path, keep):
+    """Checkpoint `path` as a copy of the complete checkpoint `src` of the same step (collective): an
+    epoch end whose step_N was just saved. Its files are hard links (a copy where the file system has
+    none), so the second name costs no writing: the model, optimizer and RNG states are the same."""
+    run_dir = os.path.dirname(path)
+    tmp = os.path.join(run_dir, f".{os.path.basename(path)}.partial")
+    problem = None
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            try:
+                shutil.copytree(src, tmp, copy_function=os.link)
+            except OSError:  # no hard links here (or across mounts): copy the bytes
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+            _replace_dir(tmp, path)
+            if keep:
+                prune(run_dir, keep)
+        except OSError as err:
+            problem = _storage_problem(run_dir, err, path)
+    _agree(accelerator, problem, tmp)
+    accelerator.print(f"checkpoint saved: {path} (the same state as {os.path.basename(src)})")
+    return path
+
+
 def _agree(accelerator, problem, tmp):
     """A barrier at which every process learns whether one of them failed; then all stop together
     (the main process with the line, the others quietly), the partial folder removed."""

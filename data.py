@@ -54,6 +54,22 @@ def find_datasets(data_path):
     return [(os.path.basename(p)[: -len(QUERY_SUFFIX)], p) for p in paths if p.endswith(QUERY_SUFFIX)]
 
 
+def holds_raw_files(data_path):
+    """True if data_path's parquet files hold texts (`query`, `passage` string columns, no token ids),
+    as tokenize_data_qwen.py reads them; False for tokenized files (or no folder: find_datasets says
+    what is wrong). A folder must not mix the two."""
+    paths = sorted(glob.glob(os.path.join(data_path, "*.parquet"))) if os.path.isdir(data_path) else []
+    raw = {}
+    for path in paths:
+        names = set(read_schema(path)[1].names)
+        raw[path] = {"query", "passage"} <= names and not names & {"query_input_ids", "passage_input_ids"}
+    if len(set(raw.values())) > 1:
+        texts = [os.path.basename(p) for p, r in raw.items() if r]
+        raise UserError(f"train_data_path {data_path} mixes raw files ({', '.join(texts[:3])}) with tokenized "
+                        "ones; keep one kind per folder")
+    return any(raw.values())
+
+
 def published_corpus_files(data_path):
     """The corpus of a folder in the published v2 layout: `corpus.parquet` if there is one (what the
     published run.py reads), else the `NAME_corpus.parquet` files the published README concatenates
@@ -645,11 +661,11 @@ class MultiDatasetLoader:
             yield name, next(iterators[name])
 
 
-def check_datasets(cfg, dataset_types):
-    """[(name, path, task_type, token columns)] for every file in train_data_path, checked up front
-    (names, task types, columns) so that every process fails at once on bad input."""
+def check_datasets(cfg, dataset_types, data_path=None):
+    """[(name, path, task_type, token columns)] for every file in data_path (default train_data_path),
+    checked up front (names, task types, columns) so that every process fails at once on bad input."""
     out = []
-    for name, path in find_datasets(cfg.train_data_path):
+    for name, path in find_datasets(data_path or cfg.train_data_path):
         task = task_type_of(name, dataset_types, path)
         out.append((name, path, task, token_columns(path, num_negatives_needed(task, cfg), negatives_key(task, cfg))))
     return out

@@ -97,7 +97,7 @@ from config import Config
 from data import collate
 from distributed import make_accelerator
 from errors import UserError, exit_on_user_error
-from run import build_model, configure_deepspeed, embed, make_scheduler, to_device, train_step
+from run import build_model, configure_deepspeed, embed, make_optimizer, make_scheduler, to_device, train_step
 
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, intermediate_size=3072, tie_word_embeddings=True,
@@ -223,8 +223,7 @@ class Training:
         with contextlib.redirect_stderr(io.StringIO()):  # loading progress bars
             model = build_model(cfg, SimpleNamespace(pad_token_id=lengths.PAD_ID), accelerator)
         self.attn_implementation = model.backbone.config._attn_implementation
-        adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        adamw = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
         self.model, self.optimizer = accelerator.prepare(model, adamw)
         self.scheduler = make_scheduler(adamw, cfg, total_steps=10**6)
 

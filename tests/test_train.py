@@ -158,3 +158,33 @@ def test_grouped_log_keys_keep_every_term_apart():
     assert out["train/retrieval/hard"] == pytest.approx(2.0)
     assert out["train/classification/mrl_hard"] == pytest.approx(0.2)
     assert not any(key.startswith("Avg/") or "_loss_" in key for key in out)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "torch_default"])
+def test_adamw_implementations_compute_the_adamw_formula(implementation):
+    """Both `adamw_implementation` values are AdamW (Loshchilov & Hutter, decoupled weight decay),
+    checked against the formula in float64 over three steps; `fused` is torch's fused kernel."""
+    from config import Config
+    from run import make_optimizer
+
+    cfg = Config(model_path="m", train_data_path="d", learning_rate=1e-2, weight_decay=0.1, adam_betas=[0.9, 0.98],
+                 adamw_implementation=implementation)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300, 8)), torch.nn.Parameter(torch.randn(8))]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    optimizer = make_optimizer(params, cfg)
+    assert optimizer.defaults["fused"] is (True if implementation == "fused" else None)
+    expected = [p.detach().double().clone() for p in params]
+    moments = [(torch.zeros_like(e), torch.zeros_like(e)) for e in expected]
+    (b1, b2), lr, eps = cfg.adam_betas, cfg.learning_rate, 1e-8
+    for t, step_grads in enumerate(grads, 1):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for e, (m, v), g in zip(expected, moments, step_grads):
+            e.mul_(1 - lr * cfg.weight_decay)
+            m.mul_(b1).add_((1 - b1) * g.double())
+            v.mul_(b2).add_((1 - b2) * g.double() ** 2)
+            e.sub_(lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps))
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=1e-6)

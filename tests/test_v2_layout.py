@@ -5,6 +5,7 @@ The central property: the `tiny` raw data tokenized as v1 (the session fixture `
 v2 gives identical batches from data.make_loader, for training (shuffled, sampled negatives) and
 validation, so that everything downstream of load_splits is the same on either layout.
 """
+import glob
 import os
 import shutil
 
@@ -16,12 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import checkpoint
 import data
 import run
 import tokenize_data_qwen
 from config import Config
-from conftest import assert_user_error, call_main, run_cli, write_config
+from conftest import assert_user_error, call_main, free_port, launch, make_config, run_cli, run_dir, write_config
 from model import load_tokenizer
+from test_train import steps_per_epoch
 
 DATASETS = ["banking77", "imdb", "msmarco", "natural_questions"]  # the `tiny` raw files, sorted
 TYPES = {"banking77": "clustering", "imdb": "classification", "msmarco": "retrieval", "natural_questions": "retrieval"}
@@ -301,3 +304,57 @@ def test_training_run_on_v2_data(tiny, v2, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"final checkpoint: {tmp_path}/out/e2e/step_6" in proc.stdout
     assert os.path.isfile(f"{tmp_path}/out/e2e/step_6/config.json")
+
+
+# ---- training straight from the raw files ----------------------------------------------------------
+
+def test_run_on_raw_files_tokenizes_them_into_its_cache(tiny, v2, tmp_path):
+    """train_data_path may be the raw folder: the main process of a 2-process launch tokenizes it into
+    cache_dir, the same files as `tokenize_data_qwen.py --layout v2`, while the other waits; a second
+    launch reuses them. An epoch end whose step_N was just saved gets epoch_N as hard links of it."""
+    per_epoch = steps_per_epoch(v2, 8, 2)
+    config, values = make_config(tmp_path, tiny, f"{tiny}/raw", "raw", train_batch_size=8, max_seq_length=64,
+                                 num_hard_neg=3, train_epochs=1, checkpointing_steps=per_epoch, eval_queries=0)
+    proc = launch(config, processes=2, port=free_port())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [cache] = glob.glob(os.path.join(values["cache_dir"], "tokenized", "raw-*"))
+    same_tables(cache, v2)
+    assert f"tokenized {len(DATASETS)} file(s), skipped 0" in proc.stdout
+
+    folder = run_dir(values)
+    step, epoch = os.path.join(folder, f"step_{per_epoch}"), os.path.join(folder, "epoch_1")
+    assert f"final checkpoint: {epoch}" in proc.stdout
+    assert files_of(epoch) == files_of(step) and checkpoint.problem_with(epoch) is None
+    assert all(os.path.samefile(os.path.join(step, n), os.path.join(epoch, n)) for n in files_of(step))
+
+    shutil.rmtree(values["output_dir"])
+    proc = launch(config, processes=2, port=free_port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped {len(DATASETS)} already tokenized" in proc.stdout
+
+
+def test_run_on_raw_files_with_an_empty_text_stops_every_process(tiny, tmp_path):
+    """The main process's tokenizer error is one line, and the waiting process stops with it."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    table = pq.read_table(f"{tiny}/raw/msmarco.parquet")
+    texts = table.column("passage").to_pylist()
+    texts[3] = " "
+    pq.write_table(table.set_column(table.schema.get_field_index("passage"), "passage", pa.array(texts)),
+                   raw / "msmarco.parquet")
+    config, _ = make_config(tmp_path, tiny, str(raw), "empty", train_batch_size=8, max_seq_length=64)
+    proc = launch(config, processes=2, port=free_port(), timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "'passage' 1 (rows 3)" in errors[0], proc.stderr[-3000:]
+    assert not glob.glob(os.path.join(tmp_path, "empty", "out", "run", "step_*"))
+
+
+def test_a_folder_of_raw_and_tokenized_files_is_refused(tiny, tokenized, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy2(f"{tiny}/raw/msmarco.parquet", mixed)
+    shutil.copy2(f"{tokenized}/imdb.parquet", mixed)
+    config, _ = make_config(tmp_path, tiny, str(mixed), "mixed")
+    assert_user_error(call_main(run.main, ["--config", config]), "mixes raw files (msmarco.parquet)",
+                      "keep one kind per folder")
