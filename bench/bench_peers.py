@@ -12,9 +12,10 @@ Shared settings: batch 16 queries; every row exactly k = 3 hard negatives (ours:
 which samples 3 of 3, all of them in a random order; ST: columns anchor, positive, negative_1..3);
 AdamW (betas 0.9 / 0.98, eps 1e-8, weight decay 0.01 on every parameter; fused, the default of
 both: ST gets a fused torch.optim.AdamW over all parameters, as ours, where its Trainer's own
-adamw_torch_fused would exempt the norm weights); lr 1e-3, linear warmup over 10% of the steps, then cosine decay to 0 (ours: min_lr 0; ST:
-lr_scheduler_type cosine; the same formula, lr 0 at the first step on both); gradient clipping 1.0;
-temperature 0.05 (ST: scale 20); float32; max_seq_length 512 on both; no gradient checkpointing.
+adamw_torch_fused would exempt the norm weights); lr 1e-3, linear warmup over 10% of the steps,
+then cosine decay to 0 (ours: min_lr 0; ST: lr_scheduler_type cosine; the same formula, lr 0 at the
+first step on both); gradient clipping 1.0; temperature 0.05 (ST: scale 20); float32;
+max_seq_length 512 on both; no gradient checkpointing.
 Ours trains on the train split run.py makes of the file (99%, seed 0, datasets' train_test_split,
 which depends on the number of rows only); ST's dataset is that same split of the same file.
 
@@ -34,9 +35,10 @@ ours-joint-fnm0.1 (false_negative_margin 0.1), st-mnrl (MultipleNegativesRanking
 columns, so it only adds its no-grad pass). ST uses its default batch sampler: random batches, like
 ours; its recommended NO_DUPLICATES would keep duplicate texts apart but change what a batch holds.
 
-Ours runs the real commands: `tokenize_data_qwen.py --num_proc 1` (in-process), then
-`accelerate launch --config_file configs/accelerate_cpu.yaml run.py --config CFG`, what users type
-(the launcher adds a few seconds of start-up to e2e, nothing to training). ST runs this file with
+Ours runs the real command, `accelerate launch --config_file configs/accelerate_cpu.yaml run.py
+--config CFG`, what users type, on the raw parquet folder: run.py tokenizes it into its cache_dir
+first (tokenize_data_qwen.py's code, in its own process; each run anew). The launcher adds a few
+seconds of start-up to e2e, nothing to training. ST runs this file with
 --st_worker: a SentenceTransformerTrainer script as its docs write one.
 
 Measured, per variant:
@@ -45,9 +47,9 @@ Measured, per variant:
   Throughput: from just before the loop to the last step; validation and saving excluded). ST:
   from the Trainer's on_train_begin to the last step's on_step_end, minus each checkpoint step's
   on_step_end to on_save (the saving); its batches are tokenized here, inside its collator.
-- e2e s: raw parquet to trained model on disk. Ours: tokenize_data_qwen.py's wall time (once per
-  regime, counted in each ours variant) + the launch's wall time (start-up, split preparation, model
-  load, training, checkpoint saves, validation of the held-out 1%). ST: from the worker's launch to
+- e2e s: raw parquet to trained model on disk. Ours: the launch's wall time (start-up,
+  tokenization, split preparation, model load, training, checkpoint saves, validation of the
+  held-out 1%). ST: from the worker's launch to
   trainer.train() returning (start-up, dataset building, model load, training, checkpoint saves).
 - real tok/s: tokens of the training texts (eos included, no padding) over train s. Ours: its
   packed batches' tokens (TensorBoard train/tokens_per_s x interval time); ST: the sum of the
@@ -87,8 +89,7 @@ long 320 rows, 16 steps, every 8; 96 held-out rows. The default (all variants): 
 
 Not equal, by design or beyond reach: ST tokenizes inside its training loop, ours before it (in
 e2e only); ours-joint drops candidates with the positive's text, MNRL does not; each side draws its
-own random batches (over whole epochs the rows are the same); ours' checkpoints at an epoch end are
-saved twice (step_N and epoch_N), in its e2e; the figures are for a tiny model on a CPU, where
+own random batches (over whole epochs the rows are the same); the figures are for a tiny model on a CPU, where
 per-step overheads (Python, the Trainer, AdamW over the 9.7M embedding rows) weigh far more than on
 a real one, and ST on a GPU with flash-attn can unpad its batches.
 """
@@ -355,14 +356,6 @@ def launch(cmd, log_path):
         return wall, int(f.read()) / 1024, out
 
 
-def tokenize_for_ours(backbone_dir, raw_dir, out_dir, log_path):
-    """tokenize_data_qwen.py on one core; its wall seconds."""
-    wall, _, _ = launch([sys.executable, "tokenize_data_qwen.py", "--model_path", backbone_dir, "--input_dir",
-                         raw_dir, "--output_dir", out_dir, "--max_seq_length", str(MAX_SEQ_LENGTH), "--num_proc", "1"],
-                        log_path)
-    return wall
-
-
 def lr_settings(steps):
     return {"learning_rate": HP["learning_rate"], "warmup_steps": max(1, round(HP["warmup_fraction"] * steps))}
 
@@ -370,7 +363,7 @@ def lr_settings(steps):
 def ours_config(run, overrides):
     """run.py's config for one of our variants (see the module docstring for what is shared)."""
     per_epoch = -(-run["train_rows"] // HP["batch_size"])
-    return {"model_path": run["backbone_dir"], "train_data_path": run["tokenized_dir"],
+    return {"model_path": run["backbone_dir"], "train_data_path": run["raw_dir"],
             "experiment_id": run["variant"], "output_dir": run["work"], "tb_dir": os.path.join(run["work"], "tb"),
             "cache_dir": os.path.join(run["work"], "cache"), "dataset_types": {run["name"]: "retrieval"},
             "train_batch_size": HP["batch_size"], "train_steps": run["steps"],
@@ -422,7 +415,7 @@ def run_ours(run, overrides):
             encoder = load_encoder(path, device="cpu", dtype="float32", max_seq_length=MAX_SEQ_LENGTH)
         curve.append({"step": step, "train_s": elapsed, **metrics(encoder.encode, run["heldout_set"])})
     return {"steps": run["steps"], "rows": rows_seen(run["train_rows"], run["steps"]),
-            "train_s": elapsed, "e2e_s": run["tokenize_s"] + wall, "real_tokens": round(sum(t for *_, t in intervals)),
+            "train_s": elapsed, "e2e_s": wall, "real_tokens": round(sum(t for *_, t in intervals)),
             "padding": 1.0, "peak_rss_mib": rss, "curve": curve}
 
 
@@ -608,12 +601,8 @@ def run(quick=False, regimes=("short", "long"), variants=None, sizes=None, hidde
             paths = write_data(root, regime, words, n_train, sizes["heldout"], sizes["num_neg"])
             heldout = heldout_set(paths["heldout"])
             untrained = untrained_agreement(backbone_dir, st_dir, heldout)
-            tokenized_dir = os.path.join(root, f"tokenized_{regime}")
-            tokenize_s = tokenize_for_ours(backbone_dir, paths["raw_dir"], tokenized_dir,
-                                           os.path.join(root, f"tokenize_{regime}.log"))
-            progress(f"{regime}: data, untrained check (lowest cosine {untrained['lowest_cosine']:.6f}) and our "
-                     f"tokenization ({tokenize_s:.1f} s) done")
-            out = {"train_rows": n_train, "steps": steps, "num_neg": sizes["num_neg"], "tokenize_s": tokenize_s,
+            progress(f"{regime}: data and untrained check (lowest cosine {untrained['lowest_cosine']:.6f}) done")
+            out = {"train_rows": n_train, "steps": steps, "num_neg": sizes["num_neg"],
                    "heldout_queries": len(heldout[0]), "heldout_docs": len(heldout[1]),
                    "lengths": length_stats(tokenizer, paths["train"]), "untrained": untrained, "variants": {}}
             order = chosen if r % 2 == 0 else chosen[::-1]
@@ -628,10 +617,10 @@ def run(quick=False, regimes=("short", "long"), variants=None, sizes=None, hidde
                     work = os.path.join(root, f"{regime}_{name}_{seed}")
                     os.makedirs(work)
                     spec = {"variant": name, "work": work, "backbone_dir": backbone_dir, "st_dir": st_dir,
-                            "tokenized_dir": tokenized_dir, "name": paths["name"], "train": paths["train"],
+                            "raw_dir": paths["raw_dir"], "name": paths["name"], "train": paths["train"],
                             "heldout": paths["heldout"], "heldout_set": heldout, "train_rows": n_train,
                             "steps": steps, "eval_every": eval_every, "num_neg": sizes["num_neg"],
-                            "tokenize_s": tokenize_s, "seed": seed}
+                            "seed": seed}
                     runs.append(run_ours(spec, settings) if side == "ours" else run_st(spec, settings))
                     shutil.rmtree(work)  # checkpoints with optimizer state: ~120 MB each
                 measured = mean_of_seeds(runs)
@@ -672,8 +661,7 @@ def report(result):
                        f"{q['p95']} ({q['max']}), documents {d['p5']}/{d['p50']}/{d['p95']} ({d['max']}); "
                        f"held-out {out['heldout_queries']} queries x {out['heldout_docs']} documents"),
                   (f"untrained: ST and our encoder agree to cosine >= {u['lowest_cosine']:.6f}; MRR@10 ours "
-                   f"{u['ours']['mrr@10']:.4f}, ST {u['st']['mrr@10']:.4f}; ours' tokenization "
-                   f"{out['tokenize_s']:.1f} s (in each ours e2e)")]
+                   f"{u['ours']['mrr@10']:.4f}, ST {u['st']['mrr@10']:.4f}")]
         if not out["variants"]:
             continue
         rows = [[name, v["steps"], v["rows"], f"{v['train_s']:.1f}", f"{v['e2e_s']:.1f}",
