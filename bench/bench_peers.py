@@ -651,8 +651,9 @@ def report(result):
               f"temperature {hp['temperature']}; load average "
               + " -> ".join(_num(v) for v in result["load_average"])),
              ("train s: the training loop (batches included, checkpoint saving not); e2e s: raw parquet to trained "
-              "model (ours: tokenize_data_qwen.py + accelerate launch run.py; ST: its script, tokenizing in the "
-              "loop); pad: computed / real tokens; MRR@T: MRR@10 at the regime's shortest training time")]
+              "model (ours: accelerate launch run.py on the raw folder, tokenizing it first; ST: its script, "
+              "tokenizing in the loop); pad: computed / real tokens; MRR@T: MRR@10 at the regime's shortest "
+              "training time")]
     lines += [f"skipped {name}: {why}" for name, why in result["skipped"].items()]
     for regime, out in result["regimes"].items():
         u, q, d = out["untrained"], out["lengths"]["query"], out["lengths"]["document"]
