@@ -310,8 +310,8 @@ def test_training_run_on_v2_data(tiny, v2, tmp_path):
 
 def test_run_on_raw_files_tokenizes_them_into_its_cache(tiny, v2, tmp_path):
     """train_data_path may be the raw folder: the main process of a 2-process launch tokenizes it into
-    cache_dir, the same files as `tokenize_data_qwen.py --layout v2`, while the other waits; a second
-    launch reuses them. An epoch end whose step_N was just saved gets epoch_N as hard links of it."""
+    cache_dir, the same files as `tokenize_data_qwen.py --layout v2`, while the other waits; a later
+    run reuses them. An epoch end whose step_N was just saved gets epoch_N as hard links of it."""
     per_epoch = steps_per_epoch(v2, 8, 2)
     config, values = make_config(tmp_path, tiny, f"{tiny}/raw", "raw", train_batch_size=8, max_seq_length=64,
                                  num_hard_neg=3, train_epochs=1, checkpointing_steps=per_epoch, eval_queries=0)
@@ -327,8 +327,7 @@ def test_run_on_raw_files_tokenizes_them_into_its_cache(tiny, v2, tmp_path):
     assert files_of(epoch) == files_of(step) and checkpoint.problem_with(epoch) is None
     assert all(os.path.samefile(os.path.join(step, n), os.path.join(epoch, n)) for n in files_of(step))
 
-    shutil.rmtree(values["output_dir"])
-    proc = launch(config, processes=2, port=free_port())
+    proc = call_main(run.main, ["--config", config, "--prepare_only"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipped {len(DATASETS)} already tokenized" in proc.stdout
 
