@@ -13,13 +13,15 @@ documents), because v1 stores each row's own 26 token lists: ~7,200 tokens a row
 ids at 1M rows, and as much again in the `datasets` cache; this machine's disk and time do not
 allow that. v2 holds ~600 tokens a row (the corpus of 2 x rows documents plus the queries).
 
-The largest size is not tokenized: its raw file holds ~26 GB of text, which tokenize_data_qwen.py
-reads whole (this machine has 23 GB of memory), and its 2M distinct passages (~1.9 billion characters)
-would take about half an hour to tokenize on 2 cores. Its tokenized files are the middle size's
-replicated (10 times; --quick: 80) with distinct document ids (copy r's ids + r x the middle corpus's
-size; doc_id the row position), so its rows have exactly the middle size's token lengths and
-duplication; they are written in row groups as tokenize_data_qwen.py writes them. The output and the
-JSON say so.
+The largest size is tokenized only with --tokenize_all: writing its raw file (~26 GB of text, ~14 GB
+on disk) and tokenizing its 2M distinct passages (~1.9 billion characters) take about half an hour
+on 2 cores.
+Memory no longer stops it: tokenize_data_qwen.py streams a file in chunks of --chunk_rows rows, its
+memory bounded by the chunk, not by the file (it read the file whole until 2026-12-01: 4,661 MB anon
+at 100k rows). Without the flag the largest size's tokenized files are the middle size's replicated
+(10 times; --quick: 80) with distinct document ids (copy r's ids + r x the middle corpus's size;
+doc_id the row position), so its rows have exactly the middle size's token lengths and duplication;
+they are written in row groups as tokenize_data_qwen.py writes them. The output and the JSON say so.
 
 Stages, each in its own process, timed from the parent's clock before the process starts to its exit:
 1. tokenize: the real CLI, `tokenize_data_qwen.py --layout v2 --num_proc <cores>`, with Qwen3's real
@@ -301,14 +303,14 @@ def checks(results):
     return exponents, holds, linear
 
 
-def run(quick=False, sizes=None, num_proc=None, steps=None, work_dir=None):
+def run(quick=False, sizes=None, num_proc=None, steps=None, work_dir=None, tokenize_all=False):
     from demo import build_qwen3_tokenizer
 
     sizes = sorted(sizes or (QUICK_SIZES if quick else FULL_SIZES))
     num_proc = num_proc or len(os.sched_getaffinity(0))
     steps = steps or (30 if quick else 100)
     result = {"sizes": sizes, "num_proc": num_proc, "steps": steps, "machine": benchutil.machine(),
-              "layout": "v2", "max_seq_length": MAX_SEQ_LENGTH}
+              "layout": "v2", "max_seq_length": MAX_SEQ_LENGTH, "tokenize_all": tokenize_all}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work_dir) as work:
         model_path = os.path.join(work, "qwen3")
@@ -318,7 +320,7 @@ def run(quick=False, sizes=None, num_proc=None, steps=None, work_dir=None):
         result["import_run"] = {"wall_s": baseline["wall_s"], **memory(baseline)}
         results, source = [], None
         for i, rows in enumerate(sizes):
-            tokenize_it = i < len(sizes) - 1
+            tokenize_it = tokenize_all or i < len(sizes) - 1
             r = measure_size(rows, tokenize_it, source, work, model_path, tokenizer, num_proc, steps)
             r["load_average"] = benchutil.load_average()
             source = r if tokenize_it else source
@@ -364,9 +366,10 @@ def report(result):
     lines.append("\nPeak memory in MB (max RSS: largest single process, exact, memory-mapped file pages included; "
                  "anon: sum of RssAnon over the process tree, sampled):")
     lines.append(benchutil.table(
-        ["rows", "token ids MB", "tokenize max RSS", "tokenize anon", "prepare max RSS", "prepare anon",
-         "loader max RSS", "loader anon", "on disk: tokenized / cache"],
-        [[f"{r['rows']:,}", f"{4 * r['stored_tokens'] / 2**20:,.0f}", cell(r, "tokenize", "max_rss_mb", "{:,.0f}"),
+        ["rows", "token ids MB", "raw file MB", "tokenize max RSS", "tokenize anon", "prepare max RSS",
+         "prepare anon", "loader max RSS", "loader anon", "on disk: tokenized / cache"],
+        [[f"{r['rows']:,}", f"{4 * r['stored_tokens'] / 2**20:,.0f}",
+          f"{r['raw_mb']:,.0f}" if "raw_mb" in r else "-", cell(r, "tokenize", "max_rss_mb", "{:,.0f}"),
           cell(r, "tokenize", "anon_mb", "{:,.0f}"), f"{r['prepare']['max_rss_mb']:,.0f}",
           f"{r['prepare']['anon_mb']:,.0f}", f"{r['loader']['max_rss_mb']:,.0f}", f"{r['loader']['anon_mb']:,.0f}",
           f"{r['tokenized_mb']:,.0f} / {r['cache_mb']:,.0f}"] for r in rows]))
@@ -389,19 +392,25 @@ def report(result):
 def main(argv=None):
     p = benchutil.add_quick_flag(argparse.ArgumentParser(description="How the data pipeline scales with the rows."))
     p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="rows of each size, the largest replicated from the one before it (a multiple of it)")
+                   help="rows of each size, the largest replicated from the one before it (a multiple of it) "
+                        "unless --tokenize_all")
     p.add_argument("--num_proc", type=int, default=None, help="tokenize_data_qwen.py --num_proc (default: cores)")
     p.add_argument("--steps", type=int, default=None, help="batches timed after the first (default 100, quick 30)")
     p.add_argument("--work_dir", default=None, help="where the temporary files go (default: the system's temp folder)")
+    p.add_argument("--tokenize_all", action="store_true",
+                   help="tokenize the largest size too instead of replicating the one before it (full sizes: about "
+                        "half an hour more on 2 cores, and ~18 GB of disk for the raw file, the outputs and the cache)")
     p.add_argument("--loader_stage", default=None, help=argparse.SUPPRESS)
     p.add_argument("--eos_id", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--vocab_size", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.loader_stage:
         return loader_stage(args.loader_stage, args.eos_id, args.vocab_size, args.steps)
-    if args.sizes and (len(args.sizes) < 2 or sorted(args.sizes)[-1] % sorted(args.sizes)[-2]):
-        p.error("--sizes: at least two, the largest a multiple of the one before it")
-    return benchutil.emit(run(args.quick, args.sizes, args.num_proc, args.steps, args.work_dir), report)
+    replicated = not args.tokenize_all
+    if args.sizes and (len(args.sizes) < 2 or replicated and sorted(args.sizes)[-1] % sorted(args.sizes)[-2]):
+        p.error("--sizes: at least two, the largest a multiple of the one before it (unless --tokenize_all)")
+    return benchutil.emit(run(args.quick, args.sizes, args.num_proc, args.steps, args.work_dir, args.tokenize_all),
+                          report)
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def test_small_chunks_keep_order(tiny, tokenized, tmp_path, spy, monkeypatch):
 def test_tokenize_unique_returns_int32_lists(qwen3_tokenizer):
     """Qwen3's ids (up to 151,668) as int32 lists, cut to 4 + eos."""
     tokenize_data_qwen._init_worker(qwen3_tokenizer, 5)
-    arr = tokenize_data_qwen.tokenize_unique(["one two three four five six seven", "x", "<think>"], None, "t")
+    arr = tokenize_data_qwen.tokenize_unique(["one two three four five six seven", "x", "<think>"], None)
     assert arr.type == pa.list_(pa.int32())
     assert arr.to_pylist() == [[603, 1378, 2326, 3040, 151645], [87, 151645], [151667, 151645]]
 
@@ -415,14 +415,14 @@ def test_workers_start_the_pool_at_min_chars_and_keep_it(tiny, tok, fake_pools):
     pool, which then takes every later call, small ones too; close() terminates it."""
     small, large, after = ["abcd", "efghi"], ["abcde", "fghij"], ["x"]  # 9, 10 and 1 characters
     workers = tokenize_data_qwen.Workers(tok, f"{tiny}/backbone", 64, 2, min_chars=10)
-    out = [tokenize_data_qwen.tokenize_unique(texts, workers, "t").to_pylist() for texts in (small, large, after)]
+    out = [tokenize_data_qwen.tokenize_unique(texts, workers).to_pylist() for texts in (small, large, after)]
     assert out == [expected_ids(tok, texts, 64) for texts in (small, large, after)]
     assert len(fake_pools) == 1 and fake_pools[0].args == (f"{tiny}/backbone", 64, 2)
     assert fake_pools[0].calls == [2, 1] and not fake_pools[0].terminated
     workers.close()
     assert fake_pools[0].terminated
     one = tokenize_data_qwen.Workers(tok, f"{tiny}/backbone", 64, 1, min_chars=0)  # --num_proc 1: never a pool
-    assert tokenize_data_qwen.tokenize_unique(large, one, "t").to_pylist() == out[1] and len(fake_pools) == 1
+    assert tokenize_data_qwen.tokenize_unique(large, one).to_pylist() == out[1] and len(fake_pools) == 1
 
 
 def test_small_input_is_tokenized_in_process_with_one_tokenizer_load(tiny, tokenized, tmp_path, fake_pools,
@@ -658,7 +658,7 @@ def test_zero_row_file_found_while_reading(tiny, tmp_path, monkeypatch):
 
 def test_zero_row_check_leaves_unreadable_files_to_the_reader(tiny, tmp_path):
     """A corrupt file next to an empty one sorted after it: the footer check skips it, so the error is
-    the empty file's; alone, the corrupt file keeps read_input's own message."""
+    the empty file's; alone, the corrupt file keeps open_input's own message."""
     raw = tmp_path / "raw"
     write(good_rows(), raw / "a_good.parquet")
     (raw / "b_corrupt.parquet").write_bytes(b"PAR1" + os.urandom(512) + b"PAR1")
@@ -916,19 +916,17 @@ def test_ctrl_c_during_a_write_leaves_no_temp_file(tiny, tokenized, done, monkey
     """An exception while a file is being written (Ctrl-C, disk full) removes its temp file and
     keeps the previous output; the next run finishes the job."""
     os.remove(done / "imdb.parquet")
-    real_write = pq.write_table
+    real_write = pq.ParquetWriter.write_table
 
-    def interrupted(table, where, **kwargs):
-        real_write(table, where, **kwargs)
-        with open(where, "r+b") as f:
-            f.truncate(100)
+    def interrupted(writer, table, **kwargs):  # a row group written, then Ctrl-C
+        real_write(writer, table, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenize_data_qwen.pq, "write_table", interrupted)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tokenize_data_qwen.main(tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
     assert sorted(os.listdir(done)) == ["banking77.parquet", "msmarco.parquet", "natural_questions.parquet"]
-    monkeypatch.setattr(tokenize_data_qwen.pq, "write_table", real_write)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", real_write)
     proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_outputs(done, tokenized)

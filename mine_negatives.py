@@ -1,0 +1,872 @@
+"""Mine hard negatives for (query, passage) pairs with an embedding model: F2LLM training files out.
+
+    python mine_negatives.py --model CHECKPOINT --input_dir RAW --output_dir OUT [--num_negatives 24]
+        [--corpus extra.parquet] [--skip_top K] [--max_rank R] [--positive_margin M] [--sampling top|random]
+        [--seed S] [--on_short fill_random|drop] [--batch_size B] [--chunk_size C] [--max_seq_length L]
+        [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--overwrite]
+
+Every `*.parquet` of --input_dir holds string columns `query` and `passage` (other columns are kept
+unchanged, in order; a file that already has `negative_*` columns is refused: drop them or point
+--input_dir at the pairs, since mixing mined and given negatives would hide which is which). Its output
+OUT/NAME.parquet holds the input columns, then `negative_1` ... `negative_n` (strings, the passage
+column's type): the input of tokenize_data_qwen.py.
+
+The corpus of a file: its distinct passages, then the distinct texts of --corpus (column `text`, or
+`passage`) that are not among them; exact text is identity, so each text is one candidate. Every corpus
+text and every distinct query is embedded with the project's encoder (model.load_encoder: last-token
+pooling, L2-normalised; the checkpoint's "query" prompt before queries and "document" prompt before
+corpus texts when it defines them, no prompt otherwise, so a bare backbone folder works too). A score
+is the cosine similarity, the dot product of two embeddings.
+
+The rules, per row:
+- Exclusions. Never a negative: a passage of ANY row with the same query text (a query with several
+  positives gets none of them), a text identical to the query, a text twice. Candidates are the other
+  corpus texts ranked by score, highest first; equal scores rank by corpus position (a total order, so
+  the result does not depend on how the corpus is split into chunks).
+- Window. Ranks count after the exclusions, from 0: the first --skip_top candidates are skipped
+  (default 0), and none at rank --max_rank or beyond is considered (default 100): the window is ranks
+  [skip_top, max_rank). A corpus smaller than that gives a smaller window; that is no error.
+- Margin (false-negative guard, NV-Retriever's TopK-PercPos). With --positive_margin M (default 0.95),
+  a window candidate whose score exceeds M x the row's own positive score is dropped (a query with
+  several positives has one threshold per row: each row's negatives are held against the passage they
+  are trained against; sentence-transformers uses the query's lowest positive instead): a text the model puts
+  (almost) as close to the query as the labelled positive is likely an unlabelled positive, and training
+  against it teaches the model to push a right answer away. NV-Retriever (Moreira et al. 2024) found
+  TopK-PercPos at 95% the best of the false-negative filters it compared (it is also what
+  sentence-transformers' mine_hard_negatives recommends, relative_margin 0.05). The threshold is
+  pos - (1 - M) |pos|, which is M x pos for a positive score and never lets a candidate above a negative
+  positive score through. `--positive_margin none` turns the guard off.
+- Sampling. `--sampling top` (default) takes the first --num_negatives (default 24) of what the window
+  and margin leave, in rank order; `random` takes a random sample of them, listed in rank order, from a
+  numpy Generator seeded by (--seed, file name, row index): the result does not depend on batch sizes,
+  chunk sizes or the number of processes.
+- Short rows. A row left with fewer than n negatives is reported (count and rows) and then, with
+  `--on_short fill_random` (default), filled with random corpus texts (Generator seeded by --seed, file
+  name, row index, apart from the sampling's stream) that respect the exclusions, are not among the
+  skipped top candidates and do not score above the margin's threshold; only where the corpus has no
+  such text left does a fill take the lowest-scored of the others, and that is reported too. With
+  `--on_short drop` the short rows are left out of the output. A query whose corpus cannot give n
+  texts once its exclusions are out (a corpus of fewer than n + 1 texts, or a query with very many
+  positives) is an error before any embedding.
+
+Scale and resume. Embeddings go to disk in chunks of --chunk_size texts, each file written atomically
+(OUT/.mine_work/NAME/corpus_00000.npy, query_00000.npy). They are float16: more precise than a bf16
+model's output already is, half the disk and reads of float32, and in bench/bench_mine.py 0.04% of
+the negatives differ from a float32 store's (0.3% where a random model crowds all scores together):
+near-ties swapped. Ranking memory-maps them and keeps, for each block of queries, a
+running top-max_rank over the corpus chunks (torch.topk on --device over the chunked matrix products,
+excluded texts masked out exactly), written per query chunk (rank_00000.npy). A killed run leaves its
+finished chunks; the same command then computes only the rest and writes the same bytes. The folder
+records what its chunks were made from (manifest.json: inputs, model, --chunk_size, --max_rank) and is
+cleared when that changes, and removed once the file's output is written. Like tokenize_data_qwen.py, each output is written atomically with a
+record in its parquet schema metadata (key `f2llm_mine`: the input's and --corpus' size and mtime, a
+fingerprint of the model folder, every setting that changes the output), so a re-run skips the files
+already mined with the same inputs and settings; --overwrite mines everything again. --batch_size,
+--chunk_size and --device are not in the record: they change embeddings only in their last bits (other
+matrix shapes), which can swap two near-tied candidates, nothing more.
+
+Processes. Under `accelerate launch` (or torchrun) each process embeds corpus and query chunks
+i::world_size and ranks query chunks i::world_size; after a barrier the main process selects the
+negatives and writes the file. The work folder is how the processes share results, so with several
+machines --output_dir must be on a file system they all see. With no launcher it runs as one process.
+A chunk does the same arithmetic whichever process computes it: with equal threads per process
+(OMP_NUM_THREADS) the output is byte-identical for any number of processes.
+"""
+import argparse
+import dataclasses
+import datetime
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+import distributed
+from data import rows_shown
+from errors import UserError, exit_on_user_error
+from model import check_model_folder, pick_dtype, st_settings
+from tokenize_data_qwen import (
+    Output,
+    _running,
+    check_texts,
+    input_stamp,
+    open_input,
+    remove_stale_temp_files,
+    unreadable,
+    write_atomic,
+)
+
+RECORD_KEY = b"f2llm_mine"  # parquet schema metadata: what an output was mined from
+RECORD_VERSION = 1  # bump when the output for the same inputs and settings changes
+WORK_DIR = ".mine_work"
+STORE_DTYPE = np.float16
+CHUNK_SIZE = 8192  # texts per embedding file: the work a kill can lose per process
+QUERY_BLOCK = 1024  # queries per matrix product: a 1024 x CHUNK_SIZE score block is 32 MB (+64 MB of keys)
+ROW_BLOCK = 65536  # rows selected at a time: bounds the [rows, max_rank] arrays
+NO_KEY = torch.iinfo(torch.int64).min  # an excluded or missing candidate: below every real key
+LOW_32 = 0xFFFFFFFF
+KILL_AFTER = "F2LLM_MINE_KILL_AFTER"  # tests: SIGKILL this process after it wrote that many work files
+SAMPLE_STREAM, FILL_STREAM = 0, 1
+PROMPTS = {"query": "query", "document": "document"}  # our checkpoints' prompt names
+WINDOW_FLAGS = "--skip_top, --max_rank, --positive_margin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The selection rules (see the module docstring)."""
+    num_negatives: int = 24
+    skip_top: int = 0
+    max_rank: int = 100
+    positive_margin: float | None = 0.95
+    sampling: str = "top"
+    seed: int = 0
+    on_short: str = "fill_random"
+
+
+# ---- corpus, queries and exclusions --------------------------------------------------------------
+
+@dataclasses.dataclass
+class Pairs:
+    """A file's rows as ids: `qid` into the distinct queries, `pid` into the corpus; per distinct query q,
+    excluded[offsets[q]:offsets[q + 1]] are the corpus ids it may never get, sorted."""
+    corpus: pa.Array
+    queries: pa.Array
+    qid: np.ndarray
+    pid: np.ndarray
+    offsets: np.ndarray
+    excluded: np.ndarray
+
+    def excluded_of(self, q):
+        return self.excluded[self.offsets[q] : self.offsets[q + 1]]
+
+
+def build_pairs(table, extra=None):
+    """The corpus (distinct passages in order of first appearance, then the texts of `extra` not among
+    them), the distinct queries and each query's exclusions: every passage of its rows, its own text."""
+    query = table.column("query").cast(pa.large_string())
+    passage = table.column("passage").cast(pa.large_string())
+    corpus = pc.unique(passage)
+    if extra is not None and len(extra):
+        extra = pc.unique(extra.cast(pa.large_string()))
+        corpus = pa.concat_arrays([corpus, extra.filter(pc.invert(pc.is_in(extra, value_set=corpus)))])
+    queries = pc.unique(query)
+    qid = np.asarray(pc.index_in(query, value_set=queries).to_numpy(), np.int64)
+    pid = np.asarray(pc.index_in(passage, value_set=corpus).to_numpy(), np.int64)
+    own = np.asarray(pc.fill_null(pc.index_in(queries, value_set=corpus), -1).to_numpy(), np.int64)  # -1: none
+    n = len(corpus)
+    has_own = np.flatnonzero(own >= 0)
+    codes = np.unique(np.concatenate([qid * n + pid, has_own * n + own[has_own]]))
+    offsets = np.searchsorted(codes // n, np.arange(len(queries) + 1)).astype(np.int64)
+    return Pairs(corpus, queries, qid, pid, offsets, codes % n)
+
+
+def check_enough_texts(pairs, num_negatives, path):
+    """Every query must have n corpus texts left once its exclusions are out, or no rule could give it
+    n negatives: an error before any embedding."""
+    n = len(pairs.corpus)
+    if n < num_negatives + 1:
+        raise UserError(f"{path}: its corpus has {n} distinct text(s), fewer than --num_negatives + 1 = "
+                        f"{num_negatives + 1} (a positive and {num_negatives} negatives); add texts with --corpus "
+                        "or lower --num_negatives")
+    left = n - np.diff(pairs.offsets)
+    poor = np.flatnonzero(left[pairs.qid] < num_negatives)
+    if len(poor):
+        raise UserError(f"{path}: {len(poor)} row(s) (rows {rows_shown(poor.tolist())}) have a query whose "
+                        f"positives and own text leave fewer than {num_negatives} of the {n} corpus texts; add "
+                        "texts with --corpus or lower --num_negatives")
+
+
+# ---- ranking: exact top-k in a total order ---------------------------------------------------------
+
+def order_keys(scores, first):
+    """int64 keys of a float32 score block whose column j is corpus text first + j: ordered as
+    (score, then the lower corpus position first), so that topk over keys is a total order."""
+    bits = scores.contiguous().view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
+    low = LOW_32 - (first + torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64))
+    return bits * 2**32 + low
+
+
+def decode_keys(keys):
+    """(corpus ids, scores) of keys; NO_KEY gives id -1 and score -inf."""
+    keys = np.asarray(keys, np.int64)
+    valid = keys != NO_KEY
+    ids = np.where(valid, LOW_32 - (keys & LOW_32), -1)
+    high = keys >> 32
+    scores = np.where(high < 0, high ^ 0x7FFFFFFF, high).astype(np.int32).view(np.float32)
+    return ids, np.where(valid, scores, np.float32(-np.inf))
+
+
+class Vectors:
+    """Embedding chunks (arrays or memory maps) seen as one matrix."""
+
+    def __init__(self, chunks):
+        self.chunks = list(chunks)
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def rows(self, ids):
+        """float32 [len(ids), d]."""
+        ids = np.asarray(ids, np.int64)
+        which = np.searchsorted(self.starts, ids, side="right") - 1
+        out = np.empty((len(ids), self.chunks[0].shape[1]), np.float32)
+        for c in np.unique(which):
+            at = np.flatnonzero(which == c)
+            out[at] = self.chunks[c][ids[at] - self.starts[c]]
+        return out
+
+    def scores(self, vector):
+        """float32 scores of one query vector against every row."""
+        return np.concatenate([np.asarray(c, np.float32) @ vector for c in self.chunks])
+
+
+def rank(query_vectors, corpus, offsets, excluded, k, device="cpu", block=QUERY_BLOCK):
+    """Keys [q, k] of each query's k best corpus texts, best first, its excluded ids (CSR offsets,
+    excluded: corpus ids) left out; NO_KEY where fewer than k remain."""
+    device = torch.device(device)
+    queries = on_device(query_vectors, device)
+    best = torch.full((len(queries), k), NO_KEY, dtype=torch.int64, device=device)
+    owner = np.repeat(np.arange(len(queries)), np.diff(offsets))
+    for start, chunk in zip(corpus.starts, corpus.chunks):
+        docs = on_device(chunk, device)
+        inside = (excluded >= start) & (excluded < start + len(chunk))
+        rows, cols = owner[inside], excluded[inside] - start
+        for b in range(0, len(queries), block):
+            keys = order_keys(queries[b : b + block] @ docs.T, int(start))
+            here = (rows >= b) & (rows < b + block)
+            keys[torch.as_tensor(rows[here] - b, device=device), torch.as_tensor(cols[here], device=device)] = NO_KEY
+            best[b : b + block] = torch.cat([best[b : b + block], keys], 1).topk(k, dim=1).values
+    return best.cpu().numpy()
+
+
+def on_device(array, device):
+    """float32 on `device` of an array or memory map, sent in its own dtype (float16: half the transfer)."""
+    return torch.from_numpy(np.array(array)).to(device).float()  # a copy: a memory map is read-only
+
+
+# ---- selection -----------------------------------------------------------------------------------
+
+def margin_threshold(positive, margin):
+    """The highest score a negative may have: pos - (1 - M) |pos| (M x pos for a positive score)."""
+    positive = np.asarray(positive, np.float64)
+    return positive - (1.0 - margin) * np.abs(positive)
+
+
+def file_key(name):
+    """A 64-bit number of a file name, for the per-row seeds."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+
+
+def row_rng(settings, key, row, stream):
+    return np.random.default_rng([settings.seed, key, int(row), stream])
+
+
+@dataclasses.dataclass
+class Mined:
+    """negatives [rows, n] corpus ids (-1: none, in dropped rows); short: the rows that had fewer than n
+    in the window; relaxed: fills that had to take a text the window or the margin had ruled out."""
+    negatives: np.ndarray
+    short: np.ndarray
+    relaxed: int = 0
+
+
+def select(ids, scores, positive, settings, key, rows):
+    """The window's negatives of a block of rows: (ids [b, n], -1 past the row's count; counts [b]).
+    ids / scores: the rows' ranked candidates (decode_keys), rows: their row numbers."""
+    n = settings.num_negatives
+    ids, scores = ids[:, settings.skip_top :], scores[:, settings.skip_top :]
+    ok = ids >= 0
+    if settings.positive_margin is not None:
+        ok &= scores <= margin_threshold(positive, settings.positive_margin)[:, None]
+    if settings.sampling == "random":
+        ok = ok.copy()
+        for i in np.flatnonzero(ok.sum(1) > n):
+            where = np.flatnonzero(ok[i])
+            ok[i] = False
+            ok[i, np.sort(row_rng(settings, key, rows[i], SAMPLE_STREAM).choice(where, n, replace=False))] = True
+    order = np.argsort(~ok, axis=1, kind="stable")[:, :n]  # the kept ones first, in rank order
+    chosen = np.take_along_axis(ids, order, 1)
+    chosen[~np.take_along_axis(ok, order, 1)] = -1
+    if chosen.shape[1] < n:
+        chosen = np.pad(chosen, ((0, 0), (0, n - chosen.shape[1])), constant_values=-1)
+    return chosen, np.minimum(ok.sum(1), n)
+
+
+def fill(need, forbidden, ruled_out, vector, threshold, corpus, rng):
+    """`need` random corpus ids for a short row: none of `forbidden` (exclusions and the row's
+    negatives), of `ruled_out` (the skipped top) or above `threshold` (None: no margin). Draws at
+    random first; where that keeps missing, scores the whole corpus. Returns (ids, relaxed): relaxed
+    ids come, lowest score first, from ruled-out or above-threshold texts when nothing else is left."""
+    size, blocked = len(corpus), np.array(sorted(forbidden | set(ruled_out)), np.int64)
+    draws = rng.integers(size, size=4 * need + 32)
+    draws = draws[np.sort(np.unique(draws, return_index=True)[1])]  # each id once, in the order drawn
+    draws = draws[~np.isin(draws, blocked)]
+    if threshold is not None:
+        draws = draws[corpus.rows(draws) @ vector <= threshold]
+    picked = draws[:need].tolist()
+    if len(picked) == need:
+        return picked, 0
+    scores = corpus.scores(vector)
+    allowed = np.ones(size, bool)
+    allowed[blocked] = allowed[picked] = False
+    if threshold is not None:
+        allowed &= scores <= threshold
+    picked += rng.permutation(np.flatnonzero(allowed))[: need - len(picked)].tolist()
+    if len(picked) == need:
+        return picked, 0
+    left = np.ones(size, bool)
+    left[list(forbidden) + picked] = False
+    rest = np.flatnonzero(left)
+    rest = rest[np.lexsort((rest, scores[rest]))][: need - len(picked)].tolist()
+    return picked + rest, len(rest)
+
+
+def mine(keys_of, pairs, queries, corpus, settings, name, progress=None):
+    """Every row's negatives (Mined) from ranked candidates: keys_of(qids) -> keys [len, max_rank]
+    (rank); queries / corpus: Vectors of the distinct queries and of the corpus."""
+    rows, n, key = len(pairs.qid), settings.num_negatives, file_key(name)
+    negatives, counts = np.full((rows, n), -1, np.int64), np.zeros(rows, np.int64)
+    positives = np.empty(rows, np.float32)
+    skipped = np.empty((rows, settings.skip_top), np.int64)  # what a fill must not take
+    for r in range(0, rows, ROW_BLOCK):
+        qid, pid = pairs.qid[r : r + ROW_BLOCK], pairs.pid[r : r + ROW_BLOCK]
+        ids, scores = decode_keys(keys_of(qid))
+        block = slice(r, r + len(qid))
+        positives[block] = (queries.rows(qid) * corpus.rows(pid)).sum(1)
+        skipped[block] = ids[:, : settings.skip_top]
+        negatives[block], counts[block] = select(ids, scores, positives[block], settings, key, np.arange(r, block.stop))
+        if progress:
+            progress.update(len(qid))
+    short = np.flatnonzero(counts < n)
+    relaxed = 0
+    if settings.on_short == "fill_random" and len(short):
+        vectors = queries.rows(pairs.qid[short])
+        thresholds = [None] * len(short)
+        if settings.positive_margin is not None:
+            thresholds = margin_threshold(positives[short], settings.positive_margin).tolist()
+        for row, vector, threshold in zip(short.tolist(), vectors, thresholds):
+            have = negatives[row, : counts[row]].tolist()
+            extra, more = fill(n - len(have), set(pairs.excluded_of(pairs.qid[row]).tolist()) | set(have),
+                               [j for j in skipped[row].tolist() if j >= 0], vector, threshold, corpus,
+                               row_rng(settings, key, row, FILL_STREAM))
+            negatives[row, len(have) :] = extra
+            relaxed += more
+    return Mined(negatives, short, relaxed)
+
+
+# ---- records: what an output was mined from --------------------------------------------------------
+
+def model_fingerprint(path):
+    """sha256 over the model folder's files (top level): name, size, and the content of small files
+    or the first and last MiB of large ones (weights): cheap, and it survives a copy, unlike mtimes."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= 4 * 2**20:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(2**20))
+                f.seek(size - 2**20)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def make_record(input_path, corpus_stamp, model, settings):
+    """What an output is mined from: the input's stamp (size, mtime_ns), --corpus', the model (its
+    fingerprint, max_seq_length, dtype, prompts) and the selection settings."""
+    return {"version": RECORD_VERSION, "input": input_stamp(input_path), "corpus": corpus_stamp, "model": model,
+            "settings": dataclasses.asdict(settings)}
+
+
+def read_record(path):
+    try:
+        return json.loads((pq.read_schema(path).metadata or {})[RECORD_KEY])
+    except Exception:  # noqa: BLE001 - no record, not a parquet file, a folder: pyarrow raises several types
+        return None
+
+
+def why_mine(input_path, output_path, record, overwrite):
+    """None if output_path already holds what `record` describes; else why it is (re)made ("": new)."""
+    if not os.path.exists(output_path):
+        return ""
+    if overwrite:
+        return "--overwrite"
+    have = read_record(output_path)
+    if have is None:
+        return "the existing output has no mining record (an older run or another tool wrote it)"
+    if have == record:
+        return None
+    if have.get("version") != record["version"]:
+        return "the existing output was written by another version of this script"
+    if have.get("input") != record["input"]:
+        return "the input file changed (size or modification time) since it was mined"
+    if have.get("corpus") != record["corpus"]:
+        return "--corpus changed"
+    if have.get("model") != record["model"]:
+        return "the model, its max_seq_length, dtype or prompts changed"
+    old, new = have.get("settings") or {}, record["settings"]
+    changed = [f"--{k} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v]
+    return "changed: " + ", ".join(changed) if changed else "the existing output's record does not match this run's"
+
+
+# ---- the work folder -------------------------------------------------------------------------------
+
+class Work:
+    """OUT/.mine_work/NAME: the embedding chunks and ranked query chunks of one file, each written
+    atomically, and manifest.json, what they were made from."""
+
+    def __init__(self, output_dir, name, chunk_size, num_corpus, num_queries):
+        self.folder = os.path.join(output_dir, WORK_DIR, name)
+        self.chunk_size = chunk_size
+        self.total = {"corpus": num_corpus, "query": num_queries, "rank": num_queries}
+        self.count = {kind: -(-total // chunk_size) for kind, total in self.total.items()}
+
+    def size(self, kind, i):
+        """Texts (or queries) in chunk i of `kind`."""
+        return min(self.chunk_size, self.total[kind] - i * self.chunk_size)
+
+    def path(self, kind, i):
+        return os.path.join(self.folder, f"{kind}_{i:05d}.npy")
+
+    def prepare(self, manifest):
+        """Keep the chunks made from the same manifest; clear any others. Main process only."""
+        file = os.path.join(self.folder, "manifest.json")
+        if os.path.isdir(self.folder):
+            try:
+                with open(file) as f:
+                    same = json.load(f) == manifest
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(self.folder)
+        os.makedirs(self.folder, exist_ok=True)
+        for tmp in glob.glob(os.path.join(self.folder, "*.tmp-*")):
+            pid = re.search(r"\.tmp-(\d+)$", tmp)
+            if pid and (int(pid.group(1)) == os.getpid() or not _running(int(pid.group(1)))):
+                os.remove(tmp)  # a killed run's partial file
+        if not os.path.exists(file):
+            with open(file + f".tmp-{os.getpid()}", "w") as f:
+                json.dump(manifest, f)
+            os.replace(file + f".tmp-{os.getpid()}", file)
+
+    def done(self, kind, i):
+        return os.path.exists(self.path(kind, i))
+
+    def save(self, kind, i, array):
+        path = self.path(kind, i)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:  # np.save(name) would append .npy to the temp name
+            np.save(f, array)
+        os.replace(tmp, path)
+        _count_write()
+
+    def load(self, kind):
+        return [np.load(self.path(kind, i), mmap_mode="r") for i in range(self.count[kind])]
+
+    def remove(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.folder))  # .mine_work, once empty
+        except OSError:
+            pass
+
+
+_writes = [0]
+
+
+def _count_write():
+    limit = os.environ.get(KILL_AFTER)
+    _writes[0] += 1
+    if limit and _writes[0] >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill at a known point: what resume must survive
+
+
+# ---- processes -------------------------------------------------------------------------------------
+
+class Processes:
+    """This process's place in the launch: index, count, barrier, broadcast from the main process."""
+
+    def __init__(self, device):
+        launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1 or (distributed.launched_world_size() or 1) > 1
+        self.state = None
+        self.index, self.count, self.device = 0, 1, torch.device(device)
+        if launched:
+            from accelerate import PartialState
+
+            distributed.check_launcher()
+            # the other processes wait at a barrier while the main one writes a file: give it hours
+            self.state = PartialState(cpu=device == "cpu", timeout=datetime.timedelta(hours=12))
+            distributed.check_world_size(self.state.num_processes)
+            self.index, self.count = self.state.process_index, self.state.num_processes
+            self.device = self.state.device if device == "cuda" else torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.index == 0
+
+    def barrier(self):
+        if self.count > 1:
+            self.state.wait_for_everyone()
+
+    def broadcast(self, value):
+        if self.count == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def share(self, items):
+        return items[self.index :: self.count]
+
+
+# ---- one file --------------------------------------------------------------------------------------
+
+def read_input(path):
+    """The table of an input file (or folder of parquet parts); an unreadable one is a UserError."""
+    dataset = open_input(path)
+    try:
+        return dataset.to_table()
+    except (pa.ArrowException, OSError) as err:
+        raise unreadable(path, err) from None
+
+
+def check_columns(schema, path):
+    """query and passage as strings; no negative columns (they would mix with the mined ones)."""
+    for name in ("query", "passage"):
+        if name not in schema.names:
+            raise UserError(f"{path}: no column '{name}'; mine_negatives.py needs (query, passage) pairs in "
+                            "string columns query and passage")
+        typ = schema.field(name).type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            raise UserError(f"{path}: column '{name}' has type {typ}; texts must be strings")
+    negatives = [n for n in schema.names if re.fullmatch(r"negative_\d+", n)]
+    if negatives:
+        raise UserError(f"{path}: already has negative column(s) ({', '.join(negatives[:3])}"
+                        f"{', ...' if len(negatives) > 3 else ''}); mine_negatives.py writes its own: drop them "
+                        "from the file or point --input_dir at a folder of (query, passage) pairs")
+
+
+def read_corpus(path):
+    """The distinct texts of --corpus (column text, or passage), checked like the inputs' texts."""
+    table = read_input(path)
+    column = next((c for c in ("text", "passage") if c in table.column_names), None)
+    if column is None:
+        raise UserError(f"--corpus {path}: no column 'text' (nor 'passage'); put the extra texts in a string "
+                        "column named text")
+    typ = table.schema.field(column).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise UserError(f"--corpus {path}: column '{column}' has type {typ}; texts must be strings")
+    check_texts(table, [column], f"--corpus {path}")
+    return pc.unique(table.column(column).cast(pa.large_string()))
+
+
+def embed_chunks(work, jobs, encoder, sources, batch_size, bar):
+    """Embed each (kind, chunk) of `jobs` not on disk yet and save it (float16)."""
+    for kind, i in jobs:
+        texts, prompt = sources[kind]
+        if not work.done(kind, i):
+            chunk = texts.slice(i * work.chunk_size, work.size(kind, i)).to_pylist()
+            vectors = encoder.encode(chunk, prompt_name=prompt, batch_size=batch_size).numpy()
+            if not np.isfinite(vectors).all():
+                bad = (i * work.chunk_size + np.flatnonzero(~np.isfinite(vectors).all(1))).tolist()
+                raise UserError(f"the model gave non-finite embeddings for {kind} text(s) {rows_shown(bad)}: "
+                                "try --dtype float32")
+            work.save(kind, i, vectors.astype(STORE_DTYPE))
+        bar.update(work.size(kind, i))
+
+
+def rank_chunks(work, units, pairs, k, device, bar):
+    """Rank each query chunk of `units` not on disk yet against the whole corpus and save its keys."""
+    corpus, queries = Vectors(work.load("corpus")), work.load("query")
+    for u in units:
+        if not work.done("rank", u):
+            first = u * work.chunk_size
+            offsets = pairs.offsets[first : first + work.size("rank", u) + 1]
+            keys = rank(queries[u], corpus, offsets - offsets[0], pairs.excluded[offsets[0] : offsets[-1]], k, device)
+            work.save("rank", u, keys)
+        bar.update(work.size("rank", u))
+
+
+def rank_lookup(work):
+    """keys_of(qids) over the saved rank chunks (memory-mapped)."""
+    chunks = work.load("rank")
+
+    def keys_of(qids):
+        qids = np.asarray(qids, np.int64)
+        out = np.empty((len(qids), chunks[0].shape[1]), np.int64)
+        unit = qids // work.chunk_size
+        for u in np.unique(unit):
+            at = np.flatnonzero(unit == u)
+            out[at] = chunks[u][qids[at] - u * work.chunk_size]
+        return out
+
+    return keys_of
+
+
+def output_table(table, pairs, mined, settings, record):
+    """The input columns (short rows left out under --on_short drop), then negative_1 ... negative_n; the
+    record in the schema metadata."""
+    keep = np.ones(len(pairs.qid), bool)
+    if settings.on_short == "drop":
+        keep[mined.short] = False
+    negatives = mined.negatives[keep]
+    table = table.filter(pa.array(keep)) if not keep.all() else table
+    typ = table.schema.field("passage").type
+    for j in range(settings.num_negatives):
+        parts = [pairs.corpus.take(pa.array(negatives[r : r + ROW_BLOCK, j])).cast(typ)
+                 for r in range(0, len(negatives), ROW_BLOCK)]
+        table = table.append_column(f"negative_{j + 1}", pa.chunked_array(parts, type=typ))
+    metadata = {k: v for k, v in (table.schema.metadata or {}).items() if not k.startswith(b"f2llm_")}
+    if not keep.all():
+        metadata.pop(b"pandas", None)  # its index would still count the dropped rows
+    return table.replace_schema_metadata({**metadata, RECORD_KEY: json.dumps(record).encode()})
+
+
+def report_short(name, rows, mined, settings):
+    if not len(mined.short):
+        return
+    what = ("filled with random corpus texts (--on_short fill_random)" if settings.on_short == "fill_random"
+            else "dropped (--on_short drop)")
+    print(f"{name}: {len(mined.short)} of {rows} row(s) had fewer than {settings.num_negatives} negatives in the "
+          f"window (rows {rows_shown(mined.short.tolist())}): {what}", flush=True)
+    if mined.relaxed:
+        print(f"{name}: {mined.relaxed} fill(s) took a text that {WINDOW_FLAGS} had ruled out: the corpus had no "
+              "other text left for those rows", flush=True)
+
+
+class Run:
+    """What every file shares: arguments, settings, processes, the model's record and, once a file needs
+    it, the encoder."""
+
+    def __init__(self, args, settings, procs, model_record, extra, corpus_stamp):
+        self.args, self.settings, self.procs = args, settings, procs
+        self.model_record, self.extra, self.corpus_stamp = model_record, extra, corpus_stamp
+        self._encoder = None
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from model import load_encoder
+
+            self._encoder = load_encoder(self.args.model, device=self.procs.device, dtype=self.args.dtype,
+                                         max_seq_length=self.args.max_seq_length)
+        return self._encoder
+
+    def prompt(self, kind):
+        prompts = self.model_record["prompts"]
+        return PROMPTS[kind] if prompts.get(kind) is not None else None
+
+    def mine_file(self, path):
+        """Mine one input file; True if it was mined, False if skipped (already done)."""
+        args, procs = self.args, self.procs
+        name = os.path.basename(path)[: -len(".parquet")]
+        out_path = os.path.join(args.output_dir, f"{name}.parquet")
+        record = make_record(path, self.corpus_stamp, self.model_record, self.settings)  # stamp taken before reading
+        reason = procs.broadcast(why_mine(path, out_path, record, args.overwrite) if procs.main else None)
+        if reason is None:
+            if procs.main:
+                print(f"skip {name}: already mined (same input, corpus, model and settings)", flush=True)
+                Work(args.output_dir, name, 1, 0, 0).remove()  # a run killed after its write left it
+            return False
+        if reason and procs.main:
+            print(f"mine {name} again: {reason}", flush=True)
+        table, pairs = self.read_pairs(path, name)
+        work = Work(args.output_dir, name, args.chunk_size, len(pairs.corpus), len(pairs.queries))
+        if procs.main:
+            work.prepare({"version": RECORD_VERSION, "input": record["input"], "corpus": record["corpus"],
+                          "model": record["model"], "chunk_size": args.chunk_size, "max_rank": self.settings.max_rank,
+                          "store": np.dtype(STORE_DTYPE).name, "texts": [len(pairs.corpus), len(pairs.queries)]})
+        procs.barrier()
+        self.embed(work, pairs, name)
+        procs.barrier()
+        units = procs.share(list(range(work.count["rank"])))
+        with tqdm(total=sum(work.size("rank", u) for u in units), desc=f"{name} rank", unit="query",
+                  disable=not procs.main) as bar:
+            rank_chunks(work, units, pairs, self.settings.max_rank, procs.device, bar)
+        procs.barrier()
+        if procs.main:
+            self.write(work, table, pairs, record, path, out_path)
+        return True
+
+    def read_pairs(self, path, name):
+        """The input table, checked, and its Pairs; errors before any embedding."""
+        table = read_input(path)
+        if table.num_rows == 0:
+            raise UserError(f"{path}: 0 rows; remove the file or fill it")
+        check_columns(table.schema, path)
+        check_texts(table, ["query", "passage"], path)
+        pairs = build_pairs(table, self.extra)
+        check_enough_texts(pairs, self.settings.num_negatives, path)
+        if self.procs.main:
+            print(f"{name}: {table.num_rows} rows, {len(pairs.queries)} distinct queries, {len(pairs.corpus)} corpus "
+                  "texts", flush=True)
+        return table, pairs
+
+    def embed(self, work, pairs, name):
+        """This process's share of the corpus and query chunks; the model loads only if one is missing."""
+        jobs = self.procs.share([(kind, i) for kind in ("corpus", "query") for i in range(work.count[kind])])
+        sources = {"corpus": (pairs.corpus, self.prompt("document")), "query": (pairs.queries, self.prompt("query"))}
+        with tqdm(total=sum(work.size(k, i) for k, i in jobs), desc=f"{name} embed", unit="text",
+                  disable=not self.procs.main) as bar:
+            encoder = self.encoder if any(not work.done(k, i) for k, i in jobs) else None
+            embed_chunks(work, jobs, encoder, sources, self.args.batch_size, bar)
+
+    def write(self, work, table, pairs, record, path, out_path):
+        """Select every row's negatives and write the output (main process)."""
+        settings, name = self.settings, os.path.basename(out_path)[: -len(".parquet")]
+        with tqdm(total=table.num_rows, desc=f"{name} select", unit="row") as bar:
+            mined = mine(rank_lookup(work), pairs, Vectors(work.load("query")), Vectors(work.load("corpus")),
+                         settings, name, bar)
+        report_short(name, table.num_rows, mined, settings)
+        if settings.on_short == "drop" and len(mined.short) == table.num_rows:
+            raise UserError(f"{path}: every row had fewer than {settings.num_negatives} negatives in the window, and "
+                            f"--on_short drop would leave none: widen the window ({WINDOW_FLAGS}) or use "
+                            "--on_short fill_random")
+        out = output_table(table, pairs, mined, settings, record)
+        write_atomic(Output(out.schema, [out]), out_path)
+        work.remove()
+        print(f"wrote {out_path}: {out.num_rows} rows x {settings.num_negatives} negatives", flush=True)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def margin_value(text):
+    """--positive_margin: a number in (0, 1], or none."""
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or none, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (or none), got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="the embedding model: a checkpoint of ours or a backbone folder")
+    p.add_argument("--input_dir", required=True, help="folder of *.parquet files with columns query, passage")
+    p.add_argument("--output_dir", required=True, help="where NAME.parquet with negative_1 ... negative_n go")
+    p.add_argument("--num_negatives", type=int, default=24, metavar="N", help="negatives per row (default 24)")
+    p.add_argument("--corpus", help="a parquet file of extra candidate texts (column text, or passage), added to "
+                                    "every input file's passages")
+    p.add_argument("--skip_top", type=int, default=0, metavar="K", help="skip the K best candidates (default 0)")
+    p.add_argument("--max_rank", type=int, default=100, metavar="R",
+                   help="consider candidates ranked below R only (ranks count after the exclusions; default 100)")
+    p.add_argument("--positive_margin", type=margin_value, default=0.95, metavar="M",
+                   help="drop candidates scoring above M x the row's positive score (default 0.95; none: off)")
+    p.add_argument("--sampling", choices=["top", "random"], default="top",
+                   help="top: the best n of the window (default); random: a seeded random n of it")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sampling random and of the fills (default 0)")
+    p.add_argument("--on_short", choices=["fill_random", "drop"], default="fill_random",
+                   help="rows with fewer than n negatives in the window: fill them with random corpus texts "
+                        "(default) or leave them out")
+    p.add_argument("--batch_size", type=int, default=32, help="texts per forward pass (default 32)")
+    p.add_argument("--chunk_size", type=int, default=CHUNK_SIZE,
+                   help=f"texts per embedding file in the work folder (default {CHUNK_SIZE})")
+    p.add_argument("--max_seq_length", type=int, help="tokens per text, eos included (default: the checkpoint's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="the model's dtype (default auto: float32 on the CPU, bfloat16 on a GPU that has it)")
+    p.add_argument("--overwrite", action="store_true", help="mine every file again, even those already mined")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """The settings' own limits, before anything is read."""
+    n = args.num_negatives
+    if n < 1:
+        raise UserError("--num_negatives must be at least 1")
+    if args.skip_top < 0:
+        raise UserError("--skip_top must be 0 or more")
+    if args.max_rank - args.skip_top < n:
+        raise UserError(f"the window --skip_top {args.skip_top} .. --max_rank {args.max_rank} holds "
+                        f"{max(0, args.max_rank - args.skip_top)} candidates, fewer than --num_negatives {n}: raise "
+                        "--max_rank or lower --skip_top")
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise UserError("--batch_size and --chunk_size must be at least 1")
+    if args.max_seq_length is not None and args.max_seq_length < 2:
+        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and {2**63 - 1}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is available; use --device cpu")
+
+
+def input_files(args):
+    """The input files, each with the columns needed (read from the footers)."""
+    if not os.path.isdir(args.input_dir):
+        raise UserError(f"input folder {args.input_dir} not found: pass --input_dir with (query, passage) parquet files")
+    files = sorted(glob.glob(os.path.join(args.input_dir, "*.parquet")))
+    if not files:
+        raise UserError(f"no *.parquet files in {args.input_dir}")
+    if args.corpus and os.path.realpath(args.corpus) in {os.path.realpath(f) for f in files}:
+        raise UserError(f"--corpus {args.corpus} lies in --input_dir, where it would be mined as a dataset: move it "
+                        "out of that folder")
+    for path in files:  # the footers only: a wrong file stops the run before any work
+        check_columns(open_input(path).schema, path)
+    return files
+
+
+def model_record(args):
+    """The model part of the record: fingerprint, max_seq_length, dtype and the prompts used, all read
+    from the folder without loading the weights (so that a run with nothing to do loads nothing)."""
+    saved_length, prompts = st_settings(args.model)
+    return {"fingerprint": model_fingerprint(args.model), "max_seq_length": args.max_seq_length or saved_length,
+            "dtype": args.dtype,
+            "prompts": {kind: prompts.get(name) for kind, name in PROMPTS.items()}}
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":  # pick_dtype looks at the machine, not at --device: bfloat16 is slow on a CPU
+        args.dtype = "float32" if args.device == "cpu" else str(pick_dtype("auto")).removeprefix("torch.")
+    settings = Settings(args.num_negatives, args.skip_top, args.max_rank, args.positive_margin, args.sampling,
+                        args.seed, args.on_short)
+    check_model_folder(args.model, "--model")
+    files = input_files(args)
+    extra, corpus_stamp = None, None
+    if args.corpus:
+        if not os.path.exists(args.corpus):
+            raise UserError(f"--corpus {args.corpus} not found")
+        corpus_stamp = input_stamp(args.corpus)
+        extra = read_corpus(args.corpus)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {args.output_dir}: {err.strerror}") from None
+    if os.path.samefile(args.input_dir, args.output_dir):
+        raise UserError("--output_dir is --input_dir: the outputs (same names) would replace the inputs; pass another "
+                        "--output_dir")
+    procs = Processes(args.device)
+    if procs.main:
+        remove_stale_temp_files(args.output_dir)
+    run = Run(args, settings, procs, model_record(args), extra, corpus_stamp)
+    done = sum(run.mine_file(path) for path in files)
+    procs.barrier()
+    if procs.main:
+        print(f"mined {done} file(s), skipped {len(files) - done} already mined, into {args.output_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
