@@ -58,9 +58,10 @@ running top-max_rank over the corpus chunks (torch.topk on --device over the chu
 excluded texts masked out exactly), written per query chunk (rank_00000.npy). A killed run leaves its
 finished chunks; the same command then computes only the rest and writes the same bytes. The folder
 records what its chunks were made from (manifest.json: inputs, model, --chunk_size, --max_rank) and is
-cleared when that changes, and removed once the file's output is written. Like tokenize_data_qwen.py, each output is written atomically with a
-record in its parquet schema metadata (key `f2llm_mine`: the input's and --corpus' size and mtime, a
-fingerprint of the model folder, every setting that changes the output), so a re-run skips the files
+cleared when that changes, and removed once the file's output is written. Like tokenize_data_qwen.py,
+each output is written atomically with a record in its parquet schema metadata (key `f2llm_mine`:
+the input's and --corpus' size and mtime, a fingerprint of the model folder, every setting that
+changes the output), so a re-run skips the files
 already mined with the same inputs and settings; --overwrite mines everything again. --batch_size,
 --chunk_size and --device are not in the record: they change embeddings only in their last bits (other
 matrix shapes), which can swap two near-tied candidates, nothing more.
@@ -813,7 +814,8 @@ def check_args(args):
 def input_files(args):
     """The input files, each with the columns needed (read from the footers)."""
     if not os.path.isdir(args.input_dir):
-        raise UserError(f"input folder {args.input_dir} not found: pass --input_dir with (query, passage) parquet files")
+        raise UserError(f"input folder {args.input_dir} not found: pass --input_dir with (query, passage) "
+                        "parquet files")
     files = sorted(glob.glob(os.path.join(args.input_dir, "*.parquet")))
     if not files:
         raise UserError(f"no *.parquet files in {args.input_dir}")

@@ -69,7 +69,8 @@ def test_rank_is_the_exact_top_k_in_a_total_order(sizes, block):
     excluded = [sorted(rng.choice(50, size=int(rng.integers(0, 6)), replace=False).tolist()) for _ in range(9)]
     excluded[3] = list(range(45))  # five texts left: fewer than k
     offsets = np.cumsum([0] + [len(e) for e in excluded])
-    keys = mn.rank(queries, chunks_of(corpus, sizes), offsets, np.array([j for e in excluded for j in e], np.int64), k=12, block=block)
+    keys = mn.rank(queries, chunks_of(corpus, sizes), offsets, np.array([j for e in excluded for j in e], np.int64),
+                   k=12, block=block)
     ids, scores = mn.decode_keys(keys)
     full = queries.astype(np.float64) @ corpus.astype(np.float64).T
     for q in range(9):
