@@ -33,10 +33,13 @@ def run_main(config_path, prepare_only=True):
 
 
 def prepared(proc):
-    """{dataset: (task, train rows, validation rows)} from the lines --prepare_only prints."""
+    """{dataset: (task, train rows, validation rows)} from the lines --prepare_only prints (after the
+    tokenizer's, for a raw folder)."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {}
-    for line in proc.stdout.splitlines():
+    lines = proc.stdout.splitlines()
+    tokenizer_done = [i for i, line in enumerate(lines) if line.startswith("tokenized ")]
+    for line in lines[tokenizer_done[-1] + 1 if tokenizer_done else 0:]:
         name, task, train, n_train, validation, n_valid = line.split()
         assert (train, validation) == ("train", "validation"), line
         out[name] = (task, int(n_train), int(n_valid))
@@ -93,7 +96,8 @@ def cli(env):
     d = env["dirs"]
     cases = {
         "missing_config": ([str(env["root"] / "nope.json")], None),
-        "raw_parquet": ([], config(env, "cli_raw", train_data_path=d["raw"])),
+        "raw_parquet": (["--prepare_only"], config(env, "cli_raw", train_data_path=d["raw"],
+                                                   cache_dir=str(env["root"] / "cache_cli_raw"))),
         "declared": (["--prepare_only"], config(env, "cli_declared", train_data_path=d["mydata"],
                                                  dataset_types={"mydata": "retrieval"},
                                                  cache_dir=str(env["root"] / "cache_cli"))),
@@ -112,10 +116,12 @@ def test_cli_config_file_missing(cli, env):
 
 
 def test_cli_raw_parquet_as_training_data(cli, env):
+    """A folder of raw files is tokenized into cache_dir (tokenized/NAME-HASH), then prepared."""
     proc, _ = cli["raw_parquet"]
-    assert_user_error(proc, os.path.join(env["dirs"]["raw"], "msmarco.parquet"), "query_input_ids",
-                      "tokenize_data_qwen.py")
-    assert not os.path.exists(env["base"]["output_dir"])  # nothing was started
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert prepared(proc) == {"msmarco": ("retrieval", 59, 1)}
+    [folder] = os.listdir(env["root"] / "cache_cli_raw" / "tokenized")
+    assert folder.startswith("raw-") and "tokenized 1 file(s)" in proc.stdout
 
 
 def test_cli_declared_dataset_accepted(cli, env):
@@ -325,10 +331,11 @@ def test_train_data_path_without_parquet(env):
                       "tokenize_data_qwen.py")
 
 
-def test_raw_parquet_as_training_data(env):
+def test_raw_parquet_with_too_few_negatives(env):
+    """Raw files are tokenized first; their checks then apply as to tokenized ones."""
     folder = env["dirs"]["raw"]
-    assert_user_error(run_main(config(env, "raw", train_data_path=folder)),
-                      os.path.join(folder, "msmarco.parquet"), "no column 'query_input_ids'", "tokenize_data_qwen.py")
+    assert_user_error(run_main(config(env, "raw", train_data_path=folder, num_hard_neg=12)),
+                      "msmarco.parquet", "10 hard negatives per row", "fewer than the 12", "lower num_hard_neg")
 
 
 def test_unknown_dataset_name_shows_how_to_declare_it(env):
