@@ -101,9 +101,8 @@ LAYOUTS = ("v1", "v2", "published_v2")
 RECORD_VERSION = 1  # bump when this script's output for the same input and settings changes
 TEMP_FILE = re.compile(r".+\.parquet\.tmp-(\d+)")  # write_atomic's temp files (the number is a pid)
 TOKENS = pa.list_(pa.int32())
-# Pages are read through a 1 MiB buffer: by default the reader holds a row group's whole column chunk (pyarrow
-# writes up to 1,048,576 rows in a group), and the scan pre-buffers it. One batch read ahead keeps reading and
-# hashing overlapped.
+# Pages are read through a 1 MiB buffer (as plain_files reads): by default the reader holds a row group's whole
+# column chunk (pyarrow writes up to 1,048,576 rows in a group), and the scan pre-buffers it.
 SCAN = {"batch_readahead": 1, "fragment_readahead": 1, "fragment_scan_options": ds.ParquetFragmentScanOptions(
     use_buffered_stream=True, buffer_size=2**20, pre_buffer=False)}
 
@@ -514,13 +513,15 @@ class TableRows(Rows):
 
 
 class DatasetRows(Rows):
-    """The rows of an input (a pyarrow dataset), in file order, read as the scan gives them: batches of
-    --chunk_rows rows of one column, or as many cells of several. A read error (a corrupt page) is a
-    UserError, and so is a pass that does not give the rows the footers count."""
+    """The rows of an input (a pyarrow dataset), in file order, read in batches of --chunk_rows rows of one
+    column, or as many cells of several. A read error (a corrupt page) is a UserError, and so is a pass
+    that does not give the rows the footers count."""
 
     def __init__(self, dataset, path, chunk_rows, num_rows):
         self.dataset, self.path, self.chunk_rows, self.num_rows = dataset, path, chunk_rows, num_rows
         self.schema = dataset.schema
+        with reading(path):
+            self.files = plain_files(dataset)
 
     def batches(self, names):
         done = 0
@@ -533,12 +534,28 @@ class DatasetRows(Rows):
             raise changed_error(self.path, self.num_rows, done)
 
     def _scan(self, names):
+        rows = max(1, self.chunk_rows // len(names))
         with reading(self.path):
-            yield from self.dataset.to_batches(columns=names, batch_size=max(1, self.chunk_rows // len(names)), **SCAN)
+            if self.files is None:
+                yield from self.dataset.to_batches(columns=names, batch_size=rows, **SCAN)
+                return
+            for path in self.files:
+                with pq.ParquetFile(path, buffer_size=2**20, pre_buffer=False) as file:
+                    yield from file.iter_batches(batch_size=rows, columns=names)
 
     def sample(self, rows, names, folder):
         """The rows drawn, in the order drawn (SampleRows)."""
         return SampleRows(self, names, rows, folder)
+
+
+def plain_files(dataset):
+    """The dataset's files, to be read a batch at a time, if each holds its rows as they are (its schema the
+    dataset's: no partition columns, no types to unify); else None, for the dataset's scan, which can read
+    ~1 GB ahead of what is taken from it, whatever its batch_readahead."""
+    fragments = list(dataset.get_fragments())
+    if any(not fragment.physical_schema.equals(dataset.schema) for fragment in fragments):
+        return None
+    return [fragment.path for fragment in fragments]
 
 
 class SampleRows(Rows):

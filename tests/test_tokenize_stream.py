@@ -100,7 +100,7 @@ def expected_files(df, name, layout, tok, schema):
                 for seq in tok(list(texts), add_special_tokens=False)["input_ids"]]
 
     tokens = pa.list_(pa.int32())
-    docs = ["passage"] + [f"negative_{k}" for k in range(1, NEGATIVES + 1)]
+    docs = ["passage"] + [c for c in df.columns if c.startswith("negative_")]  # in order, as written here
     number = {}
     for column in docs:  # column-major: all of passage, then all of negative_1, ...
         for text in df[column]:
@@ -161,6 +161,35 @@ def test_streamed_output_equals_one_chunk_output(tiny, raw, tmp_path):
         one, whole = tmp_path / "1" / f"{name}.parquet", tmp_path / "default" / f"{name}.parquet"
         assert pq.read_table(one).equals(pq.read_table(whole)), name
         assert pq.read_schema(one).metadata == pq.read_schema(whole).metadata, name
+
+
+@pytest.mark.parametrize("layout", ["v1", "published_v2"])
+def test_parts_to_unify_are_read_as_pq_read_table_reads_them(tiny, tok, tmp_path, layout):
+    """A folder whose parts differ (a string and a large_string passage column, Spark's key=value folders
+    adding a column) is read through pyarrow's dataset scan, which unifies them as pq.read_table does: the
+    rows and columns that pq.read_table gives, tokenized, in chunks or whole."""
+    raw = tmp_path / "raw"
+    for i, (lang, typ) in enumerate([("en", pa.string()), ("fr", pa.large_string()), ("en", pa.string())]):
+        os.makedirs(raw / "d.parquet" / f"lang={lang}", exist_ok=True)
+        pq.write_table(pa.table({"query": [f"q {i} {j}" for j in range(7)],
+                                 "passage": pa.array([POOL[(i + j) % 5] for j in range(7)], typ)}),
+                       raw / "d.parquet" / f"lang={lang}" / f"part-{i}.parquet")
+    table = pq.read_table(raw / "d.parquet")
+    outputs = {}
+    for chunk in ("3", "default"):
+        extra = ["--layout", layout] + (["--chunk_rows", chunk] if chunk != "default" else [])
+        proc = call_main(tokenize_data_qwen.main, tokenize_args(tiny, raw, tmp_path / chunk, *extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[chunk] = {name: pq.read_table(tmp_path / chunk / name) for name in os.listdir(tmp_path / chunk)}
+    assert outputs["3"].keys() == outputs["default"].keys()
+    for name, out in outputs["3"].items():
+        assert out.equals(outputs["default"][name]), name
+    want = expected_files(table.to_pandas(), "d", layout, tok, table.schema)
+    for file, columns in want.items():
+        for column, (typ, values) in columns.items():
+            assert outputs["3"][file].column(column).to_pylist() == values, (file, column)
+    if layout == "v1":
+        assert outputs["3"]["d.parquet"].schema.field("lang").type == table.schema.field("lang").type
 
 
 def test_tokenize_rounds_are_bounded_by_chunk_rows(tiny, tmp_path, monkeypatch):
