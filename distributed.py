@@ -7,6 +7,7 @@ initialisation under DeepSpeed (`cpu=True` would make accelerate drop DeepSpeed)
 accelerate's multi-CPU path otherwise. Launches that still disagree with accelerate (a launcher
 that started fewer processes than were asked for) stop with one line.
 """
+import gc
 import os
 
 import torch
@@ -74,3 +75,13 @@ def check_world_size(num_processes):
     if launched is not None and launched != num_processes:
         raise UserError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate sees {num_processes}, "
                         "so each would train alone on the same data; use " + WORKING_LAUNCH)
+
+
+def close(accelerator):
+    """End a run that went well on every process together, with the process group, and the model and
+    optimizer that hold it, freed while the interpreter is whole: gloo's worker threads left to the
+    interpreter's exit can abort a process (SIGABRT) after the last checkpoint is written."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()  # free_memory collects before it drops its own references
+    accelerator.end_training()

@@ -33,7 +33,7 @@ import tokenize_data_qwen
 from checkpoint import any_process, warn
 from config import load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, holds_raw_files, load_splits, make_loader
-from distributed import make_accelerator
+from distributed import close, make_accelerator
 from errors import UserError, exit_on_user_error
 from grad_cache import cached_backward
 from evaluate import retrieval_metrics, retrieval_set
@@ -595,6 +595,12 @@ def main(argv=None):
         return
 
     accelerator = make_accelerator()
+    fit(cfg, args, dataset_types, accelerator)
+    close(accelerator)
+
+
+def fit(cfg, args, dataset_types, accelerator):
+    """The run, from the checks of its inputs to the final checkpoint, on every process."""
     tokenizer = load_tokenizer(cfg.model_path)
     check_model_folder(cfg.model_path)  # a wrong folder is one line before the data is prepared
     check_library_support(cfg.attn_implementation, cfg.batch_layout == "packed")  # so is a wrong-results stack
@@ -717,7 +723,6 @@ def main(argv=None):
         writer.close()
     if not stopped:
         note(accelerator, cfg, f"final checkpoint: {saved}")
-    accelerator.end_training()
 
 
 if __name__ == "__main__":
