@@ -107,12 +107,13 @@ from tokenize_data_qwen import (
 )
 
 RECORD_KEY = b"f2llm_mine"  # parquet schema metadata: what an output was mined from
-RECORD_VERSION = 1  # bump when the output for the same inputs and settings changes
+RECORD_VERSION = 2  # bump when the output for the same inputs and settings changes
 WORK_DIR = ".mine_work"
 STORE_DTYPE = np.float16
 CHUNK_SIZE = 8192  # texts per embedding file: the work a kill can lose per process
 QUERY_BLOCK = 1024  # queries per matrix product: a 1024 x CHUNK_SIZE score block is 32 MB (+64 MB of keys)
 ROW_BLOCK = 65536  # rows selected at a time: bounds the [rows, max_rank] arrays
+FILL_FLOATS = 2**25  # the candidate vectors fill_short gathers at a time (128 MB)
 NO_KEY = torch.iinfo(torch.int64).min  # an excluded or missing candidate: below every real key
 LOW_32 = 0xFFFFFFFF
 KILL_AFTER = "F2LLM_MINE_KILL_AFTER"  # tests: SIGKILL this process after it wrote that many work files
@@ -188,13 +189,13 @@ def check_enough_texts(pairs, num_negatives, path):
 
 # ---- ranking: exact top-k in a total order ---------------------------------------------------------
 
-def order_keys(scores, first):
-    """int64 keys of a float32 score block whose column j is corpus text first + j: ordered as
-    (score, then the lower corpus position first), so that topk over keys is a total order."""
+def order_keys(scores, ids):
+    """int64 keys of float32 scores of corpus texts `ids` (an int64 tensor of the same shape, or one that
+    broadcasts): ordered as (score, then the lower corpus position first), so that topk over keys is a
+    total order."""
     bits = scores.contiguous().view(torch.int32).to(torch.int64)
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
-    low = LOW_32 - (first + torch.arange(scores.shape[1], device=scores.device, dtype=torch.int64))
-    return bits * 2**32 + low
+    return bits * 2**32 + (LOW_32 - ids)
 
 
 def decode_keys(keys):
@@ -227,14 +228,18 @@ class Vectors:
             out[at] = self.chunks[c][ids[at] - self.starts[c]]
         return out
 
-    def scores(self, vector):
-        """float32 scores of one query vector against every row."""
-        return np.concatenate([np.asarray(c, np.float32) @ vector for c in self.chunks])
+    def scores(self, vectors):
+        """float32 scores [len(vectors), len(self)] of query vectors against every row."""
+        return np.concatenate([vectors @ np.asarray(c, np.float32).T for c in self.chunks], 1)
 
 
 def rank(query_vectors, corpus, offsets, excluded, k, device="cpu", block=QUERY_BLOCK):
     """Keys [q, k] of each query's k best corpus texts, best first, its excluded ids (CSR offsets,
-    excluded: corpus ids) left out; NO_KEY where fewer than k remain."""
+    excluded: corpus ids) left out; NO_KEY where fewer than k remain.
+
+    A block's k + 1 best float scores settle its k best texts unless the k-th and the (k + 1)-th tie:
+    only the k winners are keyed (and merged with the best so far), and only a row with a tie at that
+    boundary has its whole block keyed, so that the lower corpus position wins as the order says."""
     device = torch.device(device)
     queries = on_device(query_vectors, device)
     best = torch.full((len(queries), k), NO_KEY, dtype=torch.int64, device=device)
@@ -244,9 +249,19 @@ def rank(query_vectors, corpus, offsets, excluded, k, device="cpu", block=QUERY_
         inside = (excluded >= start) & (excluded < start + len(chunk))
         rows, cols = owner[inside], excluded[inside] - start
         for b in range(0, len(queries), block):
-            keys = order_keys(queries[b : b + block] @ docs.T, int(start))
+            scores = queries[b : b + block] @ docs.T
             here = (rows >= b) & (rows < b + block)
-            keys[torch.as_tensor(rows[here] - b, device=device), torch.as_tensor(cols[here], device=device)] = NO_KEY
+            scores[torch.as_tensor(rows[here] - b, device=device), torch.as_tensor(cols[here], device=device)] = -np.inf
+            top = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+            keys = order_keys(top.values[:, :k], top.indices[:, :k] + int(start))
+            keys[top.values[:, :k] == -np.inf] = NO_KEY
+            if top.values.shape[1] > k:
+                tied = torch.nonzero((top.values[:, k] == top.values[:, k - 1]) & (top.values[:, k] > -np.inf))[:, 0]
+                if len(tied):
+                    some = scores[tied]
+                    full = order_keys(some, torch.arange(int(start), int(start) + some.shape[1], device=device))
+                    full[some == -np.inf] = NO_KEY
+                    keys[tied] = full.topk(k, dim=1).values
             best[b : b + block] = torch.cat([best[b : b + block], keys], 1).topk(k, dim=1).values
     return best.cpu().numpy()
 
@@ -304,21 +319,28 @@ def select(ids, scores, positive, settings, key, rows):
     return chosen, np.minimum(ok.sum(1), n)
 
 
-def fill(need, forbidden, ruled_out, vector, threshold, corpus, rng):
+def draw_scores(vectors, ids, corpus):
+    """float32 scores [s, m] of query vectors [s, d] against corpus ids [s, m], each summed as a
+    positive's score is (the same value whatever s and m)."""
+    s, m = ids.shape
+    return (corpus.rows(ids.ravel()).reshape(s, m, -1) * vectors[:, None, :]).sum(2)
+
+
+def fill(need, forbidden, ruled_out, vector, threshold, corpus, rng, scores):
     """`need` random corpus ids for a short row: none of `forbidden` (exclusions and the row's
     negatives), of `ruled_out` (the skipped top) or above `threshold` (None: no margin). Draws at
-    random first; where that keeps missing, scores the whole corpus. Returns (ids, relaxed): relaxed
-    ids come, lowest score first, from ruled-out or above-threshold texts when nothing else is left."""
+    random first; where that keeps missing, takes a random sample of the allowed texts by `scores`
+    (the row's query against the whole corpus). Returns (ids, relaxed): relaxed ids come, lowest
+    score first, from ruled-out or above-threshold texts when nothing else is left."""
     size, blocked = len(corpus), np.array(sorted(forbidden | set(ruled_out)), np.int64)
     draws = rng.integers(size, size=4 * need + 32)
     draws = draws[np.sort(np.unique(draws, return_index=True)[1])]  # each id once, in the order drawn
     draws = draws[~np.isin(draws, blocked)]
     if threshold is not None:
-        draws = draws[corpus.rows(draws) @ vector <= threshold]
+        draws = draws[draw_scores(vector[None], draws[None], corpus)[0] <= threshold]
     picked = draws[:need].tolist()
     if len(picked) == need:
         return picked, 0
-    scores = corpus.scores(vector)
     allowed = np.ones(size, bool)
     allowed[blocked] = allowed[picked] = False
     if threshold is not None:
@@ -331,6 +353,56 @@ def fill(need, forbidden, ruled_out, vector, threshold, corpus, rng):
     rest = np.flatnonzero(left)
     rest = rest[np.lexsort((rest, scores[rest]))][: need - len(picked)].tolist()
     return picked + rest, len(rest)
+
+
+def fill_short(short, negatives, counts, skipped, thresholds, pairs, queries, corpus, settings, key):
+    """Fill the short rows' negatives in place as fill does, with the same result: the first draws of
+    a block of rows are checked at once, and only the rows whose draws run out go through fill, with
+    their scores against the whole corpus computed for a few rows at a time. thresholds: float64 per
+    short row, or None. Returns the number of relaxed fills."""
+    n, size, relaxed = settings.num_negatives, len(corpus), 0
+    owner = np.repeat(np.arange(len(pairs.offsets) - 1, dtype=np.int64), np.diff(pairs.offsets))
+    excluded = owner * size + pairs.excluded  # (query, corpus id) codes, sorted
+    width = 4 * n + 32
+    per_block = max(1, FILL_FLOATS // (width * corpus.chunks[0].shape[1]))
+    for b in range(0, len(short), per_block):
+        rows = short[b : b + per_block]
+        need, qid = n - counts[rows], pairs.qid[rows]
+        draws = np.full((len(rows), width), -1, np.int64)
+        for i, (row, k) in enumerate(zip(rows.tolist(), need.tolist())):
+            draws[i, : 4 * k + 32] = row_rng(settings, key, row, FILL_STREAM).integers(size, size=4 * k + 32)
+        order = np.argsort(draws, axis=1, kind="stable")  # a repeated id: its first draw first
+        ranked = np.take_along_axis(draws, order, 1)
+        repeat = np.zeros(draws.shape, bool)
+        np.put_along_axis(repeat, order[:, 1:], ranked[:, 1:] == ranked[:, :-1], 1)
+        ok = (draws >= 0) & ~repeat
+        codes = qid[:, None] * size + draws
+        at = np.minimum(np.searchsorted(excluded, codes), max(len(excluded) - 1, 0))
+        if len(excluded):
+            ok &= excluded[at] != codes
+        taken = np.concatenate([negatives[rows], skipped[rows]], 1)  # -1: none, never drawn
+        ok &= ~(draws[:, :, None] == taken[:, None, :]).any(2)
+        vectors = queries.rows(qid)
+        if thresholds is not None:
+            ok &= draw_scores(vectors, np.where(ok, draws, 0), corpus) <= thresholds[b : b + per_block, None]
+        take = ok & (np.cumsum(ok, 1) <= need[:, None])
+        done = take.sum(1) == need
+        block = negatives[rows[done]]
+        block[np.arange(n) >= counts[rows[done]][:, None]] = draws[done][take[done]]
+        negatives[rows[done]] = block
+        late = np.flatnonzero(~done)
+        for a in range(0, len(late), max(1, FILL_FLOATS // size)):
+            some = late[a : a + max(1, FILL_FLOATS // size)]
+            for i, scores in zip(some.tolist(), corpus.scores(vectors[some])):
+                row = int(rows[i])
+                have = negatives[row, : counts[row]].tolist()
+                extra, more = fill(n - len(have), set(pairs.excluded_of(qid[i]).tolist()) | set(have),
+                                   [j for j in skipped[row].tolist() if j >= 0], vectors[i],
+                                   None if thresholds is None else thresholds[b + i], corpus,
+                                   row_rng(settings, key, row, FILL_STREAM), scores)
+                negatives[row, len(have) :] = extra
+                relaxed += more
+    return relaxed
 
 
 def mine(keys_of, pairs, queries, corpus, settings, name, progress=None):
@@ -352,17 +424,10 @@ def mine(keys_of, pairs, queries, corpus, settings, name, progress=None):
     short = np.flatnonzero(counts < n)
     relaxed = 0
     if settings.on_short == "fill_random" and len(short):
-        vectors = queries.rows(pairs.qid[short])
-        thresholds = [None] * len(short)
+        thresholds = None
         if settings.positive_margin is not None:
-            thresholds = margin_threshold(positives[short], settings.positive_margin).tolist()
-        for row, vector, threshold in zip(short.tolist(), vectors, thresholds):
-            have = negatives[row, : counts[row]].tolist()
-            extra, more = fill(n - len(have), set(pairs.excluded_of(pairs.qid[row]).tolist()) | set(have),
-                               [j for j in skipped[row].tolist() if j >= 0], vector, threshold, corpus,
-                               row_rng(settings, key, row, FILL_STREAM))
-            negatives[row, len(have) :] = extra
-            relaxed += more
+            thresholds = margin_threshold(positives[short], settings.positive_margin)
+        relaxed = fill_short(short, negatives, counts, skipped, thresholds, pairs, queries, corpus, settings, key)
     return Mined(negatives, short, relaxed)
 
 

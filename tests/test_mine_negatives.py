@@ -221,6 +221,39 @@ def test_short_rows_are_filled_within_the_rules_or_dropped():
         r for i, r in enumerate(got) if i not in set(mined.short)]
 
 
+@pytest.mark.parametrize("floats", [mn.FILL_FLOATS, 3000])
+def test_fill_short_fills_as_fill_does_row_by_row(monkeypatch, floats):
+    """The short rows filled a block at a time give what fill gives one row at a time, with rows whose
+    draws suffice and rows that need the whole corpus, in one block or in many (floats: the block size)."""
+    rng = np.random.default_rng(5)
+    table = pa.table({"query": [f"q{rng.integers(0, 150)}" for _ in range(300)],
+                      "passage": [f"c{rng.integers(0, 250)}" for _ in range(300)]})
+    pairs = mn.build_pairs(table, pa.array([f"c{i}" for i in range(300)]))
+    queries, corpus = (rng.normal(size=(size, 6)).astype(np.float32) for size in (len(pairs.queries), 300))
+    settings = mn.Settings(num_negatives=5, skip_top=2, max_rank=9, positive_margin=0.95, seed=2)
+    corpus_vectors = chunks_of(corpus, [100, 120, 80])
+    keys = mn.rank(queries, corpus_vectors, pairs.offsets, pairs.excluded, settings.max_rank)
+    monkeypatch.setattr(mn, "FILL_FLOATS", floats)
+    mined = mn.mine(lambda q: keys[q], pairs, mn.Vectors([queries]), corpus_vectors, settings, "f")
+
+    ids, scores = mn.decode_keys(keys[pairs.qid])
+    positive = (queries[pairs.qid] * corpus[pairs.pid]).sum(1)
+    chosen, counts = mn.select(ids, scores, positive, settings, mn.file_key("f"), np.arange(len(pairs.qid)))
+    threshold = mn.margin_threshold(positive, settings.positive_margin)
+    fast = 0
+    for row in mined.short.tolist():
+        have = chosen[row, : counts[row]].tolist()
+        q = pairs.qid[row]
+        rng_row = mn.row_rng(settings, mn.file_key("f"), row, mn.FILL_STREAM)
+        first = rng_row.integers(300, size=4 * (5 - len(have)) + 32)
+        extra, _ = mn.fill(5 - len(have), set(pairs.excluded_of(q).tolist()) | set(have),
+                           [j for j in ids[row, :2].tolist() if j >= 0], queries[q], threshold[row], corpus_vectors,
+                           mn.row_rng(settings, mn.file_key("f"), row, mn.FILL_STREAM), corpus @ queries[q])
+        assert mined.negatives[row].tolist() == have + extra, row
+        fast += set(extra) <= set(first.tolist())
+    assert 10 < fast < len(mined.short) - 10  # both ways were taken
+
+
 def test_fills_take_the_lowest_scored_texts_only_when_nothing_else_is_left():
     """A query scoring every text above its positive (margin 1.0): no text passes the margin, so the fills
     take the lowest-scored allowed texts, in that order, and say so."""
@@ -249,7 +282,7 @@ def test_order_keys_sort_like_scores_then_positions():
     import torch
 
     scores = torch.tensor([[0.5, -0.0, 0.0, -1.5, 3e-39, -3e-39, 0.5, -np.inf, 1e30]], dtype=torch.float32)
-    keys = mn.order_keys(scores, 10)
+    keys = mn.order_keys(scores, torch.arange(10, 19))
     ids, decoded = mn.decode_keys(keys.numpy())
     assert ids[0].tolist() == list(range(10, 19)) and decoded[0].tolist() == scores[0].tolist()
     order = torch.argsort(keys[0], descending=True).tolist()
