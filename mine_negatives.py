@@ -320,10 +320,15 @@ def select(ids, scores, positive, settings, key, rows):
 
 
 def draw_scores(vectors, ids, corpus):
-    """float32 scores [s, m] of query vectors [s, d] against corpus ids [s, m], each summed as a
-    positive's score is (the same value whatever s and m)."""
-    s, m = ids.shape
-    return (corpus.rows(ids.ravel()).reshape(s, m, -1) * vectors[:, None, :]).sum(2)
+    """float32 scores of query vectors [m, d] against corpus ids [m], each summed as a positive's
+    score is (the same value whatever m)."""
+    return (corpus.rows(ids) * vectors).sum(1)
+
+
+def keep_below(ok, draws, vectors, thresholds, corpus):
+    """ok &= (score <= the row's threshold), scoring only the draws still ok."""
+    r, c = np.nonzero(ok)
+    ok[r, c] = draw_scores(vectors[r], draws[r, c], corpus) <= thresholds[r]
 
 
 def fill(need, forbidden, ruled_out, vector, threshold, corpus, rng, scores):
@@ -337,7 +342,7 @@ def fill(need, forbidden, ruled_out, vector, threshold, corpus, rng, scores):
     draws = draws[np.sort(np.unique(draws, return_index=True)[1])]  # each id once, in the order drawn
     draws = draws[~np.isin(draws, blocked)]
     if threshold is not None:
-        draws = draws[draw_scores(vector[None], draws[None], corpus)[0] <= threshold]
+        draws = draws[draw_scores(np.broadcast_to(vector, (len(draws), len(vector))), draws, corpus) <= threshold]
     picked = draws[:need].tolist()
     if len(picked) == need:
         return picked, 0
@@ -383,8 +388,13 @@ def fill_short(short, negatives, counts, skipped, thresholds, pairs, queries, co
         taken = np.concatenate([negatives[rows], skipped[rows]], 1)  # -1: none, never drawn
         ok &= ~(draws[:, :, None] == taken[:, None, :]).any(2)
         vectors = queries.rows(qid)
-        if thresholds is not None:
-            ok &= draw_scores(vectors, np.where(ok, draws, 0), corpus) <= thresholds[b : b + per_block, None]
+        if thresholds is not None:  # the first draws of every row, the rest only where those fall short
+            first, limit = min(width, 2 * n + 8), thresholds[b : b + per_block]
+            keep_below(ok[:, :first], draws[:, :first], vectors, limit, corpus)
+            lacking = np.flatnonzero(ok[:, :first].sum(1) < need)
+            rest = ok[lacking, first:]
+            keep_below(rest, draws[lacking, first:], vectors[lacking], limit[lacking], corpus)
+            ok[lacking, first:] = rest
         take = ok & (np.cumsum(ok, 1) <= need[:, None])
         done = take.sum(1) == need
         block = negatives[rows[done]]
