@@ -16,7 +16,8 @@ Variants (VARIANTS): "top", num_negatives 8 from the first 50 candidates (ours -
 range_max 50), no margin, sampling top: the main path, every window full; "top-margin", the same with
 the false-negative margin at 95% of the positive score (ours --positive_margin 0.95, ST relative_margin
 0.05): a random model ranks the labelled positive anywhere, so most windows lie wholly above it and
-those rows go to ours' fill or are dropped by ST, which this variant times. Batch 32, float32, one
+those rows go to ours' fill or are dropped by ST, which this variant times; "top-margin-drop", the
+same with ours' --on_short drop, so that both sides do the same work. Batch 32, float32, one
 thread (torch.set_num_threads(1), TOKENIZERS_PARALLELISM=false). Each side runs what a user would: ours
 mine_negatives.main (model load, read, embed, rank, select, write parquet), ST SentenceTransformer(...)
 + mine_hard_negatives(..., output_format="n-tuple") + to_parquet, in this process, alternating the two
@@ -53,10 +54,13 @@ import pyarrow.parquet as pq
 import bench_peers
 
 INIT_RANGE = 0.2
-SETTINGS = {"num_negatives": 8, "max_rank": 50, "positive_margin": None, "sampling": "top", "batch_size": 32}
+SETTINGS = {"num_negatives": 8, "max_rank": 50, "positive_margin": None, "sampling": "top", "batch_size": 32,
+            "on_short": "fill_random"}
 # no margin: the main path (full windows); margin: a random model ranks the positive anywhere, so most
-# windows lie wholly above it and the rows go to the fill (ours) or are dropped (ST)
-VARIANTS = {"top": {}, "top-margin": {"positive_margin": 0.95}}
+# windows lie wholly above it and the rows go to the fill (ours) or are dropped (ST); margin-drop: ours
+# drops them too, the same work as ST's
+VARIANTS = {"top": {}, "top-margin": {"positive_margin": 0.95},
+            "top-margin-drop": {"positive_margin": 0.95, "on_short": "drop"}}
 SIZES = {  # regime: (pairs, extra corpus texts, held-out pairs, repeats)
     True: {"short": (2000, 2000, 200, 2)},
     False: {"short": (20000, 20000, 1000, 3), "long": (2000, 2000, 200, 2)},
@@ -138,7 +142,8 @@ def run_ours(model_dir, paths, out_dir, settings):
     argv = ["--model", model_dir, "--input_dir", paths["raw_dir"], "--output_dir", out_dir, "--corpus",
             paths["extra"], "--num_negatives", str(settings["num_negatives"]), "--max_rank",
             str(settings["max_rank"]), "--positive_margin", str(settings["positive_margin"]).lower(), "--sampling",
-            settings["sampling"], "--batch_size", str(settings["batch_size"]), "--device", "cpu", "--dtype",
+            settings["sampling"], "--batch_size", str(settings["batch_size"]), "--on_short",
+            settings.get("on_short", "fill_random"), "--device", "cpu", "--dtype",
             "float32", "--overwrite"]
     out, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
@@ -275,7 +280,7 @@ def describe(settings):
     margin = settings["positive_margin"]
     return (f"{settings['num_negatives']} negatives, first {settings['max_rank']} candidates, "
             f"{'no margin' if margin is None else f'margin {margin} x positive'}, sampling {settings['sampling']}, "
-            f"batch {settings['batch_size']}")
+            f"batch {settings['batch_size']}, ours' short rows {settings['on_short']}")
 
 
 def report(result):
@@ -290,8 +295,8 @@ def report(result):
         rows, notes = [], []
         for name, v in out["variants"].items():
             for side, m in v["sides"].items():
-                left = (f"{m['short_rows']:,} filled" if side == "ours"
-                        else f"{out['rows'] - m['rows_out']:,} dropped")
+                filled = side == "ours" and v["settings"]["on_short"] == "fill_random"
+                left = f"{m['short_rows']:,} filled" if filled else f"{out['rows'] - m['rows_out']:,} dropped"
                 rows.append([f"{name} {side}", f"{m['s']:.1f}", f"{m['queries_per_s']:,.0f}", f"{m['docs_per_s']:,.0f}",
                              f"{m['rows_out']:,}", left])
             a, f32 = v["agreement"], v.get("float32_store")

@@ -604,8 +604,9 @@ def test_bad_setup_is_one_line(checkpoint, tmp_path):
 def test_bench_quick_runs_both_sides_alike(qwen3_tokenizer, tmp_path):
     """bench/bench_mine.py with 48 pairs and a 16-wide model (about 20 s: each run loads Qwen3's tokenizer):
     both sides mine the same texts (top sampling, no margin); with the margin all our rows come out and
-    ST keeps those that found 8 (its window can reach one text deeper: at least ours' full rows); the
-    data holds topics and a held-out split; the report and JSON come out."""
+    ST keeps those that found 8 (its window can reach one text deeper: at least ours' full rows), and
+    with ours' --on_short drop ours keeps its full rows; the data holds topics and a held-out split; the
+    report and JSON come out."""
     sys.path.insert(0, os.path.join(REPO_DIR, "bench"))
     import bench_mine
 
@@ -618,6 +619,8 @@ def test_bench_quick_runs_both_sides_alike(qwen3_tokenizer, tmp_path):
     assert top["sides"]["ours"]["rows_out"] == top["sides"]["st"]["rows_out"] == 48
     assert margin["sides"]["ours"]["rows_out"] == 48
     assert 48 > margin["sides"]["st"]["rows_out"] >= 48 - margin["sides"]["ours"]["short_rows"]
+    drop = out["variants"]["top-margin-drop"]["sides"]
+    assert drop["ours"]["rows_out"] == 48 - margin["sides"]["ours"]["short_rows"] <= drop["st"]["rows_out"]
     assert all(v["sides"][side]["queries_per_s"] > 0 for v in (top, margin) for side in ("ours", "st"))
     assert "float32_store" not in top
     assert "top-margin ours" in bench_mine.report(result)
