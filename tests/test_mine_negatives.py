@@ -36,6 +36,7 @@ from conftest import (
 )
 
 import demo
+import evaluate
 import mine_negatives as mn
 import tokenize_data_qwen
 
@@ -542,6 +543,10 @@ def test_output_tokenizes_and_trains(tiny, reference, tmp_path):
     proc = run_cli("run.py", "--config", config, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "final checkpoint:" in proc.stdout and "step_1" in proc.stdout
+    # the README's last step: the trained checkpoint ranks the held-out rows of the mined data
+    proc = call_main(evaluate.main, [str(tmp_path / "out" / "mined" / "step_1"), str(tokenized), "--config", config])
+    assert proc.returncode == 0, proc.stderr
+    assert "topics:" in proc.stdout and 0 <= demo.mean_mrr(proc.stdout) <= 1
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
