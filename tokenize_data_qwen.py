@@ -322,6 +322,9 @@ class Scratch:
         return values.take(back)
 
 
+HASH = "S16"  # numpy compares and sorts these bytewise, all 16 bytes (trailing zero bytes included)
+
+
 def digest(text):
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
@@ -330,12 +333,13 @@ class Tokens:
     """The distinct texts of a group of columns, numbered from 0 in order of first occurrence, each tokenized
     once: in rounds of `round_texts` new texts as they come, their ids appended to a Scratch (row = number).
     A round's texts are held until they are tokenized, so they are looked up as themselves; once done, by a
-    16-byte hash (blake2b of the UTF-8 bytes), not kept: memory grows by ~100 bytes per distinct text, not
-    by the texts. A group of one round (a small file's) hashes nothing."""
+    16-byte hash (blake2b of the UTF-8 bytes) in a sorted array: memory grows by 24 bytes per distinct text,
+    not by the texts (a dict of hashes took ~130). A group of one round (a small file's) hashes nothing."""
 
     def __init__(self, pool, desc, folder, round_texts):
         self.pool, self.round_texts = pool, round_texts
-        self.round, self.done, self.count, self.chars = {}, {}, 0, 0  # round: text -> number; done: hash -> number
+        self.round, self.count, self.chars = {}, 0, 0  # round: text -> number
+        self.hashes, self.numbers = np.empty(0, HASH), np.empty(0, np.int64)  # earlier rounds, sorted by hash
         self.bar = tqdm(desc=desc, unit="text")
         self.scratch = Scratch(folder, pa.schema([("input_ids", TOKENS)]))
 
@@ -344,18 +348,29 @@ class Tokens:
         # Arrow finds the array's distinct texts, in order of first occurrence (the numbers keep that order),
         # and each row's among them: one Python step per distinct text, not per row.
         encoded = texts.dictionary_encode()
-        numbers = [self.number(text) for text in encoded.dictionary.to_pylist()]
+        distinct = encoded.dictionary.to_pylist()
+        numbers = [self.number(text, done) for text, done in zip(distinct, self.earlier(distinct).tolist())]
         if len(self.round) >= self.round_texts:
             self.tokenize_round()
-            self.done.update((digest(text), number) for text, number in self.round.items())
+            keys = np.array([digest(text) for text in self.round], HASH)
+            order = np.argsort(keys)
+            at = np.searchsorted(self.hashes, keys[order])
+            self.hashes = np.insert(self.hashes, at, keys[order])
+            self.numbers = np.insert(self.numbers, at, np.fromiter(self.round.values(), np.int64)[order])
             self.round = {}
         return np.array(numbers, np.int64)[encoded.indices.to_numpy()]
 
-    def number(self, text):
-        number = self.round.get(text)
-        if number is None and self.done:
-            number = self.done.get(digest(text))
-        if number is None:
+    def earlier(self, texts):
+        """The number of each text an earlier round gave, -1 for the others."""
+        if not len(self.hashes):
+            return np.full(len(texts), -1, np.int64)
+        keys = np.array([digest(text) for text in texts], HASH)
+        at = np.minimum(np.searchsorted(self.hashes, keys), len(self.hashes) - 1)
+        return np.where(self.hashes[at] == keys, self.numbers[at], -1)
+
+    def number(self, text, done):
+        number = self.round.get(text, done)
+        if number < 0:
             number = self.round[text] = self.count
             self.count += 1
         return number
@@ -370,7 +385,7 @@ class Tokens:
         if self.round:
             self.tokenize_round()
         self.bar.close()
-        self.round = self.done = None  # the output needs the numbers given, not the texts or hashes: free them
+        self.round = self.hashes = self.numbers = None  # the output needs the numbers given, not the texts or hashes: free them
         self.scratch.finish()
 
     def take(self, numbers):

@@ -219,8 +219,11 @@ def test_tokens_number_texts_by_first_occurrence_under_16_byte_keys(tiny, tok):
     tokenize_data_qwen._init_worker(f"{tiny}/backbone", MAX_LEN)
     tokens = tokenize_data_qwen.Tokens(None, "t", None, round_texts=2)
     first = tokens.add(pa.array(["b", "a", "b", "c"]))  # 3 new texts: a round, tokenized
-    assert tokens.round == {} and sorted(tokens.done.values()) == [0, 1, 2]
-    assert all(isinstance(key, bytes) and len(key) == 16 for key in tokens.done)
+    assert tokens.round == {} and tokens.hashes.dtype == np.dtype("S16") and list(np.sort(tokens.hashes)) == list(
+        tokens.hashes)
+    digests = [tokenize_data_qwen.digest(text) for text in ("b", "a", "c")]
+    assert dict(zip(tokens.hashes.tolist(), tokens.numbers.tolist())) == {d.rstrip(b"\0"): i for i, d in
+                                                                          enumerate(digests)}
     second = tokens.add(pa.array(["c", "d", "a"], pa.large_string()))
     assert tokens.round == {"d": 3}
     tokens.finish()
