@@ -31,12 +31,12 @@ written. The distinct texts are numbered as they come and tokenized in rounds of
 a round's texts are looked up as themselves, those of earlier rounds by a 16-byte hash (blake2b of
 their UTF-8 bytes), the texts not kept. The token ids go to an unnamed temporary file in the output
 folder (those of a single round stay in memory), memory-mapped to build the output, which is written
-row group by row group (about data.ROW_GROUP_BYTES each). What still grows with the file: the hashes,
-~100 bytes per distinct text (~200 MB for 2M distinct passages), and the number of each row's text in
-each text column, 8 bytes a cell (~210 MB per million rows of 26 texts), plus 24 bytes per row drawn
-by --max_rows_per_dataset. On disk the temporary file holds the token ids of the distinct texts (with
---max_rows_per_dataset also a copy of the rows drawn); the system deletes it when the file is done or
-the process ends, even when it is killed.
+row group by row group (about data.ROW_GROUP_BYTES each). What still grows with the file: the hashes
+and their numbers, 24 bytes per distinct text (~50 MB for 2M distinct passages), and the number of
+each row's text in each text column, 8 bytes a cell (~210 MB per million rows of 26 texts), plus 24
+bytes per row drawn by --max_rows_per_dataset. On disk the temporary file holds the token ids of the
+distinct texts (with --max_rows_per_dataset also a copy of the rows drawn); the system deletes it
+when the file is done or the process ends, even when it is killed.
 
 --max_rows_per_dataset N keeps N rows of each file that has more, drawn as the published v2 script
 draws them: it seeds numpy once (transformers.set_seed(42)) and calls pandas' `df.sample(n=N)` on each
@@ -385,7 +385,7 @@ class Tokens:
         if self.round:
             self.tokenize_round()
         self.bar.close()
-        self.round = self.hashes = self.numbers = None  # the output needs the numbers given, not the texts or hashes: free them
+        self.round = self.hashes = self.numbers = None  # the output needs the numbers given, not the lookup: free it
         self.scratch.finish()
 
     def take(self, numbers):
@@ -927,7 +927,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk_rows", type=int, default=CHUNK_ROWS, metavar="N",
                    help="rows per read batch of one column, and distinct texts per tokenization round: what bounds "
                         "the memory (reads of several columns at once take N / columns rows); the hashes of the "
-                        "distinct texts (~100 bytes each) and 8 bytes per text cell still grow with the file "
+                        "distinct texts (24 bytes each) and 8 bytes per text cell still grow with the file "
                         f"(default {CHUNK_ROWS:,})")
     p.add_argument("--overwrite", action="store_true",
                    help="tokenize every file again, even those already tokenized with the same input and settings")
