@@ -171,6 +171,11 @@ def build_pairs(table, extra=None):
     return Pairs(corpus, queries, qid, pid, offsets, codes % n)
 
 
+def owners(offsets):
+    """The query of each excluded id, from CSR offsets."""
+    return np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+
+
 def check_enough_texts(pairs, num_negatives, path):
     """Every query must have n corpus texts left once its exclusions are out, or no rule could give it
     n negatives: an error before any embedding."""
@@ -243,7 +248,7 @@ def rank(query_vectors, corpus, offsets, excluded, k, device="cpu", block=QUERY_
     device = torch.device(device)
     queries = on_device(query_vectors, device)
     best = torch.full((len(queries), k), NO_KEY, dtype=torch.int64, device=device)
-    owner = np.repeat(np.arange(len(queries)), np.diff(offsets))
+    owner = owners(offsets)
     for start, chunk in zip(corpus.starts, corpus.chunks):
         docs = on_device(chunk, device)
         inside = (excluded >= start) & (excluded < start + len(chunk))
@@ -366,10 +371,10 @@ def fill_short(short, negatives, counts, skipped, thresholds, pairs, queries, co
     their scores against the whole corpus computed for a few rows at a time. thresholds: float64 per
     short row, or None. Returns the number of relaxed fills."""
     n, size, relaxed = settings.num_negatives, len(corpus), 0
-    owner = np.repeat(np.arange(len(pairs.offsets) - 1, dtype=np.int64), np.diff(pairs.offsets))
-    excluded = owner * size + pairs.excluded  # (query, corpus id) codes, sorted
+    excluded = owners(pairs.offsets) * size + pairs.excluded  # (query, corpus id) codes, sorted
     width = 4 * n + 32
     per_block = max(1, FILL_FLOATS // (width * corpus.chunks[0].shape[1]))
+    per_scores = max(1, FILL_FLOATS // size)  # late rows scored against the whole corpus at a time
     for b in range(0, len(short), per_block):
         rows = short[b : b + per_block]
         need, qid = n - counts[rows], pairs.qid[rows]
@@ -401,8 +406,8 @@ def fill_short(short, negatives, counts, skipped, thresholds, pairs, queries, co
         block[np.arange(n) >= counts[rows[done]][:, None]] = draws[done][take[done]]
         negatives[rows[done]] = block
         late = np.flatnonzero(~done)
-        for a in range(0, len(late), max(1, FILL_FLOATS // size)):
-            some = late[a : a + max(1, FILL_FLOATS // size)]
+        for a in range(0, len(late), per_scores):
+            some = late[a : a + per_scores]
             for i, scores in zip(some.tolist(), corpus.scores(vectors[some])):
                 row = int(rows[i])
                 have = negatives[row, : counts[row]].tolist()

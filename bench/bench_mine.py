@@ -143,7 +143,7 @@ def run_ours(model_dir, paths, out_dir, settings):
             paths["extra"], "--num_negatives", str(settings["num_negatives"]), "--max_rank",
             str(settings["max_rank"]), "--positive_margin", str(settings["positive_margin"]).lower(), "--sampling",
             settings["sampling"], "--batch_size", str(settings["batch_size"]), "--on_short",
-            settings.get("on_short", "fill_random"), "--device", "cpu", "--dtype",
+            settings["on_short"], "--device", "cpu", "--dtype",
             "float32", "--overwrite"]
     out, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
