@@ -20,12 +20,12 @@ import random
 import re
 import shutil
 import socket
-import sys
 import time
 
 import numpy as np
 import torch
 
+from distributed import any_process, warn
 from errors import UserError
 from lora import is_lora, merged_state_dict
 from model import save_inference_model
@@ -34,11 +34,6 @@ STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-
-
-def warn(accelerator, message):
-    if accelerator.is_main_process:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _write_manifest(root):
@@ -269,12 +264,6 @@ def prune(run_dir, keep):
             state = os.path.join(path, STATE_DIR)
             os.remove(os.path.join(state, MANIFEST))  # first, so that a half-deleted state reads incomplete
             shutil.rmtree(state)
-
-
-def any_process(accelerator, flag):
-    """True if `flag` is true on any process (one all-reduce): all processes take the same branch."""
-    flag = torch.tensor(float(flag), device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def _check_world_size(path, num_processes):

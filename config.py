@@ -49,8 +49,10 @@ MIN_TEMPERATURE = 1e-3
 SEED_LIMIT = 2**32  # numpy's seeds (accelerate's set_seed seeds numpy): 0 <= seed < 2**32
 
 
-def _opt(default, help, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
+def _opt(default, help, resume_safe=False, **kw):
+    """A config field. `resume_safe`: changing it between a checkpoint and its resume leaves the training
+    itself as it was (where outputs go, how often to log, validate and save), so it draws no warning."""
+    return field(default=default, metadata={"help": help, "resume_safe": resume_safe}, **kw)
 
 
 @dataclass
@@ -60,20 +62,23 @@ class Config:
     train_data_path: str = field(metadata={"help": "Folder of tokenized `*.parquet` files, one per dataset (raw ones "
                                                    "are tokenized into cache_dir first)."})
     experiment_id: str = _opt("4b+lr.8e-6+bs.16x32+context.1024+2epochs",
-                              "Run name: sub-folder of output_dir and tb_dir.")
-    output_dir: str = _opt("output", "Where checkpoints go (`output_dir/experiment_id/step_N`, `epoch_N`).")
-    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).")
-    cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.")
+                              "Run name: sub-folder of output_dir and tb_dir.", resume_safe=True)
+    output_dir: str = _opt("output", "Where checkpoints go (`output_dir/experiment_id/step_N`, `epoch_N`).",
+                           resume_safe=True)
+    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).", resume_safe=True)
+    cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.", resume_safe=True)
     train_batch_size: int = _opt(16, "Queries per batch per process (micro batch).")
-    checkpointing_steps: int = _opt(5000, "Save `step_N` every this many steps (0: only at epoch ends).")
-    validation_steps: int = _opt(5000, "Validate every this many steps (0: only at epoch ends).")
+    checkpointing_steps: int = _opt(5000, "Save `step_N` every this many steps (0: only at epoch ends).",
+                                    resume_safe=True)
+    validation_steps: int = _opt(5000, "Validate every this many steps (0: only at epoch ends).",
+                                 resume_safe=True)
     max_seq_length: int = _opt(1024, "Longest sequence in tokens, eos included.")
     learning_rate: float = _opt(8e-6, "Peak learning rate.")
     min_lr: float = _opt(1e-7, "The learning rate is clamped from below at this value after each step.")
     weight_decay: float = _opt(0.01, "AdamW weight decay.")
     warmup_steps: int = _opt(500, "Linear warmup steps before the cosine decay.")
     train_epochs: int = _opt(2, "Passes over the training data.")
-    log_interval: int = _opt(100, "Log training losses and lr every this many steps.")
+    log_interval: int = _opt(100, "Log training losses and lr every this many steps.", resume_safe=True)
     num_hard_neg: int = _opt(7, "Hard negatives per query for retrieval and clustering (classification uses 1).")
     train_steps: int = _opt(-1, "Total optimizer steps; -1 means batches per epoch x train_epochs.")
     # Options this project adds.
@@ -142,9 +147,10 @@ class Config:
                                          "min_lr); `constant_with_warmup` (F2LLM-v2): linear warmup, then constant.")
     resume_from: str = _opt("", "`latest`: continue from the newest complete checkpoint in output_dir/experiment_id "
                                 "(or start afresh if there is none); a `step_N` / `epoch_N` path: from that one; "
-                                "empty: start afresh.")
+                                "empty: start afresh.", resume_safe=True)
     save_total_limit: int = _opt(2, "How many of the newest checkpoints keep their full training state (optimizer, "
-                                    "RNG, data position); older ones keep only their weights. 0: all keep it.")
+                                    "RNG, data position); older ones keep only their weights. 0: all keep it.",
+                                 resume_safe=True)
     max_bad_steps: int = _opt(10, "Stop (with a checkpoint) after this many steps in a row with a non-finite loss "
                                   "or gradient; such a step is skipped.")
 
@@ -185,6 +191,11 @@ class Config:
 
 def config_keys():
     return [f.name for f in dataclasses.fields(Config)]
+
+
+def resume_safe_keys():
+    """The keys a resumed run may change without changing the training (see _opt)."""
+    return {f.name for f in dataclasses.fields(Config) if f.metadata.get("resume_safe")}
 
 
 def _type_ok(value, typ):

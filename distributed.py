@@ -1,4 +1,5 @@
-"""The Accelerator of a launch, and the refusal of launches that would train at the wrong world size.
+"""The Accelerator of a launch, the refusal of launches that would train at the wrong world size, and
+the helpers by which processes agree (any_process) or the main one speaks (warn).
 
 Without CUDA, accelerate finds no process-group backend for a `accelerate launch` that starts
 several processes: every process then believes it is alone (world size 1, rank 0), trains on
@@ -9,6 +10,7 @@ that started fewer processes than were asked for) stop with one line.
 """
 import gc
 import os
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -85,3 +87,15 @@ def close(accelerator):
     accelerator.free_memory()
     gc.collect()  # free_memory collects before it drops its own references
     accelerator.end_training()
+
+
+def any_process(accelerator, flag):
+    """True if `flag` is true on any process (one all-reduce): all processes take the same branch."""
+    flag = torch.tensor(float(flag), device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def warn(accelerator, message):
+    """A warning line on stderr, once (the main process)."""
+    if accelerator.is_main_process:
+        print(f"warning: {message}", file=sys.stderr, flush=True)

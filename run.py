@@ -30,13 +30,12 @@ from tqdm import tqdm
 
 import checkpoint
 import tokenize_data_qwen
-from checkpoint import any_process, warn
 from config import load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, holds_raw_files, load_splits, make_loader
-from distributed import close, make_accelerator
+from distributed import any_process, close, make_accelerator, warn
 from errors import UserError, exit_on_user_error
 from grad_cache import cached_backward
-from evaluate import retrieval_metrics, retrieval_set
+from metrics import retrieval_metrics, retrieval_set
 from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
 from model import Embedder, check_library_support, check_model_folder, flatten, load_backbone, load_tokenizer

@@ -63,7 +63,7 @@ Measured, per variant:
   ru_maxrss starts at its parent's peak; ST: the worker's VmHWM when train() returns.
 - rows: training rows seen. Ours: from the steps and the split size (batches of 16, each epoch's
   last one short); ST: sequences embedded with gradient / (2 + k).
-- MRR@10, nDCG@10: evaluate.retrieval_metrics on the held-out queries against the held-out corpus
+- MRR@10, nDCG@10: metrics.retrieval_metrics on the held-out queries against the held-out corpus
   (every distinct positive and negative of the held-out rows; relevant: the query's own positive),
   ours encoded by model.load_encoder(checkpoint).encode, ST by SentenceTransformer(checkpoint)
   .encode, float32, batch 32. Both save a checkpoint every `eval_every` steps (ours step_N, ST
@@ -266,7 +266,7 @@ def write_data(root, regime, words, n_train, n_heldout, num_neg, seed=SEED):
 
 
 def heldout_set(path):
-    """(queries, docs, relevant) of a held-out file, as evaluate.retrieval_set builds them from
+    """(queries, docs, relevant) of a held-out file, as metrics.retrieval_set builds them from
     token lists: docs are the distinct positives and negatives in order of first appearance."""
     table = pq.read_table(path)
     negatives = sorted((c for c in table.column_names if c.startswith("negative_")), key=lambda c: int(c[9:]))
@@ -278,7 +278,7 @@ def heldout_set(path):
 
 def metrics(encode, heldout):
     """MRR@10, nDCG@10 of an encode(texts) -> [n, d] normalised tensor on a held-out set."""
-    from evaluate import retrieval_metrics
+    from metrics import retrieval_metrics
 
     queries, docs, relevant = heldout
     out = retrieval_metrics(encode(queries) @ encode(docs).T, relevant)

@@ -11,6 +11,7 @@ from conftest import assert_user_error, call_main, write_config
 
 import demo
 import evaluate
+import metrics
 import tokenize_data_qwen
 from config import load_config
 from data import load_splits, token_columns
@@ -32,12 +33,12 @@ def test_metrics_relevant_at_rank_1_3_and_11():
     scores = torch.stack([scores_ranking(n, [4]),                      # doc 4: rank 1
                           scores_ranking(n, [0, 1, 7]),                # doc 7: rank 3
                           scores_ranking(n, [d for d in range(n) if d != 2][:10] + [2])])  # doc 2: rank 11
-    m = evaluate.retrieval_metrics(scores, [[4], [7], [2]])
+    m = metrics.retrieval_metrics(scores, [[4], [7], [2]])
     assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 0) / 3)
     assert m["mrr@10"] == pytest.approx((1 + 1 / 3 + 0) / 3)
     assert m["recall@10"] == pytest.approx(2 / 3)
     # k moves the cut-off: at k=11 the third query's doc at rank 11 counts
-    m11 = evaluate.retrieval_metrics(scores, [[4], [7], [2]], k=11)
+    m11 = metrics.retrieval_metrics(scores, [[4], [7], [2]], k=11)
     assert m11["mrr@11"] == pytest.approx((1 + 1 / 3 + 1 / 11) / 3)
 
 
@@ -45,33 +46,33 @@ def test_metrics_two_relevant_docs():
     n = 12
     scores = torch.stack([scores_ranking(n, [0, 5, 1, 6]),         # relevant 5 and 6: ranks 2 and 4
                           scores_ranking(n, list(range(n))[::-1])])  # relevant 10 (rank 2) and 0 (rank 12)
-    m = evaluate.retrieval_metrics(scores, [[5, 6], [10, 0]])
+    m = metrics.retrieval_metrics(scores, [[5, 6], [10, 0]])
     ideal = 1 + 1 / math.log2(3)
     ndcg = [(1 / math.log2(3) + 1 / math.log2(5)) / ideal, (1 / math.log2(3)) / ideal]
     assert m["ndcg@10"] == pytest.approx(sum(ndcg) / 2)
     assert m["mrr@10"] == pytest.approx(0.5)
     assert m["recall@10"] == pytest.approx((1 + 0.5) / 2)
     # a query with one relevant doc beside one with two: the padding of the shorter list is not counted
-    m = evaluate.retrieval_metrics(scores, [[5, 6], [11]])
+    m = metrics.retrieval_metrics(scores, [[5, 6], [11]])
     assert m["recall@10"] == pytest.approx(1.0) and m["ndcg@10"] == pytest.approx((ndcg[0] + 1) / 2)
 
 
 def test_ties_count_against_the_relevant_docs():
     # all four docs tie: the relevant one ranks 4th, whatever its index
     for relevant in (0, 3):
-        m = evaluate.retrieval_metrics(torch.zeros(1, 4), [[relevant]])
+        m = metrics.retrieval_metrics(torch.zeros(1, 4), [[relevant]])
         assert m == pytest.approx({"ndcg@10": 1 / math.log2(5), "mrr@10": 0.25, "recall@10": 1.0})
     # two relevant docs tied with two irrelevant ones take ranks 3 and 4
-    m = evaluate.retrieval_metrics(torch.zeros(1, 4), [[0, 1]])
+    m = metrics.retrieval_metrics(torch.zeros(1, 4), [[0, 1]])
     assert m["ndcg@10"] == pytest.approx((1 / math.log2(4) + 1 / math.log2(5)) / (1 + 1 / math.log2(3)))
     assert m["mrr@10"] == pytest.approx(1 / 3)
     # a partial tie: doc 2 ties doc 1 for second place and goes below it; the order of docs does not matter
     scores = torch.tensor([[0.9, 0.5, 0.5, 0.1]])
-    assert evaluate.retrieval_metrics(scores, [[2]])["mrr@10"] == pytest.approx(1 / 3)
-    assert evaluate.retrieval_metrics(scores[:, [2, 1, 0, 3]], [[0]])["mrr@10"] == pytest.approx(1 / 3)
+    assert metrics.retrieval_metrics(scores, [[2]])["mrr@10"] == pytest.approx(1 / 3)
+    assert metrics.retrieval_metrics(scores[:, [2, 1, 0, 3]], [[0]])["mrr@10"] == pytest.approx(1 / 3)
     # NaN scores (a broken model) rank last, not first
     nan = torch.full((1, 12), float("nan"))
-    assert evaluate.retrieval_metrics(nan, [[0]]) == {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@10": 0.0}
+    assert metrics.retrieval_metrics(nan, [[0]]) == {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@10": 0.0}
 
 
 def test_retrieval_set_dedups_docs_and_keeps_each_querys_positive():
@@ -81,12 +82,12 @@ def test_retrieval_set_dedups_docs_and_keeps_each_querys_positive():
         "negative_2_input_ids": [[12, 0], [13, 0], [12, 0]],  # columns out of order: negative_1 comes first
         "negative_1_input_ids": [[11, 0], [10, 0], [10, 0]],
     })
-    queries, docs, relevant = evaluate.retrieval_set(split)
+    queries, docs, relevant = metrics.retrieval_set(split)
     assert queries == [[1, 0], [2, 0], [3, 0]]
     # row 0's negative [11, 0] is row 1's positive: one document, relevant to row 1 only
     assert docs == [[10, 0], [11, 0], [12, 0], [13, 0], [14, 0]]
     assert relevant == [[0], [1], [4]]
-    queries, docs, relevant = evaluate.retrieval_set(split, max_queries=2)
+    queries, docs, relevant = metrics.retrieval_set(split, max_queries=2)
     assert queries == [[1, 0], [2, 0]] and docs == [[10, 0], [11, 0], [12, 0], [13, 0]] and relevant == [[0], [1]]
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_user_error, call_main
 
 import mteb_eval
-from evaluate import retrieval_metrics
+from metrics import retrieval_metrics
 from model import load_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ def checkpoint(tiny, tmp_path_factory):
 
 
 def reference_metrics(encoder, path, query_prompt, batch_size):
-    """Our nDCG@10, MRR@10 and recall@10 (evaluate.retrieval_metrics) on the file's queries against
+    """Our nDCG@10, MRR@10 and recall@10 (metrics.retrieval_metrics) on the file's queries against
     its distinct passages and negatives, from Encoder embeddings made as mteb_eval makes them (same
     batches, hence bit-identical scores: the random tiny model puts many within float noise of each
     other). Exact ties would be broken differently (mteb: by document id; ours: against the relevant
