@@ -4,14 +4,16 @@ A checkpoint `run_dir/step_N` (or `epoch_N`) holds the inference model at its to
 tokenizer by `save_pretrained`, so AutoModel loads it, plus the sentence-transformers files, so
 `SentenceTransformer(path)` does; LoRA adapters merged in) and, in `training_state/`, what a run needs
 to continue exactly: model, optimizer, lr scheduler and every process's RNG states
-(`accelerator.save_state`), `trainer_state.json` (step, config, logging sums) and, written last,
-a manifest of every file's size. The folder is written as `.step_N.partial` and renamed when
-complete, so that a process killed mid-write never leaves a folder that looks complete.
+(`accelerator.save_state`), `trainer_state.json` (the TrainState: step, skip counters, logging sums,
+and what a resume must match) and, written last, a manifest of every file's size. The folder is
+written as `.step_N.partial` and renamed when complete, so that a process killed mid-write never
+leaves a folder that looks complete.
 
 The run folder is taken by one launch at a time (RunLock), and a storage error while saving is
 one line that leaves the newest complete checkpoint as it was.
 """
 import atexit
+import dataclasses
 import errno
 import glob
 import json
@@ -25,8 +27,10 @@ import time
 import numpy as np
 import torch
 
+from config import resume_safe_keys
 from distributed import any_process, warn
 from errors import UserError
+from files import pid_alive
 from lora import is_lora, merged_state_dict
 from model import save_inference_model
 
@@ -34,6 +38,76 @@ STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands, beside the model, optimizer, lr schedule and RNG states that accelerate
+    saves: the step, the skipped-step counters, the loss sums not yet reported (`tracker`, a
+    metrics.LossTracker), and what a resumed run must match: the number of processes, each dataset's
+    batches per epoch per process, the config. trainer_state.json is to_json() and from_json() reads
+    it; no other code knows its keys. `saved_step` / `saved_path`: the newest checkpoint written
+    or restored, so that a stop or an epoch end at that very step does not write it twice."""
+
+    world_size: int
+    batches_per_epoch: dict
+    config: dict
+    tracker: object = None
+    step: int = 0
+    bad_steps_in_a_row: int = 0
+    skipped_steps: int = 0
+    saved_step: int = None
+    saved_path: str = None
+
+    @property
+    def steps_per_epoch(self):
+        return sum(self.batches_per_epoch.values())
+
+    @property
+    def epoch(self):
+        """The epoch the next step belongs to."""
+        return self.step // self.steps_per_epoch
+
+    def just_saved(self):
+        """Whether a checkpoint holds this very step."""
+        return self.saved_step == self.step
+
+    def to_json(self, accelerator):
+        """trainer_state.json's content; collective, as the tracker's sums are reduced over processes."""
+        return {"step": self.step, "epoch": self.epoch, "position": self.step % self.steps_per_epoch,
+                "world_size": self.world_size, "batches_per_epoch": self.batches_per_epoch,
+                "bad_steps_in_a_row": self.bad_steps_in_a_row, "skipped_steps": self.skipped_steps,
+                "tracker": self.tracker.state_dict(accelerator) if self.tracker is not None else {},
+                "config": self.config}
+
+    @classmethod
+    def from_json(cls, data, tracker=None, accelerator=None):
+        """The state trainer_state.json holds; its logging sums go into `tracker` when one is given.
+        ("epoch" and "position" are written for readers; the step implies both.)"""
+        state = cls(world_size=int(data["world_size"]), batches_per_epoch=dict(data["batches_per_epoch"]),
+                    config=dict(data["config"]), tracker=tracker, step=int(data["step"]),
+                    bad_steps_in_a_row=int(data["bad_steps_in_a_row"]), skipped_steps=int(data["skipped_steps"]))
+        if tracker is not None:
+            tracker.load_state_dict(data["tracker"], accelerator)
+        return state
+
+    def check_resumable(self, saved, path, accelerator):
+        """Refuse a checkpoint's state `saved` that this run (self, at step 0) cannot continue exactly:
+        its data position and optimizer shards belong to its number of processes, its position to its
+        batches per epoch (the data and train_batch_size). A changed config key that is not resume_safe
+        gets a warning (a new learning rate, say, is allowed but changes the training)."""
+        if saved.world_size != self.world_size:
+            raise UserError(f"resume_from: checkpoint {path} was written by {saved.world_size} process(es), this run "
+                            f"has {self.world_size}; launch with {saved.world_size} to continue it")
+        if saved.batches_per_epoch != self.batches_per_epoch:
+            raise UserError("resume_from: the training data or train_batch_size changed since the checkpoint "
+                            f"(batches per dataset then {saved.batches_per_epoch}, now {self.batches_per_epoch}); "
+                            "resume with the same data, or start afresh")
+        safe = resume_safe_keys()
+        changed = [f"{k} ({v!r} -> {self.config[k]!r})" for k, v in saved.config.items()
+                   if k not in safe and k in self.config and self.config[k] != v]
+        if changed:
+            warn(accelerator, "config changed since the checkpoint: " + ", ".join(changed))
 
 
 def _write_manifest(root):
@@ -82,13 +156,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(accelerator, model, tokenizer, path, trainer_state, keep, max_seq_length=1024, prompts=None):
-    """Write checkpoint `path` atomically (collective: every process calls it), then keep the
-    training state of only the newest `keep` checkpoints (0: all). max_seq_length and prompts go
-    into the inference model's sentence-transformers configuration. Refuses (UserError) to start
-    when the folder has less free space than the last checkpoint took, and turns a storage error
-    while writing into one line; either way the partial folder is removed and the checkpoints
-    already written stay as they were."""
+def save(accelerator, model, tokenizer, path, state, keep, max_seq_length=1024, prompts=None):
+    """Write checkpoint `path` of TrainState `state` atomically (collective: every process calls it),
+    then keep the training state of only the newest `keep` checkpoints (0: all); `state` then names
+    it as saved. max_seq_length and prompts go into the inference model's sentence-transformers
+    configuration. Refuses (UserError) to start when the folder has less free space than the last
+    checkpoint took, and turns a storage error while writing into one line; either way the partial
+    folder is removed and the checkpoints already written stay as they were."""
     run_dir = os.path.dirname(path)
     tmp = os.path.join(run_dir, f".{os.path.basename(path)}.partial")
     problem = None
@@ -97,6 +171,7 @@ def save(accelerator, model, tokenizer, path, trainer_state, keep, max_seq_lengt
         problem = _space_problem(run_dir, path)
     _agree(accelerator, problem, tmp)
     state_dir = os.path.join(tmp, STATE_DIR)
+    trainer_state = state.to_json(accelerator)
     try:
         accelerator.save_state(state_dir)  # every process writes its RNG states (and its ZeRO shard)
         torch.save(rng_state(), _rng_file(state_dir, accelerator.process_index))
@@ -121,14 +196,17 @@ def save(accelerator, model, tokenizer, path, trainer_state, keep, max_seq_lengt
         except (OSError, RuntimeError) as err:
             problem = _storage_problem(run_dir, err, path)
     _agree(accelerator, problem, tmp)
+    state.saved_step, state.saved_path = state.step, path
     accelerator.print(f"checkpoint saved: {path}")
     return path
 
 
-def save_copy(accelerator, src, path, keep):
-    """Checkpoint `path` as a copy of the complete checkpoint `src` of the same step (collective): an
-    epoch end whose step_N was just saved. Its files are hard links (a copy where the file system has
-    none), so the second name costs no writing: the model, optimizer and RNG states are the same."""
+def save_copy(accelerator, state, path, keep):
+    """Checkpoint `path` as a copy of the checkpoint that holds `state`'s step (state.just_saved();
+    collective): an epoch end whose step_N was just saved. Its files are hard links (a copy where the
+    file system has none), so the second name costs no writing: the model, optimizer and RNG states
+    are the same."""
+    src = state.saved_path
     run_dir = os.path.dirname(path)
     tmp = os.path.join(run_dir, f".{os.path.basename(path)}.partial")
     problem = None
@@ -146,6 +224,7 @@ def save_copy(accelerator, src, path, keep):
         except OSError as err:
             problem = _storage_problem(run_dir, err, path)
     _agree(accelerator, problem, tmp)
+    state.saved_path = path
     accelerator.print(f"checkpoint saved: {path} (the same state as {os.path.basename(src)})")
     return path
 
@@ -238,7 +317,7 @@ def _step_of(path):
     if match:
         return int(match.group(1))
     try:
-        return int(read_trainer_state(path)["step"])
+        return TrainState.from_json(read_trainer_state(path)).step
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -266,23 +345,15 @@ def prune(run_dir, keep):
             shutil.rmtree(state)
 
 
-def _check_world_size(path, num_processes):
-    """A checkpoint's data position and optimizer shards belong to its number of processes."""
-    try:
-        written_by = read_trainer_state(path)["world_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # an unreadable trainer state fails the load below, with a warning
-    if written_by != num_processes:
-        raise UserError(f"resume_from: checkpoint {path} was written by {written_by} process(es), this run has "
-                        f"{num_processes}; launch with {written_by} to continue it")
-
-
-def restore(accelerator, resume_from, run_dir):
-    """Load the checkpoint that `resume_from` names into the prepared objects; returns its trainer
-    state, or None to start afresh. `latest` tries run_dir's checkpoints newest first and skips
-    incomplete or unreadable ones with a warning; an explicit path must be complete."""
+def restore(accelerator, resume_from, run_dir, fresh):
+    """The TrainState to continue from: the checkpoint's that `resume_from` names, its model,
+    optimizer, lr schedule and RNG states loaded into the prepared objects and its logging sums into
+    fresh.tracker; or `fresh` (this run's state at step 0) to start afresh. `latest` tries run_dir's
+    checkpoints newest first and skips incomplete or unreadable ones with a warning; an explicit path
+    must be complete. A checkpoint this run cannot continue exactly is refused
+    (TrainState.check_resumable)."""
     if not resume_from:
-        return None
+        return fresh
     latest = resume_from == "latest"
     if latest:
         paths = [path for _, path in candidates(run_dir)]
@@ -292,23 +363,33 @@ def restore(accelerator, resume_from, run_dir):
     for path in paths:
         problem = problem_with(path)
         if problem is None:
-            _check_world_size(path, accelerator.num_processes)
+            try:
+                saved = TrainState.from_json(read_trainer_state(path))
+            except Exception as err:  # noqa: BLE001 - any unreadable trainer state is skipped like a corrupt file
+                problem = _unreadable(err)
+        if problem is None:
+            fresh.check_resumable(saved, path, accelerator)  # the same file on every process: all stop together
             try:
                 state_dir = os.path.join(path, STATE_DIR)
                 accelerator.load_state(state_dir)
                 set_rng_state(torch.load(_rng_file(state_dir, accelerator.process_index), weights_only=False))
-                state = read_trainer_state(path)
-            except Exception as err:  # a corrupt file can raise almost anything while unpickling
-                problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                state = TrainState.from_json(read_trainer_state(path), fresh.tracker, accelerator)
+            except Exception as err:  # noqa: BLE001 - a corrupt file can raise almost anything while unpickling
+                problem = _unreadable(err)
         if not any_process(accelerator, problem is not None):
-            accelerator.print(f"resuming from {path} (step {state['step']})")
+            state.saved_step, state.saved_path = state.step, path
+            accelerator.print(f"resuming from {path} (step {state.step})")
             return state
         problem = problem or "failed to load on another process"
         if not latest:
             raise UserError(f"resume_from {resume_from}: cannot resume from it: {problem}")
         warn(accelerator, f"skipping checkpoint {path}: {problem}")
     accelerator.print(f"resume_from latest: no complete checkpoint in {run_dir}; starting afresh")
-    return None
+    return fresh
+
+
+def _unreadable(err):
+    return f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 
 
 class RunLock:
@@ -345,7 +426,7 @@ class RunLock:
                 break
             except FileExistsError:
                 holder = _read_lock(self.path)
-                if not (break_lock or _stale(holder)):
+                if not (break_lock or stale_lock(holder)):
                     return (f"run folder {run_dir} is in use by pid {holder['pid']} on {holder['host']} (since "
                             f"{holder['since']}): another launch trains into it. Wait for it or stop it; if no job "
                             "uses the folder any more, relaunch with --break_lock")
@@ -380,21 +461,14 @@ def _read_lock(path):
         return None
 
 
-def _stale(holder):
-    """True when the lock's process is known to be gone (an unreadable lock: its writer died)."""
+def stale_lock(holder):
+    """True when the lock's process is known to be gone: an unreadable lock (its writer died), or on
+    this host a pid that is not running or is our own (a restarted container reuses pids)."""
     if holder is None:
         return True
     if holder["host"] != socket.gethostname():
         return False
-    if holder["pid"] == os.getpid():
-        return True
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
+    return holder["pid"] == os.getpid() or not pid_alive(int(holder["pid"]))
 
 
 def clean_leftovers(run_dir):

@@ -2,13 +2,15 @@
 
 Defaults are the published values of F2LLM's `configs/config.json` (the 4B run); options this
 project adds carry a default that improves on the published code, and the published behaviour
-is one switch away (see README, "Differences from the published code").
+is one switch away (see docs/differences.md). The fields' metadata (help, group, see) is the config
+reference: `config_reference()` writes docs/config.md from it (`python docs/make_config_reference.py`).
 """
 import dataclasses
 import json
 import math
 import os
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field
 
@@ -47,40 +49,62 @@ LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05,
 # norm overflows float32 near 1e-19 and every step is skipped as non-finite (1e-30: inf).
 MIN_TEMPERATURE = 1e-3
 SEED_LIMIT = 2**32  # numpy's seeds (accelerate's set_seed seeds numpy): 0 <= seed < 2**32
+# The sections of docs/config.md, in order: (a field's `group`, heading, what the keys have in common).
+CONFIG_GROUPS = (
+    ("published", "Published keys",
+     "The keys of the published `configs/config.json`; the defaults are its values (the 4B run)."),
+    ("project", "Options this project adds",
+     "Keys the published code does not have. Some make settable what it fixed in the code, at its value "
+     "(`temperature`, for one); some switch between its behaviour and this project's fix, the default being the "
+     "fix and the value marked (published) giving its behaviour back ([differences.md](differences.md)); the rest "
+     "add what it lacks (resume, retrieval metrics, prompts, the cached step)."),
+    ("v2", "F2LLM-v2 options and LoRA",
+     "F2LLM-v2's options and LoRA, each off by default, so the defaults stay the published v1 recipe; "
+     "`configs/f2llm_v2.json` sets the v2 ones as the published v2 run did. See [f2llm-v2.md](f2llm-v2.md)."),
+)
 
 
-def _opt(default, help, resume_safe=False, **kw):
+def _opt(default, help, resume_safe=False, group="project", see=None, **kw):
     """A config field. `resume_safe`: changing it between a checkpoint and its resume leaves the training
-    itself as it was (where outputs go, how often to log, validate and save), so it draws no warning."""
-    return field(default=default, metadata={"help": help, "resume_safe": resume_safe}, **kw)
+    itself as it was (where outputs go, how often to log, validate and save), so it draws no warning.
+    `group` (a name of CONFIG_GROUPS) and `see` (a page of docs/) place the key in docs/config.md."""
+    metadata = {"help": help, "resume_safe": resume_safe, "group": group, "see": see}
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
 class Config:
     # Published keys.
-    model_path: str = field(metadata={"help": "Backbone folder (a Qwen3 checkpoint) with its tokenizer."})
+    model_path: str = field(metadata={"help": "Backbone folder (a Qwen3 checkpoint) with its tokenizer.",
+                                      "group": "published"})
     train_data_path: str = field(metadata={"help": "Folder of tokenized `*.parquet` files, one per dataset (raw ones "
-                                                   "are tokenized into cache_dir first)."})
+                                                   "are tokenized into cache_dir first).", "group": "published"})
     experiment_id: str = _opt("4b+lr.8e-6+bs.16x32+context.1024+2epochs",
-                              "Run name: sub-folder of output_dir and tb_dir.", resume_safe=True)
+                              "Run name: sub-folder of output_dir and tb_dir.", resume_safe=True,
+                              group="published")
     output_dir: str = _opt("output", "Where checkpoints go (`output_dir/experiment_id/step_N`, `epoch_N`).",
-                           resume_safe=True)
-    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).", resume_safe=True)
-    cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.", resume_safe=True)
-    train_batch_size: int = _opt(16, "Queries per batch per process (micro batch).")
+                           resume_safe=True, group="published")
+    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).", resume_safe=True,
+                       group="published")
+    cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.", resume_safe=True,
+                          group="published")
+    train_batch_size: int = _opt(16, "Queries per batch per process (micro batch).", group="published")
     checkpointing_steps: int = _opt(5000, "Save `step_N` every this many steps (0: only at epoch ends).",
-                                    resume_safe=True)
+                                    resume_safe=True, group="published")
     validation_steps: int = _opt(5000, "Validate every this many steps (0: only at epoch ends).",
-                                 resume_safe=True)
-    max_seq_length: int = _opt(1024, "Longest sequence in tokens, eos included.")
-    learning_rate: float = _opt(8e-6, "Peak learning rate.")
-    min_lr: float = _opt(1e-7, "The learning rate is clamped from below at this value after each step.")
-    weight_decay: float = _opt(0.01, "AdamW weight decay.")
-    warmup_steps: int = _opt(500, "Linear warmup steps before the cosine decay.")
-    train_epochs: int = _opt(2, "Passes over the training data.")
-    log_interval: int = _opt(100, "Log training losses and lr every this many steps.", resume_safe=True)
-    num_hard_neg: int = _opt(7, "Hard negatives per query for retrieval and clustering (classification uses 1).")
-    train_steps: int = _opt(-1, "Total optimizer steps; -1 means batches per epoch x train_epochs.")
+                                 resume_safe=True, group="published")
+    max_seq_length: int = _opt(1024, "Longest sequence in tokens, eos included.", group="published")
+    learning_rate: float = _opt(8e-6, "Peak learning rate.", group="published")
+    min_lr: float = _opt(1e-7, "The learning rate is clamped from below at this value after each step.",
+                         group="published")
+    weight_decay: float = _opt(0.01, "AdamW weight decay.", group="published")
+    warmup_steps: int = _opt(500, "Linear warmup steps before the cosine decay.", group="published")
+    train_epochs: int = _opt(2, "Passes over the training data.", group="published")
+    log_interval: int = _opt(100, "Log training losses and lr every this many steps.", resume_safe=True,
+                             group="published")
+    num_hard_neg: int = _opt(7, "Hard negatives per query for retrieval and clustering (classification uses 1).",
+                             group="published")
+    train_steps: int = _opt(-1, "Total optimizer steps; -1 means batches per epoch x train_epochs.", group="published")
     # Options this project adds.
     temperature: float = _opt(0.05, "Softmax temperature of both contrastive losses (cosine similarity); at least "
                                     "0.001, which keeps the logits cos/temperature within +-1000.")
@@ -101,10 +125,11 @@ class Config:
                                           "every positive and hard negative of the global batch (sentence-"
                                           "transformers' MultipleNegativesRankingLoss), a candidate with the "
                                           "positive's text not counted as a negative; other task types keep the "
-                                          "hard-negative loss.")
+                                          "hard-negative loss.", see="beyond-the-recipe.md")
     false_negative_margin: float = _opt(None, "If set (e.g. 0.1), every contrastive term drops the candidates whose "
                                               "cosine similarity to the query exceeds the positive's by more than "
-                                              "this (likely unlabeled positives). null: off (published).")
+                                              "this (likely unlabeled positives). null: off (published).",
+                                  see="beyond-the-recipe.md")
     log_keys: str = _opt("grouped", "TensorBoard names of the losses: `grouped`, train/DATASET/hard, "
                                     "valid/TASK_TYPE/inbatch, ... (each loss term apart); `published`, "
                                     "DATASET/training_loss_hard, Avg/TASK_TYPE/valid_loss_in_batch, ... (training's "
@@ -123,10 +148,12 @@ class Config:
                               "`float32` force one (published: bfloat16).")
     batch_layout: str = _opt("packed", "`packed`: a batch's sequences in one row with per-sequence boundaries, no "
                                        "padding; `grouped`: queries and documents padded as two groups; `padded`: "
-                                       "all padded to the longest (published).")
+                                       "all padded to the longest (published).",
+                             see="speed-and-memory.md#padding-free-batches")
     grad_cache_chunk_size: int = _opt(0, "If > 0, the cached (GradCache) step: embed the batch in chunks of this many "
                                          "sequences without graph, then re-run each chunk with its embedding "
-                                         "gradient; memory stops growing with the batch. 0: off.")
+                                         "gradient; memory stops growing with the batch. 0: off.",
+                                 see="speed-and-memory.md#the-cached-step")
     gradient_checkpointing: bool = _opt(True, "Recompute activations in the backward pass to save memory.")
     adam_betas: list = _opt(None, "AdamW betas.")
     adamw_implementation: str = _opt("fused", "`fused`: torch's one-kernel AdamW (the same update up to rounding; on "
@@ -134,7 +161,8 @@ class Config:
                                               "`torch_default` (published): torch's own choice (foreach on a GPU).")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")
     merge_checkpoints: bool = _opt(False, "F2LLM-v2's extra checkpoints for merging: step_5, and every 500 steps in "
-                                          "the last 2,500 (with checkpointing_steps on). See merge_checkpoints.py.")
+                                          "the last 2,500 (with checkpointing_steps on). See merge_checkpoints.py.",
+                                   group="v2")
     validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.")
     seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw "
                         "(0 <= seed < 2**32).")
@@ -144,35 +172,37 @@ class Config:
                                               "(warmup of warmup_steps / processes steps); `published_v2`: the same "
                                               "with warmup_steps x processes.")
     scheduler_type: str = _opt("cosine", "`cosine`: linear warmup, then cosine decay to 0 over the run (clamped at "
-                                         "min_lr); `constant_with_warmup` (F2LLM-v2): linear warmup, then constant.")
+                                         "min_lr); `constant_with_warmup` (F2LLM-v2): linear warmup, then constant.",
+                               group="v2")
     resume_from: str = _opt("", "`latest`: continue from the newest complete checkpoint in output_dir/experiment_id "
                                 "(or start afresh if there is none); a `step_N` / `epoch_N` path: from that one; "
-                                "empty: start afresh.", resume_safe=True)
+                                "empty: start afresh.", resume_safe=True, see="long-runs.md#resume")
     save_total_limit: int = _opt(2, "How many of the newest checkpoints keep their full training state (optimizer, "
                                     "RNG, data position); older ones keep only their weights. 0: all keep it.",
-                                 resume_safe=True)
+                                 resume_safe=True, see="long-runs.md#pruning")
     max_bad_steps: int = _opt(10, "Stop (with a checkpoint) after this many steps in a row with a non-finite loss "
-                                  "or gradient; such a step is skipped.")
+                                  "or gradient; such a step is skipped.", see="long-runs.md#non-finite-losses")
 
     num_hard_neg_clustering: int = _opt(-1, "Hard negatives per query for clustering datasets; -1: num_hard_neg "
-                                            "(published v1). F2LLM-v2 uses 9.")
+                                            "(published v1). F2LLM-v2 uses 9.", group="v2")
     use_mrl: bool = _opt(False, "F2LLM-v2 Matryoshka loss: both losses also on the first m dimensions of each "
-                                "embedding, for every m in mrl_dims.")
+                                "embedding, for every m in mrl_dims.", group="v2")
     mrl_dims: list = _opt(None, "Matryoshka dimensions, each below the hidden size; null: every power of two from "
-                                "8 below the hidden size.")
+                                "8 below the hidden size.", group="v2")
     teacher_model_path: str = _opt(None, "F2LLM-v2 knowledge distillation: an embedding checkpoint with the same "
                                          "tokenizer whose embeddings (cut to the student's size) the student "
-                                         "matches by MSE. null: no distillation.")
-    kd_weight: float = _opt(1.0, "Weight of the distillation loss (with teacher_model_path).")
+                                         "matches by MSE. null: no distillation.", group="v2")
+    kd_weight: float = _opt(1.0, "Weight of the distillation loss (with teacher_model_path).", group="v2")
     lora: dict = _opt(None, "LoRA through peft instead of full fine-tuning: {\"r\": 16, \"alpha\": 32, \"dropout\": "
                             "0.05, \"target_modules\": [...]} (missing keys take these values; target_modules: "
-                            "every attention and MLP projection). Merged into the saved weights. null: off.")
+                            "every attention and MLP projection). Merged into the saved weights. null: off.",
+                        group="v2")
     prompts: dict = _opt(None, "Instructions recorded in each checkpoint for sentence-transformers and MTEB, e.g. "
                                "{\"query\": \"Instruct: ...\\nQuery: \"}; keys query and document. Training data "
-                               "carries its own.")
+                               "carries its own.", see="evaluation.md#using-a-checkpoint")
     eval_queries: int = _opt(1000, "Retrieval metrics at each validation: up to this many validation queries per "
                                    "retrieval dataset, each ranked against the positives and negatives of those "
-                                   "rows. 0: off.")
+                                   "rows. 0: off.", see="evaluation.md#retrieval-metrics-during-training")
 
     def __post_init__(self):
         if self.adam_betas is None:
@@ -196,6 +226,51 @@ def config_keys():
 def resume_safe_keys():
     """The keys a resumed run may change without changing the training (see _opt)."""
     return {f.name for f in dataclasses.fields(Config) if f.metadata.get("resume_safe")}
+
+
+def config_reference():
+    """docs/config.md: every key with its default and meaning, from the fields' metadata, in the sections
+    of CONFIG_GROUPS (each in field order)."""
+    defaults = Config(model_path="", train_data_path="")
+    fields = dataclasses.fields(Config)
+    safe = ", ".join(f"`{f.name}`" for f in fields if f.metadata.get("resume_safe"))
+    ignored = ", ".join(f"`{key}`" for key in IGNORED_KEYS)
+
+    def paragraph(text):
+        return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+    lines = [
+        "# Config keys",
+        "",
+        "<!-- Generated from the Config fields of config.py by `python docs/make_config_reference.py`: "
+        "edit them there, then rerun it. -->",
+        "",
+        paragraph("`run.py --config FILE.json` takes these keys; every published key is accepted unchanged, and an "
+                  f"unknown key is an error. Defaults are the published values (the 4B run). {ignored}, a "
+                  "placeholder of the published code, is accepted and ignored: the launch decides the number of "
+                  "processes."),
+        "",
+        paragraph(f"Between a checkpoint and its resume, {safe} may change without a warning: they decide where "
+                  "outputs go and how often to log, validate and save, not the training. A change to any other key "
+                  "is listed in a warning; the number of processes, the data and `train_batch_size` must stay the "
+                  "same (an error otherwise; see [long-runs.md](long-runs.md#resume))."),
+    ]
+    unplaced = [f.name for f in fields if f.metadata["group"] not in {group for group, _, _ in CONFIG_GROUPS}]
+    if unplaced:
+        raise ValueError(f"config fields in no section of CONFIG_GROUPS: {', '.join(unplaced)}")
+    for group, heading, intro in CONFIG_GROUPS:
+        lines += ["", f"## {heading}", "", paragraph(intro), "", "| key | default | meaning |", "| --- | --- | --- |"]
+        for f in (f for f in fields if f.metadata["group"] == group):
+            default = "required" if f.default is dataclasses.MISSING else json.dumps(getattr(defaults, f.name))
+            meaning = f.metadata["help"].replace("|", "\\|")
+            if f.metadata.get("see"):
+                page = f.metadata["see"].split("#")[0]
+                meaning += f" See [{page}]({f.metadata['see']})."
+            lines.append(f"| `{f.name}` | {default} | {meaning} |")
+    lines += ["", paragraph("[`configs/demo.json`](../configs/demo.json) is a small example (the demo's); "
+                            "[`configs/accelerate_cpu.yaml`](../configs/accelerate_cpu.yaml) runs one CPU process "
+                            "without mixed precision."), ""]
+    return "\n".join(lines)
 
 
 def _type_ok(value, typ):

@@ -12,6 +12,11 @@ split resolves the ids per batch, so everything past load_splits sees v1 token c
 Every batch holds rows of one dataset only. Sequence order in a batch: the bs queries, the bs
 positives, then each query's k hard negatives in turn (see loss.split_embeddings). A batch is
 flat token ids plus per-sequence lengths; the model packs or pads it (model.Embedder).
+
+The raw format is checked here too (text_columns, check_texts: string columns query, passage,
+negative_1 ... negative_n of UTF-8 text, none blank), next to the tokenized columns it turns into:
+tokenizing, mining and evaluation all read raw files, and what a file must hold is a rule of the data,
+not of reading and writing files (files.py).
 """
 import dataclasses
 import functools
@@ -20,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections import Counter
 from functools import partial
 
@@ -30,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from errors import UserError
+from files import row_group_rows, unreadable
 
 
 QUERY_SUFFIX, CORPUS_SUFFIX, CORPUS_FILE = "_query.parquet", "_corpus.parquet", "corpus.parquet"
@@ -115,7 +122,7 @@ def read_schema(path):
         metadata = pq.read_metadata(path)
         schema = metadata.schema.to_arrow_schema()
     except Exception as err:  # pyarrow raises several types for a broken file
-        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})")
+        raise unreadable(path, err) from None
     if len(set(schema.names)) != len(schema.names):
         twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
         raise UserError(f"{path}: column name(s) {twice} appear more than once; keep one of each")
@@ -228,6 +235,98 @@ def rows_shown(rows):
     return ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
 
 
+def text_columns(schema, path):
+    """The text columns of a raw file, in order: query, passage, negative_1 ... negative_n."""
+    names = set(schema.names)
+    for required in ("query", "passage"):
+        if required not in names:
+            raise UserError(f"{path}: no column '{required}'; F2LLM data needs columns query, passage, "
+                            "negative_1 ... negative_n")
+    negs = []
+    for n in names:
+        if m := re.fullmatch(r"negative_(\d+)", n):
+            if n != f"negative_{int(m.group(1))}":
+                raise UserError(f"{path}: column '{n}': name the negatives negative_1 ... negative_n, "
+                                "without leading zeros")
+            negs.append(int(m.group(1)))
+    negs.sort()
+    if negs != list(range(1, len(negs) + 1)):
+        raise UserError(f"{path}: negative columns must be negative_1 ... negative_n without gaps, found "
+                        f"{', '.join(f'negative_{i}' for i in negs)}")
+    columns = ["query", "passage"] + [f"negative_{i}" for i in negs]
+    for name in columns:
+        check_text_type(schema, name, path)
+    return columns
+
+
+def check_text_type(schema, name, path):
+    typ = schema.field(name).type
+    if not is_text(typ):
+        raise UserError(f"{path}: column '{name}' has type {typ}; texts must be strings")
+
+
+class FirstRows:
+    """Rows with a problem: how many, and the first six (rows_shown shows five, then "..." if there are more)."""
+
+    def __init__(self):
+        self.count, self.first = 0, []
+
+    def add(self, rows):
+        self.count += len(rows)
+        self.first += rows[: 6 - len(self.first)].tolist()
+
+
+def invalid_utf8(chunk):
+    """The rows of a string array whose bytes are not UTF-8. Parquet readers do not validate them: such a
+    text reads without error and would fail later, deep in Arrow's string kernels."""
+    try:
+        chunk.validate(full=True)
+        return np.empty(0, np.int64)
+    except pa.ArrowInvalid:
+        raws = chunk.cast(pa.large_binary()).to_pylist()  # no validation on this cast
+        return np.array([i for i, raw in enumerate(raws) if raw is not None and not is_utf8(raw)], np.int64)
+
+
+def is_utf8(raw):
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def blank(chunk):
+    """The rows of a string array that are null, empty or whitespace only."""
+    bad = pc.or_kleene(pc.is_null(chunk), pc.equal(pc.utf8_trim_whitespace(chunk), ""))
+    return pc.indices_nonzero(pc.fill_null(bad, True)).to_numpy().astype(np.int64)
+
+
+def check_text_chunks(columns, path):
+    """Text that is not UTF-8, null, empty or whitespace-only is an error: nothing is dropped silently.
+    `columns`: (name, its string arrays in row order) pairs; the errors name the rows by their position."""
+    blanks = []
+    for name, chunks in columns:
+        not_utf8, empty, offset = FirstRows(), FirstRows(), 0
+        for chunk in chunks:
+            not_utf8.add(offset + invalid_utf8(chunk))
+            if not not_utf8.count:  # the whitespace kernel needs valid UTF-8, and this column fails anyway
+                empty.add(offset + blank(chunk))
+            offset += len(chunk)
+        if not_utf8.count:
+            raise UserError(f"{path}: column '{name}' has {not_utf8.count} text(s) that are not valid UTF-8 "
+                            f"(rows {rows_shown(not_utf8.first)}); write the file with UTF-8 strings and run again")
+        if empty.count:
+            blanks.append(f"'{name}' {empty.count} (rows {rows_shown(empty.first)})")
+    if blanks:
+        raise UserError(f"{path}: null or empty texts in column {'; '.join(blanks)}; "
+                        f"fill or remove those rows and run again")
+
+
+def check_texts(table, columns, path):
+    """check_text_chunks on a table in memory."""
+    check_text_chunks(((name, table.column(name).chunks) for name in columns), path)
+
+
 def check_token_values(table, columns, path):
     """Every token list present and non-empty, with no null id: cheap (offsets and validity bitmaps
     only), unlike the id range, which collate checks batch by batch."""
@@ -243,16 +342,6 @@ def check_token_values(table, columns, path):
                             f"{rows_shown(np.flatnonzero(lengths == 0))}); every text needs at least its eos token")
         if pc.list_flatten(lists).null_count:
             raise UserError(f"{path}: column '{col}' has null token ids inside its lists; re-tokenize the file")
-
-
-ROW_GROUP_BYTES = 64 * 2**20
-
-
-def row_group_rows(table):
-    """Rows per parquet row group for about ROW_GROUP_BYTES of the table: read_dataset's conversion
-    holds a whole row group in memory (~4x its size: 1.4 GB for a group of 330 MB of token ids), and
-    pyarrow's default group is the whole table up to 1,048,576 rows."""
-    return max(1, ROW_GROUP_BYTES * table.num_rows // max(table.nbytes, 1))
 
 
 def read_dataset(path, cache_dir):

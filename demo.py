@@ -396,12 +396,10 @@ def _compare_with_sentence_transformers(checkpoint, texts):
     print(f"SentenceTransformer({checkpoint}) on {len(texts)} texts: lowest cosine to our encoder {cosine:.6f}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Run the F2LLM pipeline end to end on a tiny offline model.")
-    p.add_argument("--work_dir", default="demo_out", help="where everything the demo makes goes")
-    p.add_argument("--config", default="configs/demo.json", help="training config (paths under demo_out)")
-    args = p.parse_args(argv)
-    work = os.path.join(REPO_DIR, args.work_dir)
+def run_demo(work_dir="demo_out", config="configs/demo.json"):
+    """Build the tiny model and sample data in work_dir (relative to the repository; emptied first), tokenize,
+    train with `config`, evaluate before and after; returns the final checkpoint's path."""
+    work = os.path.join(REPO_DIR, work_dir)
     shutil.rmtree(work, ignore_errors=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -415,10 +413,10 @@ def main(argv=None):
 
     _run([sys.executable, "tokenize_data_qwen.py", "--model_path", f"{work}/backbone", "--input_dir", f"{work}/raw",
           "--output_dir", f"{work}/tokenized", "--max_seq_length", "128", "--num_proc", "2"])
-    _run([sys.executable, "run.py", "--config", args.config, "--prepare_only"])
+    _run([sys.executable, "run.py", "--config", config, "--prepare_only"])
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     train = _run([accelerate, "launch", "--config_file", "configs/accelerate_cpu.yaml", "run.py", "--config",
-                  args.config], stdout=subprocess.PIPE, text=True)
+                  config], stdout=subprocess.PIPE, text=True)
     print(train.stdout, end="")
     final = [line for line in train.stdout.splitlines() if line.startswith("final checkpoint: ")][-1]
     final = os.path.join(REPO_DIR, final[len("final checkpoint: "):])
@@ -427,7 +425,18 @@ def main(argv=None):
     after = _mrr(final, f"{work}/eval")
     print(f"held-out retrieval MRR@10: before training {before:.4f}, after training {after:.4f}")
     _compare_with_sentence_transformers(final, texts[:64])
-    print(f"final checkpoint: {final}")
+    return final
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Run the F2LLM pipeline end to end on a tiny offline model.")
+    p.add_argument("--work_dir", default="demo_out", help="where everything the demo makes goes")
+    p.add_argument("--config", default="configs/demo.json", help="training config (paths under demo_out)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    print(f"final checkpoint: {run_demo(**vars(parse_args(argv)))}")
 
 
 if __name__ == "__main__":

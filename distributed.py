@@ -1,5 +1,6 @@
 """The Accelerator of a launch, the refusal of launches that would train at the wrong world size, and
-the helpers by which processes agree (any_process) or the main one speaks (warn).
+the helpers by which processes agree (any_process) or the main one speaks (warn); Processes, a
+launch seen by a script that needs no Accelerator (mine_negatives.py).
 
 Without CUDA, accelerate finds no process-group backend for a `accelerate launch` that starts
 several processes: every process then believes it is alone (world size 1, rank 0), trains on
@@ -8,12 +9,13 @@ initialisation under DeepSpeed (`cpu=True` would make accelerate drop DeepSpeed)
 accelerate's multi-CPU path otherwise. Launches that still disagree with accelerate (a launcher
 that started fewer processes than were asked for) stop with one line.
 """
+import datetime
 import gc
 import os
 import sys
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs
 
 from errors import UserError
@@ -99,3 +101,38 @@ def warn(accelerator, message):
     """A warning line on stderr, once (the main process)."""
     if accelerator.is_main_process:
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Processes:
+    """This process's place in a launch (accelerate launch, torchrun; none: one process alone): index,
+    count, barrier, broadcast from the main process, and its share of a list of work."""
+
+    def __init__(self, device):
+        launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1 or (launched_world_size() or 1) > 1
+        self.state = None
+        self.index, self.count, self.device = 0, 1, torch.device(device)
+        if launched:
+            check_launcher()
+            # the other processes wait at a barrier while the main one writes a file: give it hours
+            self.state = PartialState(cpu=device == "cpu", timeout=datetime.timedelta(hours=12))
+            check_world_size(self.state.num_processes)
+            self.index, self.count = self.state.process_index, self.state.num_processes
+            self.device = self.state.device if device == "cuda" else torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.index == 0
+
+    def barrier(self):
+        if self.count > 1:
+            self.state.wait_for_everyone()
+
+    def broadcast(self, value):
+        if self.count == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def share(self, items):
+        return items[self.index :: self.count]

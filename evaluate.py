@@ -1,14 +1,15 @@
 """Retrieval evaluation: nDCG@10, MRR@10 and recall@10, per dataset and averaged.
 
     python evaluate.py CHECKPOINT DATA_DIR [--split validation|all] [--config CONFIG] [--max_queries N]
+        [--batch_size 64] [--max_seq_length L]
 
 Each query is ranked against the documents of the rows evaluated with it: every distinct positive
 and hard negative among them; its relevant document is its own positive. run.py computes the same
 metrics on the validation split at each validation (`retrieval_set`, `retrieval_metrics`); this
-script prints them for a checkpoint as a table (`format_table`). DATA_DIR holds tokenized files
-(what tokenize_data_qwen.py writes) or raw ones (query, passage, negative_i), tokenized here with
-the checkpoint's tokenizer; both hold out the validation rows by the rule of data.load_splits, so
-a raw file and its tokenized copy give the same table.
+script prints them for a checkpoint as a table (`format_table`), and from Python evaluate() returns
+them. DATA_DIR holds tokenized files (what tokenize_data_qwen.py writes) or raw ones (query, passage,
+negative_i), tokenized here with the checkpoint's tokenizer; both hold out the validation rows by the
+rule of data.load_splits, so a raw file and its tokenized copy give the same table.
 """
 import argparse
 import glob
@@ -21,12 +22,14 @@ import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
 from config import Config, load_config, load_dataset_types
-from data import (CorpusRows, as_v2_ids, check_ids, check_token_values, corpus_path, find_datasets, is_text,
-                  load_corpus, load_splits, rows_of, token_columns, tokenize)
+from data import (CorpusRows, as_v2_ids, check_ids, check_texts, check_token_values, corpus_path, find_datasets,
+                  is_text, load_corpus, load_splits, read_schema, rows_of, text_columns, token_columns, tokenize)
 from errors import UserError, exit_on_user_error
 from metrics import METRICS, retrieval_metrics, retrieval_set
 from model import load_encoder
-from tokenize_data_qwen import check_texts, text_columns
+
+SPLITS = ("validation", "all")
+
 
 def format_table(results):
     """{dataset: metrics} (at least one) -> a text table: one row per dataset, then "mean", the
@@ -53,19 +56,11 @@ def evaluate_split(encoder, split, max_queries=None, batch_size=64):
 
 def columns_of(path):
     """A file's token columns (a tokenized file) or text columns (a raw one), checked from its footer."""
-    try:
-        metadata = pq.read_metadata(path)
-        schema = metadata.schema.to_arrow_schema()
-    except Exception as err:  # pyarrow raises several types for a broken file
-        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})")
-    names = schema.names
-    if "query_input_ids" in names:
+    num_rows, schema = read_schema(path)
+    if "query_input_ids" in schema.names:
         return token_columns(path, 0)
-    if len(set(names)) != len(names):
-        raise UserError(f"{path}: column name(s) {sorted({n for n in names if names.count(n) > 1})} appear more "
-                        "than once; keep one of each")
-    if metadata.num_rows < 2:
-        raise UserError(f"{path}: {metadata.num_rows} row(s); a dataset needs at least 2 (one for validation)")
+    if num_rows < 2:
+        raise UserError(f"{path}: {num_rows} row(s); a dataset needs at least 2 (one for validation)")
     return text_columns(schema, path)
 
 
@@ -129,55 +124,51 @@ def eval_rows(path, columns, cfg, split, max_queries, tokenizer, max_seq_length)
     return datasets.Dataset(InMemoryTable(table))
 
 
-def eval_config(args, cache_dir):
+def eval_config(config, checkpoint, data_dir, cache_dir):
     """The config that decides the split (seed, validation_fraction), cache_dir, eval_queries and dataset
-    types: --config's, else the defaults with a temporary cache_dir."""
-    if args.config:
-        return load_config(args.config)
-    return Config(model_path=args.checkpoint, train_data_path=args.data_dir, cache_dir=cache_dir)
+    types: the file `config`'s, else the defaults with a temporary cache_dir."""
+    if config:
+        return load_config(config)
+    return Config(model_path=checkpoint, train_data_path=data_dir, cache_dir=cache_dir)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a checkpoint folder (or any backbone folder with its tokenizer)")
-    p.add_argument("data_dir", help="folder of *.parquet files, tokenized (tokenize_data_qwen.py) or raw (query, "
-                                    "passage, negative_i); one dataset per file")
-    p.add_argument("--config", help="training config: its seed, validation_fraction, cache_dir, eval_queries and "
-                                    "dataset types are used (default: the Config defaults, a temporary cache)")
-    p.add_argument("--split", choices=("validation", "all"), default="validation",
-                   help="validation: the rows training held out for validation; all: every row")
-    p.add_argument("--max_queries", type=int, help="queries per dataset: its first N rows of the split; 0: all "
-                                                   "(default: the config's eval_queries, 1000)")
-    p.add_argument("--batch_size", type=int, default=64, help="sequences per forward pass")
-    p.add_argument("--max_seq_length", type=int, help="tokens per sequence (default: the checkpoint's, else 1024)")
-    args = p.parse_args(argv)
-    if args.max_queries is not None and args.max_queries < 0:
-        raise UserError(f"--max_queries {args.max_queries}: must be 0 (all) or a number of queries")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.max_seq_length is not None and args.max_seq_length < 2:
-        raise UserError(f"--max_seq_length {args.max_seq_length}: must be at least 2 (one token of text plus eos)")
-    return args
+def check_options(split, max_queries, batch_size, max_seq_length):
+    if split not in SPLITS:
+        raise UserError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    if max_queries is not None and max_queries < 0:
+        raise UserError(f"--max_queries {max_queries}: must be 0 (all) or a number of queries")
+    if batch_size < 1:
+        raise UserError(f"--batch_size {batch_size}: must be at least 1")
+    if max_seq_length is not None and max_seq_length < 2:
+        raise UserError(f"--max_seq_length {max_seq_length}: must be at least 2 (one token of text plus eos)")
 
 
-@exit_on_user_error
-def main(argv=None):
-    args = parse_args(argv)
-    if not os.path.isdir(args.checkpoint):
-        raise UserError(f"checkpoint {args.checkpoint} not found: pass a checkpoint folder (output_dir/experiment_id/"
+def check_folders(checkpoint, data_dir):
+    if not os.path.isdir(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} not found: pass a checkpoint folder (output_dir/experiment_id/"
                         "step_N or epoch_N) or a backbone folder with its tokenizer")
-    if not os.path.isdir(args.data_dir):
-        raise UserError(f"DATA_DIR {args.data_dir} not found: pass a folder of *.parquet files")
-    if not glob.glob(os.path.join(args.data_dir, "*.parquet")):
-        raise UserError(f"DATA_DIR {args.data_dir} holds no *.parquet files: pass a folder of tokenized or raw "
+    if not os.path.isdir(data_dir):
+        raise UserError(f"DATA_DIR {data_dir} not found: pass a folder of *.parquet files")
+    if not glob.glob(os.path.join(data_dir, "*.parquet")):
+        raise UserError(f"DATA_DIR {data_dir} holds no *.parquet files: pass a folder of tokenized or raw "
                         "F2LLM-format files (query, passage, negative_i)")
+
+
+def evaluate(checkpoint, data_dir, *, split="validation", config=None, max_queries=None, batch_size=64,
+             max_seq_length=None):
+    """{dataset: metrics} of a checkpoint on every retrieval dataset of data_dir (other task types are
+    skipped), with one line per dataset on stdout. The keyword arguments are the command line's flags,
+    with its defaults; max_queries None: the config's eval_queries, 0: all. Bad input is a UserError
+    (every file is checked before the model loads)."""
+    check_options(split, max_queries, batch_size, max_seq_length)
+    check_folders(checkpoint, data_dir)
     with tempfile.TemporaryDirectory() as cache_dir:
-        cfg = eval_config(args, cache_dir)
+        cfg = eval_config(config, checkpoint, data_dir, cache_dir)
         types = load_dataset_types(cfg)
         # 0 caps nothing (in a training config, eval_queries 0 turns the metrics off; here they are the point)
-        max_queries = (cfg.eval_queries if args.max_queries is None else args.max_queries) or None
+        max_queries = (cfg.eval_queries if max_queries is None else max_queries) or None
         planned = []
-        for name, path in find_datasets(args.data_dir):
+        for name, path in find_datasets(data_dir):
             columns = columns_of(path)  # every file checked before the model loads
             task = types.get(name, "retrieval")
             if task == "retrieval":
@@ -185,18 +176,40 @@ def main(argv=None):
             else:
                 print(f"skip {name}: a {task} dataset (only retrieval datasets are evaluated)")
         if not planned:
-            raise UserError(f"DATA_DIR {args.data_dir} holds no retrieval dataset (see configs/dataset_types.json "
+            raise UserError(f"DATA_DIR {data_dir} holds no retrieval dataset (see configs/dataset_types.json "
                             "and the config's dataset_types)")
-        encoder = load_encoder(args.checkpoint, max_seq_length=args.max_seq_length)
+        encoder = load_encoder(checkpoint, max_seq_length=max_seq_length)
         results = {}
         for name, path, columns in planned:
-            split = eval_rows(path, columns, cfg, args.split, max_queries, encoder.tokenizer, encoder.max_seq_length)
+            rows = eval_rows(path, columns, cfg, split, max_queries, encoder.tokenizer, encoder.max_seq_length)
             try:
-                results[name], num_queries, num_docs = evaluate_split(encoder, split, max_queries, args.batch_size)
+                results[name], num_queries, num_docs = evaluate_split(encoder, rows, max_queries, batch_size)
             except UserError as err:
                 raise UserError(f"{path}: {err}") from None
-            print(f"{name}: {num_queries} queries ({args.split} rows) ranked against {num_docs} documents")
-    print(format_table(results))
+            print(f"{name}: {num_queries} queries ({split} rows) ranked against {num_docs} documents")
+    return results
+
+
+def parse_args(argv=None):
+    """The arguments given, by evaluate's names: the flags left out take its defaults."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    p.add_argument("checkpoint", help="a checkpoint folder (or any backbone folder with its tokenizer)")
+    p.add_argument("data_dir", help="folder of *.parquet files, tokenized (tokenize_data_qwen.py) or raw (query, "
+                                    "passage, negative_i); one dataset per file")
+    p.add_argument("--config", help="training config: its seed, validation_fraction, cache_dir, eval_queries and "
+                                    "dataset types are used (default: the Config defaults, a temporary cache)")
+    p.add_argument("--split", choices=SPLITS,
+                   help="validation: the rows training held out for validation (default); all: every row")
+    p.add_argument("--max_queries", type=int, help="queries per dataset: its first N rows of the split; 0: all "
+                                                   "(default: the config's eval_queries, 1000)")
+    p.add_argument("--batch_size", type=int, help="sequences per forward pass (default 64)")
+    p.add_argument("--max_seq_length", type=int, help="tokens per sequence (default: the checkpoint's, else 1024)")
+    return p.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None):
+    print(format_table(evaluate(**vars(parse_args(argv)))))
 
 
 if __name__ == "__main__":

@@ -181,21 +181,25 @@ def kd_loss(student, teacher, num_queries):
     return sum(F.mse_loss(student[g].float(), teacher[g].float()) for g in groups if len(student[g]))
 
 
-def f2llm_losses(embeddings, num_queries, num_neg, task_type, temperature=0.05, inbatch_gradient="all",
-                 mrl_dims=(), teacher=None, kd_weight=1.0, form="f2llm", margin=None, keys=None):
-    """The losses for one homogeneous batch. `form` "f2llm", the recipe: {"hard": ..., "inbatch": ...
-    (retrieval only)}; "joint": {"joint": ...} on retrieval batches (joint_loss over the global
-    batch's positives and hard negatives, `keys` the batch's document keys for its same-text test),
-    {"hard": ...} on the others, whose in-batch candidates may share the query's label. Plus F2LLM-v2's
-    "mrl_hard" and "mrl_inbatch" (or "mrl_joint") when mrl_dims is given (Matryoshka: each loss again
-    on the first m dimensions for each m; the terms taken in the published order, the full dimension
-    as term 1, then mrl_dims from the largest down, term n scaled by matryoshka_weight; the published
-    code logs each inside its loss) and "kd" (kd_weight x kd_loss) when the teacher's embeddings of
-    the same sequences are given. `margin`: false-negative masking in every term (drop_false_negatives).
-    The total loss is the sum of the values."""
+def f2llm_losses(embeddings, num_queries, num_neg, task_type, *, temperature=0.05, inbatch_gradient="all",
+                 contrastive_loss="f2llm", false_negative_margin=None, mrl_dims=(), teacher=None, kd_weight=1.0,
+                 keys=None):
+    """The losses for one homogeneous batch; the keywords are the Config keys of the same names.
+
+    `contrastive_loss` "f2llm", the recipe: {"hard": ..., "inbatch": ... (retrieval only)}; "joint":
+    {"joint": ...} on retrieval batches (joint_loss over the global batch's positives and hard
+    negatives, `keys` the batch's document keys for its same-text test), {"hard": ...} on the others,
+    whose in-batch candidates may share the query's label. Plus F2LLM-v2's "mrl_hard" and
+    "mrl_inbatch" (or "mrl_joint") when mrl_dims is given (Matryoshka: each loss again on the first m
+    dimensions for each m; the terms taken in the published order, the full dimension as term 1, then
+    mrl_dims from the largest down, term n scaled by matryoshka_weight; the published code logs each
+    inside its loss) and "kd" (kd_weight x kd_loss) when the teacher's embeddings of the same
+    sequences are given. `false_negative_margin`: false-negative masking in every term
+    (drop_false_negatives). The total loss is the sum of the values."""
+    margin = false_negative_margin
     query, passage, negatives = split_embeddings(embeddings, num_queries, num_neg)
     retrieval = task_type == "retrieval"
-    joint = retrieval and form == "joint"
+    joint = retrieval and contrastive_loss == "joint"
     if joint:  # gathered once, then cut per dimension
         candidates, candidate_keys, offset = gather_candidates(passage, negatives, keys, inbatch_gradient)
     elif retrieval:

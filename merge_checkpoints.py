@@ -48,16 +48,23 @@ def merge(paths):
     return merged
 
 
+def merge_into(checkpoints, output):
+    """Average two or more checkpoints of one model into the new folder `output`, with the first
+    checkpoint's config, tokenizer, max_seq_length and prompts; returns the merged model."""
+    if len(checkpoints) < 2:
+        raise UserError("merging needs two or more checkpoints")
+    if os.path.exists(output):
+        raise UserError(f"{output} exists: pass a new folder for the merged checkpoint")
+    merged = merge(checkpoints)
+    max_seq_length, prompts = st_settings(checkpoints[0])
+    save_inference_model(merged, load_tokenizer(checkpoints[0]), output, max_seq_length, prompts)
+    return merged
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    if len(args.checkpoints) < 2:
-        raise UserError("merging needs two or more checkpoints")
-    if os.path.exists(args.output):
-        raise UserError(f"{args.output} exists: pass a new folder for the merged checkpoint")
-    merged = merge(args.checkpoints)
-    max_seq_length, prompts = st_settings(args.checkpoints[0])
-    save_inference_model(merged, load_tokenizer(args.checkpoints[0]), args.output, max_seq_length, prompts)
+    merge_into(args.checkpoints, args.output)
     print(f"merged {len(args.checkpoints)} checkpoints into {args.output}")
 
 

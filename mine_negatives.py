@@ -5,77 +5,17 @@
         [--seed S] [--on_short fill_random|drop] [--batch_size B] [--chunk_size C] [--max_seq_length L]
         [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--overwrite]
 
-Every `*.parquet` of --input_dir holds string columns `query` and `passage` (other columns are kept
-unchanged, in order; a file that already has `negative_*` columns is refused: drop them or point
---input_dir at the pairs, since mixing mined and given negatives would hide which is which). Its output
-OUT/NAME.parquet holds the input columns, then `negative_1` ... `negative_n` (strings, the passage
-column's type): the input of tokenize_data_qwen.py.
-
-The corpus of a file: its distinct passages, then the distinct texts of --corpus (column `text`, or
-`passage`) that are not among them; exact text is identity, so each text is one candidate. Every corpus
-text and every distinct query is embedded with the project's encoder (model.load_encoder: last-token
-pooling, L2-normalised; the checkpoint's "query" prompt before queries and "document" prompt before
-corpus texts when it defines them, no prompt otherwise, so a bare backbone folder works too). A score
-is the cosine similarity, the dot product of two embeddings.
-
-The rules, per row:
-- Exclusions. Never a negative: a passage of ANY row with the same query text (a query with several
-  positives gets none of them), a text identical to the query, a text twice. Candidates are the other
-  corpus texts ranked by score, highest first; equal scores rank by corpus position (a total order, so
-  the result does not depend on how the corpus is split into chunks).
-- Window. Ranks count after the exclusions, from 0: the first --skip_top candidates are skipped
-  (default 0), and none at rank --max_rank or beyond is considered (default 100): the window is ranks
-  [skip_top, max_rank). A corpus smaller than that gives a smaller window; that is no error.
-- Margin (false-negative guard, NV-Retriever's TopK-PercPos). With --positive_margin M (default 0.95),
-  a window candidate whose score exceeds M x the row's own positive score is dropped (a query with
-  several positives has one threshold per row: each row's negatives are held against the passage they
-  are trained against; sentence-transformers uses the query's lowest positive instead): a text the model puts
-  (almost) as close to the query as the labelled positive is likely an unlabelled positive, and training
-  against it teaches the model to push a right answer away. NV-Retriever (Moreira et al. 2024) found
-  TopK-PercPos at 95% the best of the false-negative filters it compared (it is also what
-  sentence-transformers' mine_hard_negatives recommends, relative_margin 0.05). The threshold is
-  pos - (1 - M) |pos|, which is M x pos for a positive score and never lets a candidate above a negative
-  positive score through. `--positive_margin none` turns the guard off.
-- Sampling. `--sampling top` (default) takes the first --num_negatives (default 24) of what the window
-  and margin leave, in rank order; `random` takes a random sample of them, listed in rank order, from a
-  numpy Generator seeded by (--seed, file name, row index): the result does not depend on batch sizes,
-  chunk sizes or the number of processes.
-- Short rows. A row left with fewer than n negatives is reported (count and rows) and then, with
-  `--on_short fill_random` (default), filled with random corpus texts (Generator seeded by --seed, file
-  name, row index, apart from the sampling's stream) that respect the exclusions, are not among the
-  skipped top candidates and do not score above the margin's threshold; only where the corpus has no
-  such text left does a fill take the lowest-scored of the others, and that is reported too. With
-  `--on_short drop` the short rows are left out of the output. A query whose corpus cannot give n
-  texts once its exclusions are out (a corpus of fewer than n + 1 texts, or a query with very many
-  positives) is an error before any embedding.
-
-Scale and resume. Embeddings go to disk in chunks of --chunk_size texts, each file written atomically
-(OUT/.mine_work/NAME/corpus_00000.npy, query_00000.npy). They are float16: more precise than a bf16
-model's output already is, half the disk and reads of float32, and in bench/bench_mine.py 0.04% of
-the negatives differ from a float32 store's (0.3% where a random model crowds all scores together):
-near-ties swapped. Ranking memory-maps them and keeps, for each block of queries, a
-running top-max_rank over the corpus chunks (torch.topk on --device over the chunked matrix products,
-excluded texts masked out exactly), written per query chunk (rank_00000.npy). A killed run leaves its
-finished chunks; the same command then computes only the rest and writes the same bytes. The folder
-records what its chunks were made from (manifest.json: inputs, model, --chunk_size, --max_rank) and is
-cleared when that changes, and removed once the file's output is written. Like tokenize_data_qwen.py,
-each output is written atomically with a record in its parquet schema metadata (key `f2llm_mine`:
-the input's and --corpus' size and mtime, a fingerprint of the model folder, every setting that
-changes the output), so a re-run skips the files
-already mined with the same inputs and settings; --overwrite mines everything again. --batch_size,
---chunk_size and --device are not in the record: they change embeddings only in their last bits (other
-matrix shapes), which can swap two near-tied candidates, nothing more.
-
-Processes. Under `accelerate launch` (or torchrun) each process embeds corpus and query chunks
-i::world_size and ranks query chunks i::world_size; after a barrier the main process selects the
-negatives and writes the file. The work folder is how the processes share results, so with several
-machines --output_dir must be on a file system they all see. With no launcher it runs as one process.
-A chunk does the same arithmetic whichever process computes it: with equal threads per process
-(OMP_NUM_THREADS) the output is byte-identical for any number of processes.
+Each row's candidates are the file's distinct passages and the texts of --corpus, ranked by the model's
+cosine score after its exclusions (the query's own positives and text); its negatives come from the
+window [skip_top, max_rank), minus those scoring above the positive margin, top or sampled, and short
+rows are filled or dropped. Embeddings and rankings are kept in chunks on disk, so a killed run resumes,
+also under accelerate launch; outputs record what they were mined from, and a re-run skips those
+already mined. From Python: mine(). The rules, formats, records, resume behaviour and processes:
+docs/mine_negatives.md.
 """
 import argparse
 import dataclasses
-import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -87,24 +27,15 @@ import signal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-import distributed
-from data import rows_shown
+from data import check_text_type, check_texts, rows_shown
+from distributed import Processes
 from errors import UserError, exit_on_user_error
+from files import (Output, atomic_path, input_stamp, open_input, read_input, record_metadata, remove_stale_temp_files,
+                   stored_record, write_atomic)
 from model import check_model_folder, pick_dtype, st_settings
-from tokenize_data_qwen import (
-    Output,
-    _running,
-    check_texts,
-    input_stamp,
-    open_input,
-    remove_stale_temp_files,
-    unreadable,
-    write_atomic,
-)
 
 RECORD_KEY = b"f2llm_mine"  # parquet schema metadata: what an output was mined from
 RECORD_VERSION = 2  # bump when the output for the same inputs and settings changes
@@ -120,11 +51,12 @@ KILL_AFTER = "F2LLM_MINE_KILL_AFTER"  # tests: SIGKILL this process after it wro
 SAMPLE_STREAM, FILL_STREAM = 0, 1
 PROMPTS = {"query": "query", "document": "document"}  # our checkpoints' prompt names
 WINDOW_FLAGS = "--skip_top, --max_rank, --positive_margin"
+SAMPLINGS, ON_SHORT, DEVICES = ("top", "random"), ("fill_random", "drop"), ("cpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The selection rules (see the module docstring)."""
+    """The selection rules (see docs/mine_negatives.md); the defaults are the command line's."""
     num_negatives: int = 24
     skip_top: int = 0
     max_rank: int = 100
@@ -420,7 +352,7 @@ def fill_short(short, negatives, counts, skipped, thresholds, pairs, queries, co
     return relaxed
 
 
-def mine(keys_of, pairs, queries, corpus, settings, name, progress=None):
+def select_negatives(keys_of, pairs, queries, corpus, settings, name, progress=None):
     """Every row's negatives (Mined) from ranked candidates: keys_of(qids) -> keys [len, max_rank]
     (rank); queries / corpus: Vectors of the distinct queries and of the corpus."""
     rows, n, key = len(pairs.qid), settings.num_negatives, file_key(name)
@@ -476,10 +408,8 @@ def make_record(input_path, corpus_stamp, model, settings):
 
 
 def read_record(path):
-    try:
-        return json.loads((pq.read_schema(path).metadata or {})[RECORD_KEY])
-    except Exception:  # noqa: BLE001 - no record, not a parquet file, a folder: pyarrow raises several types
-        return None
+    """The record stored in an output file, or None if it has none or cannot be read."""
+    return stored_record(path, RECORD_KEY)
 
 
 def why_mine(input_path, output_path, record, overwrite):
@@ -537,24 +467,17 @@ class Work:
             if not same:
                 shutil.rmtree(self.folder)
         os.makedirs(self.folder, exist_ok=True)
-        for tmp in glob.glob(os.path.join(self.folder, "*.tmp-*")):
-            pid = re.search(r"\.tmp-(\d+)$", tmp)
-            if pid and (int(pid.group(1)) == os.getpid() or not _running(int(pid.group(1)))):
-                os.remove(tmp)  # a killed run's partial file
+        remove_stale_temp_files(self.folder, suffix="")  # a killed run's partial files
         if not os.path.exists(file):
-            with open(file + f".tmp-{os.getpid()}", "w") as f:
+            with atomic_path(file) as tmp, open(tmp, "w") as f:
                 json.dump(manifest, f)
-            os.replace(file + f".tmp-{os.getpid()}", file)
 
     def done(self, kind, i):
         return os.path.exists(self.path(kind, i))
 
     def save(self, kind, i, array):
-        path = self.path(kind, i)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:  # np.save(name) would append .npy to the temp name
+        with atomic_path(self.path(kind, i)) as tmp, open(tmp, "wb") as f:  # np.save(name) would add .npy to tmp
             np.save(f, array)
-        os.replace(tmp, path)
         _count_write()
 
     def load(self, kind):
@@ -578,64 +501,15 @@ def _count_write():
         os.kill(os.getpid(), signal.SIGKILL)  # a real kill at a known point: what resume must survive
 
 
-# ---- processes -------------------------------------------------------------------------------------
-
-class Processes:
-    """This process's place in the launch: index, count, barrier, broadcast from the main process."""
-
-    def __init__(self, device):
-        launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1 or (distributed.launched_world_size() or 1) > 1
-        self.state = None
-        self.index, self.count, self.device = 0, 1, torch.device(device)
-        if launched:
-            from accelerate import PartialState
-
-            distributed.check_launcher()
-            # the other processes wait at a barrier while the main one writes a file: give it hours
-            self.state = PartialState(cpu=device == "cpu", timeout=datetime.timedelta(hours=12))
-            distributed.check_world_size(self.state.num_processes)
-            self.index, self.count = self.state.process_index, self.state.num_processes
-            self.device = self.state.device if device == "cuda" else torch.device("cpu")
-
-    @property
-    def main(self):
-        return self.index == 0
-
-    def barrier(self):
-        if self.count > 1:
-            self.state.wait_for_everyone()
-
-    def broadcast(self, value):
-        if self.count == 1:
-            return value
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def share(self, items):
-        return items[self.index :: self.count]
-
-
 # ---- one file --------------------------------------------------------------------------------------
 
-def read_input(path):
-    """The table of an input file (or folder of parquet parts); an unreadable one is a UserError."""
-    dataset = open_input(path)
-    try:
-        return dataset.to_table()
-    except (pa.ArrowException, OSError) as err:
-        raise unreadable(path, err) from None
-
-
-def check_columns(schema, path):
+def check_pair_columns(schema, path):
     """query and passage as strings; no negative columns (they would mix with the mined ones)."""
     for name in ("query", "passage"):
         if name not in schema.names:
             raise UserError(f"{path}: no column '{name}'; mine_negatives.py needs (query, passage) pairs in "
                             "string columns query and passage")
-        typ = schema.field(name).type
-        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-            raise UserError(f"{path}: column '{name}' has type {typ}; texts must be strings")
+        check_text_type(schema, name, path)
     negatives = [n for n in schema.names if re.fullmatch(r"negative_\d+", n)]
     if negatives:
         raise UserError(f"{path}: already has negative column(s) ({', '.join(negatives[:3])}"
@@ -650,9 +524,7 @@ def read_corpus(path):
     if column is None:
         raise UserError(f"--corpus {path}: no column 'text' (nor 'passage'); put the extra texts in a string "
                         "column named text")
-    typ = table.schema.field(column).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-        raise UserError(f"--corpus {path}: column '{column}' has type {typ}; texts must be strings")
+    check_text_type(table.schema, column, f"--corpus {path}")
     check_texts(table, [column], f"--corpus {path}")
     return pc.unique(table.column(column).cast(pa.large_string()))
 
@@ -716,7 +588,7 @@ def output_table(table, pairs, mined, settings, record):
     metadata = {k: v for k, v in (table.schema.metadata or {}).items() if not k.startswith(b"f2llm_")}
     if not keep.all():
         metadata.pop(b"pandas", None)  # its index would still count the dropped rows
-    return table.replace_schema_metadata({**metadata, RECORD_KEY: json.dumps(record).encode()})
+    return table.replace_schema_metadata(record_metadata(metadata, RECORD_KEY, record))
 
 
 def report_short(name, rows, mined, settings):
@@ -731,23 +603,28 @@ def report_short(name, rows, mined, settings):
               "other text left for those rows", flush=True)
 
 
+@dataclasses.dataclass
 class Run:
-    """What every file shares: arguments, settings, processes, the model's record and, once a file needs
-    it, the encoder."""
+    """What every file shares: the model and its record, the output folder, the settings, the processes,
+    the extra corpus and, once a file needs it, the encoder."""
+    model: str
+    model_record: dict
+    output_dir: str
+    settings: Settings
+    procs: Processes
+    extra: pa.Array | None
+    corpus_stamp: dict | None
+    batch_size: int
+    chunk_size: int
+    max_seq_length: int | None
+    dtype: str
+    overwrite: bool
 
-    def __init__(self, args, settings, procs, model_record, extra, corpus_stamp):
-        self.args, self.settings, self.procs = args, settings, procs
-        self.model_record, self.extra, self.corpus_stamp = model_record, extra, corpus_stamp
-        self._encoder = None
-
-    @property
+    @functools.cached_property
     def encoder(self):
-        if self._encoder is None:
-            from model import load_encoder
+        from model import load_encoder
 
-            self._encoder = load_encoder(self.args.model, device=self.procs.device, dtype=self.args.dtype,
-                                         max_seq_length=self.args.max_seq_length)
-        return self._encoder
+        return load_encoder(self.model, device=self.procs.device, dtype=self.dtype, max_seq_length=self.max_seq_length)
 
     def prompt(self, kind):
         prompts = self.model_record["prompts"]
@@ -755,23 +632,23 @@ class Run:
 
     def mine_file(self, path):
         """Mine one input file; True if it was mined, False if skipped (already done)."""
-        args, procs = self.args, self.procs
+        procs = self.procs
         name = os.path.basename(path)[: -len(".parquet")]
-        out_path = os.path.join(args.output_dir, f"{name}.parquet")
+        out_path = os.path.join(self.output_dir, f"{name}.parquet")
         record = make_record(path, self.corpus_stamp, self.model_record, self.settings)  # stamp taken before reading
-        reason = procs.broadcast(why_mine(path, out_path, record, args.overwrite) if procs.main else None)
+        reason = procs.broadcast(why_mine(path, out_path, record, self.overwrite) if procs.main else None)
         if reason is None:
             if procs.main:
                 print(f"skip {name}: already mined (same input, corpus, model and settings)", flush=True)
-                Work(args.output_dir, name, 1, 0, 0).remove()  # a run killed after its write left it
+                Work(self.output_dir, name, 1, 0, 0).remove()  # a run killed after its write left it
             return False
         if reason and procs.main:
             print(f"mine {name} again: {reason}", flush=True)
         table, pairs = self.read_pairs(path, name)
-        work = Work(args.output_dir, name, args.chunk_size, len(pairs.corpus), len(pairs.queries))
+        work = Work(self.output_dir, name, self.chunk_size, len(pairs.corpus), len(pairs.queries))
         if procs.main:
             work.prepare({"version": RECORD_VERSION, "input": record["input"], "corpus": record["corpus"],
-                          "model": record["model"], "chunk_size": args.chunk_size, "max_rank": self.settings.max_rank,
+                          "model": record["model"], "chunk_size": self.chunk_size, "max_rank": self.settings.max_rank,
                           "store": np.dtype(STORE_DTYPE).name, "texts": [len(pairs.corpus), len(pairs.queries)]})
         procs.barrier()
         self.embed(work, pairs, name)
@@ -790,7 +667,7 @@ class Run:
         table = read_input(path)
         if table.num_rows == 0:
             raise UserError(f"{path}: 0 rows; remove the file or fill it")
-        check_columns(table.schema, path)
+        check_pair_columns(table.schema, path)
         check_texts(table, ["query", "passage"], path)
         pairs = build_pairs(table, self.extra)
         check_enough_texts(pairs, self.settings.num_negatives, path)
@@ -806,14 +683,14 @@ class Run:
         with tqdm(total=sum(work.size(k, i) for k, i in jobs), desc=f"{name} embed", unit="text",
                   disable=not self.procs.main) as bar:
             encoder = self.encoder if any(not work.done(k, i) for k, i in jobs) else None
-            embed_chunks(work, jobs, encoder, sources, self.args.batch_size, bar)
+            embed_chunks(work, jobs, encoder, sources, self.batch_size, bar)
 
     def write(self, work, table, pairs, record, path, out_path):
         """Select every row's negatives and write the output (main process)."""
         settings, name = self.settings, os.path.basename(out_path)[: -len(".parquet")]
         with tqdm(total=table.num_rows, desc=f"{name} select", unit="row") as bar:
-            mined = mine(rank_lookup(work), pairs, Vectors(work.load("query")), Vectors(work.load("corpus")),
-                         settings, name, bar)
+            mined = select_negatives(rank_lookup(work), pairs, Vectors(work.load("query")),
+                                     Vectors(work.load("corpus")), settings, name, bar)
         report_short(name, table.num_rows, mined, settings)
         if settings.on_short == "drop" and len(mined.short) == table.num_rows:
             raise UserError(f"{path}: every row had fewer than {settings.num_negatives} negatives in the window, and "
@@ -823,6 +700,99 @@ class Run:
         write_atomic(Output(out.schema, [out]), out_path)
         work.remove()
         print(f"wrote {out_path}: {out.num_rows} rows x {settings.num_negatives} negatives", flush=True)
+
+
+# ---- the public function ---------------------------------------------------------------------------
+
+def check_options(settings, batch_size, chunk_size, max_seq_length, device):
+    """The settings' own limits, before anything is read."""
+    n = settings.num_negatives
+    if n < 1:
+        raise UserError("--num_negatives must be at least 1")
+    if settings.skip_top < 0:
+        raise UserError("--skip_top must be 0 or more")
+    if settings.max_rank - settings.skip_top < n:
+        raise UserError(f"the window --skip_top {settings.skip_top} .. --max_rank {settings.max_rank} holds "
+                        f"{max(0, settings.max_rank - settings.skip_top)} candidates, fewer than --num_negatives {n}: "
+                        "raise --max_rank or lower --skip_top")
+    if settings.positive_margin is not None and not 0 < settings.positive_margin <= 1:
+        raise UserError(f"--positive_margin must be in (0, 1] (or none), got {settings.positive_margin}")
+    choices = {"--sampling": (settings.sampling, SAMPLINGS), "--on_short": (settings.on_short, ON_SHORT),
+               "--device": (device or "cpu", DEVICES)}  # None: cuda if available
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{flag} {value}: choose one of {', '.join(allowed)}")
+    if batch_size < 1 or chunk_size < 1:
+        raise UserError("--batch_size and --chunk_size must be at least 1")
+    if max_seq_length is not None and max_seq_length < 2:
+        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
+    if not 0 <= settings.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and {2**63 - 1}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is available; use --device cpu")
+
+
+def input_files(input_dir, corpus):
+    """The input files, each with the columns needed (read from the footers)."""
+    if not os.path.isdir(input_dir):
+        raise UserError(f"input folder {input_dir} not found: pass --input_dir with (query, passage) "
+                        "parquet files")
+    files = sorted(glob.glob(os.path.join(input_dir, "*.parquet")))
+    if not files:
+        raise UserError(f"no *.parquet files in {input_dir}")
+    if corpus and os.path.realpath(corpus) in {os.path.realpath(f) for f in files}:
+        raise UserError(f"--corpus {corpus} lies in --input_dir, where it would be mined as a dataset: move it "
+                        "out of that folder")
+    for path in files:  # the footers only: a wrong file stops the run before any work
+        check_pair_columns(open_input(path).schema, path)
+    return files
+
+
+def model_record(model, max_seq_length, dtype):
+    """The model part of the record: fingerprint, max_seq_length, dtype and the prompts used, all read
+    from the folder without loading the weights (so that a run with nothing to do loads nothing)."""
+    saved_length, prompts = st_settings(model)
+    return {"fingerprint": model_fingerprint(model), "max_seq_length": max_seq_length or saved_length,
+            "dtype": dtype, "prompts": {kind: prompts.get(name) for kind, name in PROMPTS.items()}}
+
+
+def mine(model, input_dir, output_dir, *, settings=Settings(), corpus=None, batch_size=32, chunk_size=CHUNK_SIZE,
+         max_seq_length=None, device=None, dtype="auto", overwrite=False):
+    """Mine every `*.parquet` of input_dir into output_dir with the embedding model folder `model`,
+    skipping the files already mined from the same inputs, model and settings. The keyword arguments are
+    the command line's other flags, with its defaults (device None: cuda if available). Returns (files
+    mined, files skipped). Bad settings or input are a UserError that says what to fix (a file's rows are
+    all checked before its texts are embedded)."""
+    check_options(settings, batch_size, chunk_size, max_seq_length, device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":  # pick_dtype looks at the machine, not at --device: bfloat16 is slow on a CPU
+        dtype = "float32" if device == "cpu" else str(pick_dtype("auto")).removeprefix("torch.")
+    check_model_folder(model, "--model")
+    files = input_files(input_dir, corpus)
+    extra, corpus_stamp = None, None
+    if corpus:
+        if not os.path.exists(corpus):
+            raise UserError(f"--corpus {corpus} not found")
+        corpus_stamp = input_stamp(corpus)
+        extra = read_corpus(corpus)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {output_dir}: {err.strerror}") from None
+    if os.path.samefile(input_dir, output_dir):
+        raise UserError("--output_dir is --input_dir: the outputs (same names) would replace the inputs; pass another "
+                        "--output_dir")
+    procs = Processes(device)
+    if procs.main:
+        remove_stale_temp_files(output_dir)
+    run = Run(model, model_record(model, max_seq_length, dtype), output_dir, settings, procs, extra, corpus_stamp,
+              batch_size=batch_size, chunk_size=chunk_size, max_seq_length=max_seq_length, dtype=dtype,
+              overwrite=overwrite)
+    done = sum(run.mine_file(path) for path in files)
+    procs.barrier()
+    if procs.main:
+        print(f"mined {done} file(s), skipped {len(files) - done} already mined, into {output_dir}", flush=True)
+    return done, len(files) - done
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -841,113 +811,40 @@ def margin_value(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The flags given, by mine's names (the rules by Settings'): those left out take the defaults."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     p.add_argument("--model", required=True, help="the embedding model: a checkpoint of ours or a backbone folder")
     p.add_argument("--input_dir", required=True, help="folder of *.parquet files with columns query, passage")
     p.add_argument("--output_dir", required=True, help="where NAME.parquet with negative_1 ... negative_n go")
-    p.add_argument("--num_negatives", type=int, default=24, metavar="N", help="negatives per row (default 24)")
+    p.add_argument("--num_negatives", type=int, metavar="N", help="negatives per row (default 24)")
     p.add_argument("--corpus", help="a parquet file of extra candidate texts (column text, or passage), added to "
                                     "every input file's passages")
-    p.add_argument("--skip_top", type=int, default=0, metavar="K", help="skip the K best candidates (default 0)")
-    p.add_argument("--max_rank", type=int, default=100, metavar="R",
+    p.add_argument("--skip_top", type=int, metavar="K", help="skip the K best candidates (default 0)")
+    p.add_argument("--max_rank", type=int, metavar="R",
                    help="consider candidates ranked below R only (ranks count after the exclusions; default 100)")
-    p.add_argument("--positive_margin", type=margin_value, default=0.95, metavar="M",
+    p.add_argument("--positive_margin", type=margin_value, metavar="M",
                    help="drop candidates scoring above M x the row's positive score (default 0.95; none: off)")
-    p.add_argument("--sampling", choices=["top", "random"], default="top",
+    p.add_argument("--sampling", choices=SAMPLINGS,
                    help="top: the best n of the window (default); random: a seeded random n of it")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sampling random and of the fills (default 0)")
-    p.add_argument("--on_short", choices=["fill_random", "drop"], default="fill_random",
+    p.add_argument("--seed", type=int, help="seed of --sampling random and of the fills (default 0)")
+    p.add_argument("--on_short", choices=ON_SHORT,
                    help="rows with fewer than n negatives in the window: fill them with random corpus texts "
                         "(default) or leave them out")
-    p.add_argument("--batch_size", type=int, default=32, help="texts per forward pass (default 32)")
-    p.add_argument("--chunk_size", type=int, default=CHUNK_SIZE,
-                   help=f"texts per embedding file in the work folder (default {CHUNK_SIZE})")
+    p.add_argument("--batch_size", type=int, help="texts per forward pass (default 32)")
+    p.add_argument("--chunk_size", type=int, help=f"texts per embedding file in the work folder (default {CHUNK_SIZE})")
     p.add_argument("--max_seq_length", type=int, help="tokens per text, eos included (default: the checkpoint's)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    p.add_argument("--device", choices=DEVICES, help="default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the model's dtype (default auto: float32 on the CPU, bfloat16 on a GPU that has it)")
     p.add_argument("--overwrite", action="store_true", help="mine every file again, even those already mined")
     return p.parse_args(argv)
 
 
-def check_args(args):
-    """The settings' own limits, before anything is read."""
-    n = args.num_negatives
-    if n < 1:
-        raise UserError("--num_negatives must be at least 1")
-    if args.skip_top < 0:
-        raise UserError("--skip_top must be 0 or more")
-    if args.max_rank - args.skip_top < n:
-        raise UserError(f"the window --skip_top {args.skip_top} .. --max_rank {args.max_rank} holds "
-                        f"{max(0, args.max_rank - args.skip_top)} candidates, fewer than --num_negatives {n}: raise "
-                        "--max_rank or lower --skip_top")
-    if args.batch_size < 1 or args.chunk_size < 1:
-        raise UserError("--batch_size and --chunk_size must be at least 1")
-    if args.max_seq_length is not None and args.max_seq_length < 2:
-        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
-    if not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be between 0 and {2**63 - 1}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no GPU is available; use --device cpu")
-
-
-def input_files(args):
-    """The input files, each with the columns needed (read from the footers)."""
-    if not os.path.isdir(args.input_dir):
-        raise UserError(f"input folder {args.input_dir} not found: pass --input_dir with (query, passage) "
-                        "parquet files")
-    files = sorted(glob.glob(os.path.join(args.input_dir, "*.parquet")))
-    if not files:
-        raise UserError(f"no *.parquet files in {args.input_dir}")
-    if args.corpus and os.path.realpath(args.corpus) in {os.path.realpath(f) for f in files}:
-        raise UserError(f"--corpus {args.corpus} lies in --input_dir, where it would be mined as a dataset: move it "
-                        "out of that folder")
-    for path in files:  # the footers only: a wrong file stops the run before any work
-        check_columns(open_input(path).schema, path)
-    return files
-
-
-def model_record(args):
-    """The model part of the record: fingerprint, max_seq_length, dtype and the prompts used, all read
-    from the folder without loading the weights (so that a run with nothing to do loads nothing)."""
-    saved_length, prompts = st_settings(args.model)
-    return {"fingerprint": model_fingerprint(args.model), "max_seq_length": args.max_seq_length or saved_length,
-            "dtype": args.dtype,
-            "prompts": {kind: prompts.get(name) for kind, name in PROMPTS.items()}}
-
-
 @exit_on_user_error
 def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype == "auto":  # pick_dtype looks at the machine, not at --device: bfloat16 is slow on a CPU
-        args.dtype = "float32" if args.device == "cpu" else str(pick_dtype("auto")).removeprefix("torch.")
-    settings = Settings(args.num_negatives, args.skip_top, args.max_rank, args.positive_margin, args.sampling,
-                        args.seed, args.on_short)
-    check_model_folder(args.model, "--model")
-    files = input_files(args)
-    extra, corpus_stamp = None, None
-    if args.corpus:
-        if not os.path.exists(args.corpus):
-            raise UserError(f"--corpus {args.corpus} not found")
-        corpus_stamp = input_stamp(args.corpus)
-        extra = read_corpus(args.corpus)
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the output folder {args.output_dir}: {err.strerror}") from None
-    if os.path.samefile(args.input_dir, args.output_dir):
-        raise UserError("--output_dir is --input_dir: the outputs (same names) would replace the inputs; pass another "
-                        "--output_dir")
-    procs = Processes(args.device)
-    if procs.main:
-        remove_stale_temp_files(args.output_dir)
-    run = Run(args, settings, procs, model_record(args), extra, corpus_stamp)
-    done = sum(run.mine_file(path) for path in files)
-    procs.barrier()
-    if procs.main:
-        print(f"mined {done} file(s), skipped {len(files) - done} already mined, into {args.output_dir}", flush=True)
+    args = vars(parse_args(argv))
+    rules = {field.name: args.pop(field.name) for field in dataclasses.fields(Settings) if field.name in args}
+    mine(**args, settings=Settings(**rules))
 
 
 if __name__ == "__main__":

@@ -474,8 +474,33 @@ def read_texts(path):
     return texts
 
 
-@exit_on_user_error
-def main(argv=None):
+def embed_file(checkpoint, input="-", output="embeddings.npy", *, prompt_name=None, batch_size=32, device=None,
+               max_seq_length=None):
+    """Embed the texts of `input` (see read_texts) with a checkpoint and save them to `output` as a
+    float32 .npy [n, d], L2-normalised; returns the embeddings. The keyword arguments are the command
+    line's flags, with its defaults. Bad input is a UserError that says what to fix."""
+    if not os.path.isdir(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} not found: pass a checkpoint folder, e.g. output/RUN/step_N")
+    if batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    if max_seq_length is not None and max_seq_length < 2:
+        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is available; use --device cpu")
+    texts = read_texts(input)
+    if not texts:
+        raise UserError(f"{input} holds no texts")
+    encoder = load_encoder(checkpoint, device=device, max_seq_length=max_seq_length)
+    embeddings = encoder.encode(texts, prompt_name=prompt_name, batch_size=batch_size).numpy()
+    try:
+        with open(output, "wb") as f:  # np.save(name) would append .npy to any other name
+            np.save(f, embeddings)
+    except OSError as err:
+        raise UserError(f"cannot write {output}: {err.strerror}") from None
+    return embeddings
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Embed texts with a checkpoint: a float32 .npy [n, d], L2-normalised.")
     p.add_argument("checkpoint", help="a checkpoint folder (or any backbone with its tokenizer)")
     p.add_argument("--input", default="-", help='one text per line, or a .jsonl with a "text" field; - for stdin')
@@ -484,26 +509,14 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--max_seq_length", type=int, help="tokens per text, eos included (default: the checkpoint's)")
-    args = p.parse_args(argv)
-    if not os.path.isdir(args.checkpoint):
-        raise UserError(f"checkpoint {args.checkpoint} not found: pass a checkpoint folder, e.g. output/RUN/step_N")
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
-    if args.max_seq_length is not None and args.max_seq_length < 2:
-        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no GPU is available; use --device cpu")
-    texts = read_texts(args.input)
-    if not texts:
-        raise UserError(f"{args.input} holds no texts")
-    encoder = load_encoder(args.checkpoint, device=args.device, max_seq_length=args.max_seq_length)
-    embeddings = encoder.encode(texts, prompt_name=args.prompt_name, batch_size=args.batch_size).numpy()
-    try:
-        with open(args.output, "wb") as f:  # np.save(name) would append .npy to any other name
-            np.save(f, embeddings)
-    except OSError as err:
-        raise UserError(f"cannot write {args.output}: {err.strerror}") from None
-    print(f"{args.output}: {embeddings.shape[0]} x {embeddings.shape[1]} float32")
+    return p.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    rows, dims = embed_file(**vars(args)).shape
+    print(f"{args.output}: {rows} x {dims} float32")
 
 
 if __name__ == "__main__":

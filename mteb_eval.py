@@ -153,8 +153,41 @@ def print_table(rows):
         print("  ".join(row[c].ljust(w) for c, w in zip(columns, widths)).rstrip())
 
 
-@exit_on_user_error
-def main(argv=None):
+def evaluate_mteb(checkpoint, *, tasks=(), local=None, output_dir="mteb_results", batch_size=32, max_seq_length=None):
+    """Run MTEB on a checkpoint: the named `tasks` (or benchmarks) and a retrieval task per *.parquet of
+    the folder `local`; mteb's result files go to output_dir. Returns one row per task ({column: value},
+    see print_table). The keyword arguments are the command line's flags, with its defaults."""
+    if not tasks and not local:
+        raise UserError("nothing to evaluate: give --tasks NAME ... and/or --local DIR")
+    local_files = sorted(glob.glob(os.path.join(local, "*.parquet"))) if local else []
+    if local and not local_files:
+        raise UserError(f"--local: no *.parquet files in {local}")
+
+    # mteb keeps results and a default cache under ~/.cache/mteb unless told otherwise
+    os.environ.setdefault("MTEB_CACHE", os.path.abspath(output_dir))
+    try:
+        import mteb
+    except ImportError:
+        raise UserError("mteb_eval.py needs the mteb package (2.x): pip install 'mteb>=2.0'")
+
+    to_run = named_tasks(tasks) + [local_task(path) for path in local_files]
+    encoder = load_encoder(checkpoint, max_seq_length=max_seq_length)
+    model = MtebEncoder(encoder, os.path.basename(os.path.normpath(checkpoint)))
+    cache = mteb.ResultCache(output_dir)
+    rows = []
+    for i, task in enumerate(to_run, 1):
+        print(f"[{i}/{len(to_run)}] {task.metadata.name}", file=sys.stderr, flush=True)
+        load_task_data(task)
+        # "always": a checkpoint folder can be retrained under the same name, so never reuse old results
+        result = mteb.evaluate(model, task, cache=cache, overwrite_strategy="always", co2_tracker=False,
+                               encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
+                               show_progress_bar=False)
+        task.unload_data()
+        rows.append(scores_row(task, result.task_results[0]))
+    return rows
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a checkpoint folder (or any backbone with its tokenizer)")
     p.add_argument("--tasks", nargs="+", default=[], metavar="NAME", help="MTEB task or benchmark names (downloaded)")
@@ -162,35 +195,13 @@ def main(argv=None):
     p.add_argument("--output_dir", default="mteb_results", help="mteb's result files and cache (MTEB_CACHE)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_seq_length", type=int, default=None, help="default: the checkpoint's, else 1024")
-    args = p.parse_args(argv)
-    if not args.tasks and not args.local:
-        raise UserError("nothing to evaluate: give --tasks NAME ... and/or --local DIR")
-    local_files = sorted(glob.glob(os.path.join(args.local, "*.parquet"))) if args.local else []
-    if args.local and not local_files:
-        raise UserError(f"--local: no *.parquet files in {args.local}")
+    return p.parse_args(argv)
 
-    # mteb keeps results and a default cache under ~/.cache/mteb unless told otherwise
-    os.environ.setdefault("MTEB_CACHE", os.path.abspath(args.output_dir))
-    try:
-        import mteb
-    except ImportError:
-        raise UserError("mteb_eval.py needs the mteb package (2.x): pip install 'mteb>=2.0'")
 
-    tasks = named_tasks(args.tasks) + [local_task(path) for path in local_files]
-    encoder = load_encoder(args.checkpoint, max_seq_length=args.max_seq_length)
-    model = MtebEncoder(encoder, os.path.basename(os.path.normpath(args.checkpoint)))
-    cache = mteb.ResultCache(args.output_dir)
-    rows = []
-    for i, task in enumerate(tasks, 1):
-        print(f"[{i}/{len(tasks)}] {task.metadata.name}", file=sys.stderr, flush=True)
-        load_task_data(task)
-        # "always": a checkpoint folder can be retrained under the same name, so never reuse old results
-        result = mteb.evaluate(model, task, cache=cache, overwrite_strategy="always", co2_tracker=False,
-                               encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": False},
-                               show_progress_bar=False)
-        task.unload_data()
-        rows.append(scores_row(task, result.task_results[0]))
-    print_table(rows)
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    print_table(evaluate_mteb(**vars(args)))
     print(f"mteb results: {os.path.join(args.output_dir, 'results')}")
 
 

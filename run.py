@@ -6,9 +6,11 @@ One step: embed a homogeneous batch (queries, positives, hard negatives) with la
 take the hard-negative loss (plus the in-batch loss on retrieval data), and step AdamW with a
 warmup + cosine schedule clamped at min_lr. `--prepare_only` builds the train/validation split
 cache in one process and exits (the recommended warm-up before a many-process launch).
+
+Reading order: train() (the command), set_up() (everything a run needs, in one Run), fit() (the
+loop), then the pieces the loop names: the step, validation, checkpoints, epoch ends and stops.
 """
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -18,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from collections import defaultdict
 from functools import partial
 from itertools import islice
 
@@ -30,175 +31,210 @@ from tqdm import tqdm
 
 import checkpoint
 import tokenize_data_qwen
-from config import load_config, load_dataset_types
+from checkpoint import TrainState
+from config import Config, load_config, load_dataset_types
 from data import MultiDatasetLoader, check_datasets, holds_raw_files, load_splits, make_loader
 from distributed import any_process, close, make_accelerator, warn
 from errors import UserError, exit_on_user_error
 from grad_cache import cached_backward
-from metrics import retrieval_metrics, retrieval_set
 from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
+from metrics import LossTracker, Throughput, retrieval_metrics, retrieval_set
 from model import Embedder, check_library_support, check_model_folder, flatten, load_backbone, load_tokenizer
 
 
-GRAD_NORM = ("", "grad_norm")  # LossTracker's key of the gradient norm, beside (dataset, loss term)
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    train(args.config, prepare_only=args.prepare_only, break_lock=args.break_lock)
 
 
-PUBLISHED_KINDS = {"inbatch": "in_batch"}  # our loss term names that the published keys spell otherwise
-PUBLISHED_SPLITS = {"train": "training", "valid": "valid"}
+def train(config_path, prepare_only=False, break_lock=False):
+    """Train as the JSON config at config_path says, on every process of the launch; with prepare_only,
+    build the split cache in this process and print the datasets instead. break_lock: take over the
+    run folder's lock whatever its holder (see checkpoint.RunLock)."""
+    survive_closed_output()
+    cfg = load_config(config_path)
+    dataset_types = load_dataset_types(cfg)
+    if prepare_only:
+        checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg))
+        for name, (task, train_split, valid_split) in prepare(cfg, checked).items():
+            print(f"{name:32s} {task:15s} train {len(train_split):9d}  validation {len(valid_split):7d}")
+        return
+    accelerator = make_accelerator()
+    fit(cfg, dataset_types, accelerator, break_lock)
+    close(accelerator)
 
 
-class LossTracker:
-    """Sums of each dataset's losses since the last report; reported as means over all processes.
-    `kinds`: the loss terms a step can have ("inbatch", "hard", and with F2LLM-v2 options
-    "mrl_inbatch", "mrl_hard", "kd"); every process must pass the same ones, as report() reduces
-    them in one tensor. `keys`: the metric names report() gives (see metric_names)."""
+@dataclasses.dataclass
+class Run:
+    """What the loop works with, built once by set_up(): the model and optimizer as accelerate
+    prepared them, the lr schedule, the teacher (None without distillation), this process's training
+    and validation batches, the retrieval sets validation ranks, each dataset's task type, the number
+    of steps, the TrainState a checkpoint saves and restores, and the TensorBoard writer (opened by
+    fit on the main process; None elsewhere)."""
 
-    def __init__(self, names, task_of, kinds=("inbatch", "hard"), keys="grouped"):
-        self.names = sorted(names)
-        self.task_of = task_of
-        self.kinds = (*kinds, "total")
-        self.keys = keys
-        self.sums = {}
-        self.counts = defaultdict(int)
-
-    def add(self, name, losses, grad_norm=None):
-        """Accumulates on the device: no host sync per step. The gradient norm (a float, the same on
-        every process) is averaged over all datasets' steps."""
-        for kind, value in {**losses, "total": sum(losses.values())}.items():
-            self.sums[name, kind] = self.sums.get((name, kind), 0) + value.detach().double()
-            self.counts[name, kind] += 1
-        if grad_norm is not None:
-            self.sums[GRAD_NORM] = self.sums.get(GRAD_NORM, 0) + grad_norm
-            self.counts[GRAD_NORM] += 1
-
-    def report(self, accelerator, prefix):
-        """Each dataset's mean of each loss term, each task type's mean of its datasets' means (named
-        by metric_names), {prefix/loss: mean total loss per step} and {prefix/grad_norm: mean per step};
-        resets."""
-        keys = [(n, k) for n in self.names for k in self.kinds] + [GRAD_NORM]
-        zero = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        totals = torch.stack([torch.stack([zero + self.sums.get(key, 0), zero + self.counts[key]]) for key in keys])
-        totals = accelerator.reduce(totals, reduction="sum").tolist()
-        self.sums.clear()
-        self.counts.clear()
-        means = {key: total / count for key, (total, count) in zip(keys, totals) if count}
-        out = {f"{prefix}/grad_norm": means.pop(GRAD_NORM)} if GRAD_NORM in means else {}
-        by_task = defaultdict(list)
-        for (name, kind), mean in means.items():
-            by_task[self.task_of[name], kind].append(mean)
-        out.update(self.metric_names(prefix, means))
-        out.update(self.metric_names(prefix, {key: sum(v) / len(v) for key, v in sorted(by_task.items())}, tasks=True))
-        totals = [(total, count) for (_, kind), (total, count) in zip(keys, totals) if kind == "total"]
-        if sum(count for _, count in totals):
-            out[f"{prefix}/loss"] = sum(total for total, _ in totals) / sum(count for _, count in totals)
-        return out
-
-    def metric_names(self, prefix, means, tasks=False):
-        """{metric name: mean} of {(dataset, or task type with `tasks`, kind): mean}. `grouped`:
-        prefix/dataset/kind and prefix/task_type/kind, each term apart. `published`: the published
-        TensorBoard names, dataset/training_loss_hard (valid_loss_... for validation) and
-        Avg/task_type/training_loss_in_batch; in training the Matryoshka terms are added to the loss
-        they cut, as the published code logs them (its validation has none: ours are kept apart)."""
-        if self.keys == "grouped":
-            return {f"{prefix}/{name}/{kind}": mean for (name, kind), mean in means.items()}
-        out = defaultdict(float)
-        for (name, kind), mean in means.items():
-            kind = kind.removeprefix("mrl_") if prefix == "train" else kind
-            kind = PUBLISHED_KINDS.get(kind, kind)
-            out[f"{'Avg/' if tasks else ''}{name}/{PUBLISHED_SPLITS[prefix]}_loss_{kind}"] += mean
-        return dict(out)
-
-    def state_dict(self, accelerator):
-        """The pending sums, reduced over processes (collective), for a checkpoint."""
-        keys = sorted(self.counts)
-        values = torch.tensor([[float(self.sums[key]), self.counts[key]] for key in keys] or [[0.0, 0]],
-                              dtype=torch.float64, device=accelerator.device)
-        values = accelerator.reduce(values, reduction="sum").tolist()
-        return {f"{name}/{kind}": value for (name, kind), value in zip(keys, values)}
-
-    def load_state_dict(self, state, accelerator):
-        """Pending sums from a checkpoint; kept by the main process only, as report() sums processes."""
-        if accelerator.is_main_process:
-            for key, (total, count) in state.items():
-                name, kind = key.rsplit("/", 1)
-                self.sums[name, kind] = torch.tensor(total, dtype=torch.float64, device=accelerator.device)
-                self.counts[name, kind] = int(count)
+    cfg: Config
+    accelerator: object
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    teacher: torch.nn.Module
+    train_loader: MultiDatasetLoader
+    valid_loaders: dict
+    eval_sets: dict
+    task_of: dict
+    total_steps: int
+    state: TrainState
+    writer: SummaryWriter = None
 
 
-class Throughput:
-    """Real (unpadded) tokens and steps per second of training, summed over processes; the time
-    spent validating and checkpointing (inside `paused()`) does not count."""
+def set_up(cfg, dataset_types, accelerator, break_lock=False):
+    """Check every input, take the run folder, build data, model, optimizer and lr schedule, and
+    restore the checkpoint that resume_from names (or start at step 0): the Run."""
+    tokenizer = load_tokenizer(cfg.model_path)
+    check_model_folder(cfg.model_path)  # a wrong folder is one line before the data is prepared
+    check_library_support(cfg.attn_implementation, cfg.batch_layout == "packed")  # so is a wrong-results stack
+    if cfg.teacher_model_path:
+        check_model_folder(cfg.teacher_model_path, "teacher_model_path")
+    checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator))  # all fail at once on bad input
+    checkpoint.RunLock(accelerator, cfg.run_dir, break_lock)  # before any write; checks it is writable
+    set_seed(cfg.seed)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, cfg)
+    with accelerator.main_process_first():  # one process builds the split cache, the others read it
+        splits = dict(sorted(prepare(cfg, checked).items()))
+    task_of = {name: task for name, (task, _, _) in splits.items()}
+    eval_sets = {name: retrieval_set(valid, cfg.eval_queries) for name, (task, _, valid) in splits.items()
+                 if task == "retrieval" and cfg.eval_queries}
 
-    def __init__(self):
-        self.tokens, self.steps, self.seconds, self.start = 0, 0, 0.0, time.perf_counter()
+    model = build_model(cfg, tokenizer, accelerator)
+    teacher = build_teacher(cfg, tokenizer, model.backbone.config.hidden_size, accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    adamw = make_optimizer(trainable, cfg)
+    train_loader, valid_loaders = build_loaders(splits, cfg, tokenizer, model.backbone.config.vocab_size, accelerator)
+    model, optimizer = accelerator.prepare(model, adamw)
+    total_steps = cfg.train_steps if cfg.train_steps > 0 else len(train_loader) * cfg.train_epochs
+    unsharded = sum(-(-len(train) // cfg.train_batch_size) for _, train, _ in splits.values()) * cfg.train_epochs
+    # Stepped once per optimizer step here, not by accelerate (which steps it once per process).
+    # It and the min_lr clamp act on AdamW's param groups, which DDP and DeepSpeed ZeRO step with.
+    scheduler = make_scheduler(adamw, cfg, total_steps, accelerator.num_processes,
+                               cfg.train_steps if cfg.train_steps > 0 else unsharded)
+    accelerator.register_for_checkpointing(scheduler)
 
-    def add(self, tokens):
-        self.tokens += tokens
-        self.steps += 1
-
-    @contextlib.contextmanager
-    def paused(self):
-        self.seconds += time.perf_counter() - self.start
-        yield
-        self.start = time.perf_counter()
-
-    def report(self, accelerator):
-        """{train/tokens_per_s, train/steps_per_s} since the last report (collective); resets."""
-        with self.paused():
-            tokens = accelerator.reduce(torch.tensor(float(self.tokens), device=accelerator.device), "sum").item()
-            seconds = max(self.seconds, 1e-9)
-            out = {"train/tokens_per_s": tokens / seconds, "train/steps_per_s": self.steps / seconds}
-            self.tokens, self.steps, self.seconds = 0, 0, 0.0
-        return out
-
-
-def batch_losses(embeddings, batch, task, cfg):
-    """The losses of one batch (loss.f2llm_losses): {"hard": ..., "inbatch": ...(retrieval only)}, or
-    with contrastive_loss joint {"joint": ...} on retrieval batches; plus "mrl_*" with use_mrl and
-    "kd" when the batch carries its teacher embeddings."""
-    mrl_dims = matryoshka_dims(embeddings.shape[-1], cfg.mrl_dims) if cfg.use_mrl else ()
-    return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, cfg.temperature,
-                        cfg.inbatch_gradient, mrl_dims, batch.get("teacher"), cfg.kd_weight, cfg.contrastive_loss,
-                        cfg.false_negative_margin, batch.get("doc_keys"))
-
-
-def loss_kinds(cfg, distill=False):
-    """The loss terms a step logs: the contrastive ones, plus the F2LLM-v2 ones the config turns on."""
-    kinds = ("joint", "hard") if cfg.contrastive_loss == "joint" else ("inbatch", "hard")
-    return kinds + tuple(f"mrl_{kind}" for kind in kinds if cfg.use_mrl) + (("kd",) if distill else ())
+    tracker = LossTracker(splits, task_of, loss_kinds(cfg, distill=teacher is not None), cfg.log_keys)
+    fresh = TrainState(world_size=accelerator.num_processes, config=dataclasses.asdict(cfg), tracker=tracker,
+                       batches_per_epoch={name: len(b) for name, b in train_loader.loaders.items()})
+    state = checkpoint.restore(accelerator, cfg.resume_from, cfg.run_dir, fresh)
+    return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, teacher, train_loader, valid_loaders,
+               eval_sets, task_of, total_steps, state)
 
 
-def embed(model, batch):
-    return model(batch["input_ids"], batch["lengths"], num_queries=batch["num_queries"])
+def fit(cfg, dataset_types, accelerator, break_lock=False):
+    """The run, from the checks of its inputs to the final checkpoint, on every process."""
+    run = set_up(cfg, dataset_types, accelerator, break_lock)
+    state, total = run.state, run.total_steps
+    if state.step >= total:
+        accelerator.print(f"the run had already finished ({state.step} of {total} steps); nothing to do")
+        return
+    run.writer = open_writer(cfg, accelerator)
+    accelerator.print(f"{len(run.task_of)} datasets, {state.steps_per_epoch} batches per epoch per process, "
+                      f"{total} steps, {accelerator.num_processes} process(es)")
+    stop, throughput = StopSignal(), Throughput()
+    bar = tqdm(total=total, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    try:  # the bar ends its line before any error line
+        run.model.train()
+        for epoch in range(state.epoch, cfg.train_epochs):
+            run.train_loader.set_epoch(epoch, start=state.step - epoch * state.steps_per_epoch)
+            for name, batch in islice(run.train_loader, total - state.step):
+                throughput.add(len(batch["input_ids"]))
+                losses, grad_norm = train_step(run.model, to_device(batch, accelerator.device), run.task_of[name],
+                                               cfg, accelerator, run.optimizer, run.scheduler, run.teacher)
+                state.step += 1
+                bar.update(1)
+                count_step(run, name, losses, grad_norm)
+                if state.step % cfg.log_interval == 0:
+                    bar.set_postfix(log_training(run, throughput))
+                with throughput.paused():
+                    if cfg.validation_steps and state.step % cfg.validation_steps == 0:
+                        log(run.writer, validate(run), state.step)
+                    if checkpoint_due(state.step, total, cfg):
+                        save(run, f"step_{state.step}")
+                if stop.agreed(accelerator):
+                    return stop_early(run, stop.received)
+            with throughput.paused():
+                end_epoch(run, epoch)
+            if state.step >= total:
+                break
+    finally:
+        bar.close()
+        if run.writer is not None:
+            run.writer.close()
+    note(accelerator, cfg, f"final checkpoint: {state.saved_path}")
 
 
-def all_finite(losses, accelerator):
-    """True when every process's losses are finite; one all-reduce, so all processes agree."""
-    bad = torch.stack([~torch.isfinite(value.detach()) for value in losses.values()]).any()
-    return not any_process(accelerator, bad)
+def count_step(run, name, losses, grad_norm):
+    """A step's losses into the logging sums; a skipped step (losses None) into the skip counters,
+    with a warning. max_bad_steps skipped in a row stop the run, with a checkpoint."""
+    state = run.state
+    if losses is not None:
+        state.tracker.add(name, losses, grad_norm)
+        state.bad_steps_in_a_row = 0
+        return
+    state.bad_steps_in_a_row += 1
+    state.skipped_steps += 1
+    warn(run.accelerator, f"step {state.step}: non-finite loss or gradient on {name}; step skipped "
+                          f"({state.bad_steps_in_a_row} in a row, {state.skipped_steps} in all)")
+    if state.bad_steps_in_a_row >= run.cfg.max_bad_steps:
+        path = save(run, f"step_{state.step}")
+        raise UserError(f"{state.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient "
+                        f"(max_bad_steps {run.cfg.max_bad_steps}); stopped at step {state.step}, checkpoint {path} "
+                        "holds the weights of the last applied step (finite, checked). Lower learning_rate or "
+                        "check the data, then resume_from it")
 
 
-def forward_backward(model, batch, task, cfg, accelerator):
-    """The batch's losses, with their gradient accumulated into the parameters; None, with no
-    backward pass, when a loss is not finite on any process (all processes skip together)."""
-    proceed = partial(all_finite, accelerator=accelerator)
-    if cfg.grad_cache_chunk_size:
-        return cached_backward(model, batch, partial(batch_losses, batch=batch, task=task, cfg=cfg),
-                               cfg.grad_cache_chunk_size, accelerator, proceed)
-    losses = batch_losses(embed(model, batch), batch, task, cfg)
-    if not proceed(losses):
-        return None
-    accelerator.backward(sum(losses.values()))
-    return losses
+def log_training(run, throughput):
+    """Log the lr, the skipped steps, the training losses and the throughput since the last report
+    (collective); returns the progress bar's summary of them."""
+    lr = run.scheduler.optimizer.param_groups[0]["lr"]  # AdamW's own groups, which the schedule sets
+    metrics = {"lr": lr, "train/skipped_steps": run.state.skipped_steps,
+               **run.state.tracker.report(run.accelerator, "train"), **throughput.report(run.accelerator)}
+    log(run.writer, metrics, run.state.step)
+    return {"loss": f"{metrics.get('train/loss', float('nan')):.4f}", "lr": f"{lr:.2e}",
+            "tokens_per_s": f"{metrics['train/tokens_per_s']:.0f}"}
 
 
-def weights_finite(model, accelerator):
-    """Whether every weight is finite on every process: one norm per tensor (a non-finite weight
-    makes its norm non-finite; weights beyond about 1e19 overflow it too, and no trained model has
-    them), one host sync and one all-reduce."""
-    norms = torch.stack([p.detach().norm().float() for p in model.parameters()])
-    return not any_process(accelerator, not torch.isfinite(norms).all().item())
+def save(run, name):
+    """Checkpoint run_dir/name of the run as it stands (collective); returns its path."""
+    cfg = run.cfg
+    return checkpoint.save(run.accelerator, run.model, run.tokenizer, os.path.join(cfg.run_dir, name), run.state,
+                           cfg.save_total_limit, cfg.max_seq_length, cfg.prompts)
+
+
+def end_epoch(run, epoch):
+    """An epoch end, or train_steps reached inside an epoch: validate (unless this step just did) and
+    save: epoch_N at an epoch end (hard links to step_N when that holds this step), else step_N."""
+    cfg, state = run.cfg, run.state
+    if not (cfg.validation_steps and state.step % cfg.validation_steps == 0):
+        log(run.writer, validate(run), state.step)
+    if state.step == (epoch + 1) * state.steps_per_epoch and state.just_saved():
+        checkpoint.save_copy(run.accelerator, state, os.path.join(cfg.run_dir, f"epoch_{epoch + 1}"),
+                             cfg.save_total_limit)
+    elif state.step == (epoch + 1) * state.steps_per_epoch:
+        save(run, f"epoch_{epoch + 1}")
+    elif not state.just_saved():
+        save(run, f"step_{state.step}")
+
+
+def stop_early(run, received):
+    """A stop every process agreed on (StopSignal): checkpoint this step, unless that is done, and
+    say how to continue."""
+    state = run.state
+    if not state.just_saved():
+        save(run, f"step_{state.step}")
+    note(run.accelerator, run.cfg, f"stopped by {received or 'a signal to another process'} at step {state.step}: "
+                                   f'checkpoint {state.saved_path}; continue with "resume_from": "latest"')
 
 
 def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler, teacher=None):
@@ -225,6 +261,36 @@ def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler, teach
     return losses, norm
 
 
+def forward_backward(model, batch, task, cfg, accelerator):
+    """The batch's losses, with their gradient accumulated into the parameters; None, with no
+    backward pass, when a loss is not finite on any process (all processes skip together)."""
+    proceed = partial(all_finite, accelerator=accelerator)
+    if cfg.grad_cache_chunk_size:
+        return cached_backward(model, batch, partial(batch_losses, batch=batch, task=task, cfg=cfg),
+                               cfg.grad_cache_chunk_size, accelerator, proceed)
+    losses = batch_losses(embed(model, batch), batch, task, cfg)
+    if not proceed(losses):
+        return None
+    accelerator.backward(sum(losses.values()))
+    return losses
+
+
+def embed(model, batch):
+    return model(batch["input_ids"], batch["lengths"], num_queries=batch["num_queries"])
+
+
+def loss_kinds(cfg, distill=False):
+    """The loss terms a step logs: the contrastive ones, plus the F2LLM-v2 ones the config turns on."""
+    kinds = ("joint", "hard") if cfg.contrastive_loss == "joint" else ("inbatch", "hard")
+    return kinds + tuple(f"mrl_{kind}" for kind in kinds if cfg.use_mrl) + (("kd",) if distill else ())
+
+
+def all_finite(losses, accelerator):
+    """True when every process's losses are finite; one all-reduce, so all processes agree."""
+    bad = torch.stack([~torch.isfinite(value.detach()) for value in losses.values()]).any()
+    return not any_process(accelerator, bad)
+
+
 def optimizer_step(model, cfg, accelerator, optimizer):
     """Clip the gradient and step, unless its norm is not finite: (stepped, norm before clipping).
 
@@ -247,17 +313,26 @@ def optimizer_step(model, cfg, accelerator, optimizer):
     return True, norm
 
 
+def weights_finite(model, accelerator):
+    """Whether every weight is finite on every process: one norm per tensor (a non-finite weight
+    makes its norm non-finite; weights beyond about 1e19 overflow it too, and no trained model has
+    them), one host sync and one all-reduce."""
+    norms = torch.stack([p.detach().norm().float() for p in model.parameters()])
+    return not any_process(accelerator, not torch.isfinite(norms).all().item())
+
+
 @torch.no_grad()
-def validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator):
+def validate(run):
     """The validation losses of every dataset, and the retrieval metrics of the eval_sets."""
+    model, cfg, accelerator = run.model, run.cfg, run.accelerator
     model.eval()
-    tracker = LossTracker(valid_loaders, task_of, loss_kinds(cfg), cfg.log_keys)
-    for name in sorted(valid_loaders):
-        for batch in valid_loaders[name]:
+    tracker = LossTracker(run.valid_loaders, run.task_of, loss_kinds(cfg), cfg.log_keys)
+    for name in sorted(run.valid_loaders):
+        for batch in run.valid_loaders[name]:
             batch = to_device(batch, accelerator.device)
-            tracker.add(name, batch_losses(embed(model, batch), batch, task_of[name], cfg))
+            tracker.add(name, batch_losses(embed(model, batch), batch, run.task_of[name], cfg))
     model.train()
-    return {**tracker.report(accelerator, "valid"), **retrieval_eval(model, eval_sets, cfg, accelerator)}
+    return {**tracker.report(accelerator, "valid"), **retrieval_eval(model, run.eval_sets, cfg, accelerator)}
 
 
 @torch.no_grad()
@@ -295,8 +370,159 @@ def retrieval_eval(model, eval_sets, cfg, accelerator):
     return out
 
 
+def batch_losses(embeddings, batch, task, cfg):
+    """The losses of one batch (loss.f2llm_losses): {"hard": ..., "inbatch": ...(retrieval only)}, or
+    with contrastive_loss joint {"joint": ...} on retrieval batches; plus "mrl_*" with use_mrl and
+    "kd" when the batch carries its teacher embeddings."""
+    mrl_dims = matryoshka_dims(embeddings.shape[-1], cfg.mrl_dims) if cfg.use_mrl else ()
+    return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, temperature=cfg.temperature,
+                        inbatch_gradient=cfg.inbatch_gradient, contrastive_loss=cfg.contrastive_loss,
+                        false_negative_margin=cfg.false_negative_margin, mrl_dims=mrl_dims,
+                        teacher=batch.get("teacher"), kd_weight=cfg.kd_weight, keys=batch.get("doc_keys"))
+
+
 def to_device(batch, device):
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def checkpoint_due(step, total_steps, cfg):
+    """Whether `step` saves a step_N checkpoint: every checkpointing_steps; with merge_checkpoints
+    also F2LLM-v2's checkpoints for merging, step 5 and (when checkpointing_steps is on) every 500th
+    step of the last 2,500, as the published code's condition."""
+    if cfg.merge_checkpoints and (step == 5 or (cfg.checkpointing_steps and step % 500 == 0
+                                                and step > total_steps - 2500)):
+        return True
+    return bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
+
+
+def open_writer(cfg, accelerator):
+    """args.json and the TensorBoard writer, on the main process only (None elsewhere)."""
+    if not accelerator.is_main_process:
+        return None
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    return SummaryWriter(os.path.join(cfg.tb_dir, cfg.experiment_id))
+
+
+def log(writer, metrics, step):
+    if writer is not None:
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+        writer.flush()
+
+
+def note(accelerator, cfg, line):
+    """Print a line that matters after the output may be gone (a stop, the final checkpoint), and
+    append it to run_dir/run.log, which outlives a closed pipe."""
+    accelerator.print(line)
+    if accelerator.is_main_process:
+        try:
+            with open(os.path.join(cfg.run_dir, "run.log"), "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        except OSError:
+            pass
+
+
+def prepare(cfg, checked):
+    """{name: (task type, train split, validation split)}, built (or read from cache) for the
+    datasets that check_datasets returned."""
+    return {name: (task, *load_splits(path, columns, cfg)) for name, path, task, columns in checked}
+
+
+def raw_data_cache(cfg):
+    """None if train_data_path holds tokenized files; if it holds raw texts, the folder under
+    cache_dir that tokenize_if_raw tokenizes them into."""
+    if not holds_raw_files(cfg.train_data_path):
+        return None
+    source = os.path.abspath(cfg.train_data_path)
+    return os.path.join(cfg.cache_dir, "tokenized",
+                        f"{os.path.basename(source)}-{hashlib.sha256(source.encode()).hexdigest()[:8]}")
+
+
+def tokenize_if_raw(cfg, accelerator=None):
+    """The folder training reads: train_data_path, or, when it holds raw texts, raw_data_cache(cfg),
+    which the main process fills with tokenize_data_qwen.tokenize_folder (layout v2) at max_seq_length
+    while the others wait (and stop with it if it fails). In this process rather than a run of the
+    script: that saves a second start of torch and transformers, about 5 s, most of a small dataset's
+    tokenization. A file is tokenized again only when it, the tokenizer or max_seq_length changed
+    (the script's records)."""
+    out = raw_data_cache(cfg)
+    if out is None:
+        return cfg.train_data_path
+    problem = None
+    if accelerator is None or accelerator.is_main_process:
+        try:
+            tokenize_data_qwen.tokenize_folder(cfg.model_path, cfg.train_data_path, out,
+                                               max_seq_length=cfg.max_seq_length, layout="v2")
+        except UserError as err:
+            problem = str(err)
+    if accelerator is None and problem:
+        raise UserError(problem)
+    if accelerator is not None and any_process(accelerator, problem is not None):
+        if problem:
+            raise UserError(problem)
+        raise SystemExit(2)
+    return out
+
+
+def configure_deepspeed(accelerator, cfg):
+    """The DeepSpeed config accelerate built from its yaml, completed before prepare(): the micro
+    batch, and a warning when it clips at another norm than the config's."""
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    clip = ds_config.get("gradient_clipping")
+    if isinstance(clip, (int, float)) and clip != cfg.max_grad_norm:
+        warn(accelerator, f"DeepSpeed clips gradients at {clip} (gradient_clipping of the accelerate config), "
+                          f"not at max_grad_norm {cfg.max_grad_norm}")
+
+
+def build_model(cfg, tokenizer, accelerator):
+    # DeepSpeed's bf16 mode keeps float32 master weights (and casts the model to bf16 itself). Anywhere
+    # else bf16 weights would lose small AdamW updates: keep float32, and let accelerate's mixed
+    # precision run the matmuls in bf16.
+    ds_bf16 = accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision == "bf16"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if ds_bf16 else "float32")
+    backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing,
+                             packed=cfg.batch_layout == "packed")
+    hidden = backbone.config.hidden_size
+    if cfg.use_mrl and any(dim >= hidden for dim in matryoshka_dims(hidden, cfg.mrl_dims)):
+        raise UserError(f"mrl_dims {cfg.mrl_dims} must all be below the model's hidden size {hidden}")
+    if cfg.lora:
+        backbone = add_lora(backbone, cfg.lora)
+    mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None
+    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad)
+
+
+def build_teacher(cfg, tokenizer, hidden_size, device):
+    """The frozen teacher Embedder for knowledge distillation, or None without teacher_model_path.
+    It must share the student's tokenizer (it embeds the same token ids) and be at least as wide."""
+    if not cfg.teacher_model_path:
+        return None
+    if load_tokenizer(cfg.teacher_model_path, "teacher_model_path").get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"teacher_model_path {cfg.teacher_model_path}: its tokenizer differs from model_path's; "
+                        "the teacher embeds the student's token ids, so both need the same tokenizer")
+    backbone = load_backbone(cfg.teacher_model_path, cfg.attn_implementation, cfg.dtype,
+                             packed=cfg.batch_layout == "packed", setting="teacher_model_path")
+    if backbone.config.hidden_size < hidden_size:
+        raise UserError(f"teacher_model_path {cfg.teacher_model_path}: hidden size {backbone.config.hidden_size} "
+                        f"is below the student's {hidden_size}; its embeddings are cut to the student's size")
+    backbone.requires_grad_(False)
+    mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None  # as the student's
+    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad).to(device).eval()
+
+
+def build_loaders(splits, cfg, tokenizer, vocab_size, accelerator):
+    """This process's train batches (one MultiDatasetLoader) and validation batches {name: batches}."""
+    def loader(name, split, task, **kw):
+        return make_loader(split, task, cfg, tokenizer.eos_token_id, rank=accelerator.process_index,
+                           world=accelerator.num_processes, vocab_size=vocab_size,
+                           name=os.path.join(cfg.train_data_path, f"{name}.parquet"), **kw)
+
+    train = {name: loader(name, split, task, train=True, stream=i)
+             for i, (name, (task, split, _)) in enumerate(splits.items())}
+    valid = {name: loader(name, split, task, train=False) for name, (task, _, split) in splits.items()}
+    return MultiDatasetLoader(train, seed=cfg.seed, published_draw=cfg.dataset_draw == "published"), valid
 
 
 def make_optimizer(params, cfg):
@@ -346,16 +572,6 @@ def lr_factor(step, warmup, total, cosine):
 def clamp_lr(optimizer, min_lr):
     for group in optimizer.param_groups:
         group["lr"] = max(group["lr"], min_lr)
-
-
-def checkpoint_due(step, total_steps, cfg):
-    """Whether `step` saves a step_N checkpoint: every checkpointing_steps; with merge_checkpoints
-    also F2LLM-v2's checkpoints for merging, step 5 and (when checkpointing_steps is on) every 500th
-    step of the last 2,500, as the published code's condition."""
-    if cfg.merge_checkpoints and (step == 5 or (cfg.checkpointing_steps and step % 500 == 0
-                                                and step > total_steps - 2500)):
-        return True
-    return bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -424,304 +640,13 @@ def survive_closed_output():
         sys.stderr = SurvivingStream(sys.stderr)
 
 
-def note(accelerator, cfg, line):
-    """Print a line that matters after the output may be gone (a stop, the final checkpoint), and
-    append it to run_dir/run.log, which outlives a closed pipe."""
-    accelerator.print(line)
-    if accelerator.is_main_process:
-        try:
-            with open(os.path.join(cfg.run_dir, "run.log"), "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-        except OSError:
-            pass
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="JSON config (see configs/config.json and the README)")
+    p.add_argument("--config", required=True, help="JSON config (see configs/config.json and docs/config.md)")
     p.add_argument("--prepare_only", action="store_true", help="build the dataset split cache, then exit")
     p.add_argument("--break_lock", action="store_true",
-                   help="take over the run folder's lock even if its holder may still run (see the README)")
+                   help="take over the run folder's lock even if its holder may still run (see docs/long-runs.md)")
     return p.parse_args(argv)
-
-
-def raw_data_cache(cfg):
-    """None if train_data_path holds tokenized files; if it holds raw texts, the folder under
-    cache_dir that tokenize_if_raw tokenizes them into."""
-    if not holds_raw_files(cfg.train_data_path):
-        return None
-    source = os.path.abspath(cfg.train_data_path)
-    return os.path.join(cfg.cache_dir, "tokenized",
-                        f"{os.path.basename(source)}-{hashlib.sha256(source.encode()).hexdigest()[:8]}")
-
-
-def tokenize_if_raw(cfg, accelerator=None):
-    """The folder training reads: train_data_path, or, when it holds raw texts, raw_data_cache(cfg),
-    which the main process fills with tokenize_data_qwen.py --layout v2 at the config's max_seq_length
-    while the others wait (and stop with it if it fails). In this process rather than a run of the
-    script: that saves a second start of torch and transformers, about 5 s, most of a small dataset's
-    tokenization. A file is tokenized again only when it, the tokenizer or max_seq_length changed
-    (the script's records)."""
-    out = raw_data_cache(cfg)
-    if out is None:
-        return cfg.train_data_path
-    problem = None
-    if accelerator is None or accelerator.is_main_process:
-        try:
-            tokenize_data_qwen.main.__wrapped__(["--model_path", cfg.model_path, "--input_dir", cfg.train_data_path,
-                                                 "--output_dir", out, "--max_seq_length", str(cfg.max_seq_length),
-                                                 "--layout", "v2"])
-        except UserError as err:
-            problem = str(err)
-    if accelerator is None and problem:
-        raise UserError(problem)
-    if accelerator is not None and any_process(accelerator, problem is not None):
-        if problem:
-            raise UserError(problem)
-        raise SystemExit(2)
-    return out
-
-
-def prepare(cfg, checked):
-    """{name: (task type, train split, validation split)}, built (or read from cache) for the
-    datasets that check_datasets returned."""
-    return {name: (task, *load_splits(path, columns, cfg)) for name, path, task, columns in checked}
-
-
-def configure_deepspeed(accelerator, cfg):
-    """The DeepSpeed config accelerate built from its yaml, completed before prepare(): the micro
-    batch, and a warning when it clips at another norm than the config's."""
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
-    clip = ds_config.get("gradient_clipping")
-    if isinstance(clip, (int, float)) and clip != cfg.max_grad_norm:
-        warn(accelerator, f"DeepSpeed clips gradients at {clip} (gradient_clipping of the accelerate config), "
-                          f"not at max_grad_norm {cfg.max_grad_norm}")
-
-
-def build_model(cfg, tokenizer, accelerator):
-    # DeepSpeed's bf16 mode keeps float32 master weights (and casts the model to bf16 itself). Anywhere
-    # else bf16 weights would lose small AdamW updates: keep float32, and let accelerate's mixed
-    # precision run the matmuls in bf16.
-    ds_bf16 = accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision == "bf16"
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if ds_bf16 else "float32")
-    backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing,
-                             packed=cfg.batch_layout == "packed")
-    hidden = backbone.config.hidden_size
-    if cfg.use_mrl and any(dim >= hidden for dim in matryoshka_dims(hidden, cfg.mrl_dims)):
-        raise UserError(f"mrl_dims {cfg.mrl_dims} must all be below the model's hidden size {hidden}")
-    if cfg.lora:
-        backbone = add_lora(backbone, cfg.lora)
-    mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None
-    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad)
-
-
-def build_teacher(cfg, tokenizer, hidden_size, device):
-    """The frozen teacher Embedder for knowledge distillation, or None without teacher_model_path.
-    It must share the student's tokenizer (it embeds the same token ids) and be at least as wide."""
-    if not cfg.teacher_model_path:
-        return None
-    if load_tokenizer(cfg.teacher_model_path, "teacher_model_path").get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"teacher_model_path {cfg.teacher_model_path}: its tokenizer differs from model_path's; "
-                        "the teacher embeds the student's token ids, so both need the same tokenizer")
-    backbone = load_backbone(cfg.teacher_model_path, cfg.attn_implementation, cfg.dtype,
-                             packed=cfg.batch_layout == "packed", setting="teacher_model_path")
-    if backbone.config.hidden_size < hidden_size:
-        raise UserError(f"teacher_model_path {cfg.teacher_model_path}: hidden size {backbone.config.hidden_size} "
-                        f"is below the student's {hidden_size}; its embeddings are cut to the student's size")
-    backbone.requires_grad_(False)
-    mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None  # as the student's
-    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad).to(device).eval()
-
-
-def build_loaders(splits, cfg, tokenizer, vocab_size, accelerator):
-    """This process's train batches (one MultiDatasetLoader) and validation batches {name: batches}."""
-    def loader(name, split, task, **kw):
-        return make_loader(split, task, cfg, tokenizer.eos_token_id, rank=accelerator.process_index,
-                           world=accelerator.num_processes, vocab_size=vocab_size,
-                           name=os.path.join(cfg.train_data_path, f"{name}.parquet"), **kw)
-
-    train = {name: loader(name, split, task, train=True, stream=i)
-             for i, (name, (task, split, _)) in enumerate(splits.items())}
-    valid = {name: loader(name, split, task, train=False) for name, (task, _, split) in splits.items()}
-    return MultiDatasetLoader(train, seed=cfg.seed, published_draw=cfg.dataset_draw == "published"), valid
-
-
-def open_writer(cfg, accelerator):
-    """args.json and the TensorBoard writer, on the main process only (None elsewhere)."""
-    if not accelerator.is_main_process:
-        return None
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    return SummaryWriter(os.path.join(cfg.tb_dir, cfg.experiment_id))
-
-
-def log(writer, metrics, step):
-    if writer is not None:
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, step)
-        writer.flush()
-
-
-def check_resumable(state, cfg, accelerator, train_loader):
-    """A checkpoint continues exactly only with the same data and batch size (checkpoint.restore
-    checks the number of processes); other changes (a new learning rate, say) get a warning."""
-    batches = {name: len(loader) for name, loader in train_loader.loaders.items()}
-    if state["batches_per_epoch"] != batches:
-        raise UserError("resume_from: the training data or train_batch_size changed since the checkpoint "
-                        f"(batches per dataset then {state['batches_per_epoch']}, now {batches}); "
-                        "resume with the same data, or start afresh")
-    now = dataclasses.asdict(cfg)
-    where = ("resume_from", "output_dir", "tb_dir", "experiment_id", "cache_dir", "checkpointing_steps",
-             "save_total_limit", "log_interval", "validation_steps")  # do not change the training itself
-    changed = [f"{k} ({v!r} -> {now[k]!r})" for k, v in state["config"].items()
-               if k not in where and k in now and now[k] != v]
-    if changed:
-        warn(accelerator, "config changed since the checkpoint: " + ", ".join(changed))
-
-
-@exit_on_user_error
-def main(argv=None):
-    survive_closed_output()
-    args = parse_args(argv)
-    cfg = load_config(args.config)
-    dataset_types = load_dataset_types(cfg)
-    if args.prepare_only:
-        checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg))
-        for name, (task, train, valid) in prepare(cfg, checked).items():
-            print(f"{name:32s} {task:15s} train {len(train):9d}  validation {len(valid):7d}")
-        return
-
-    accelerator = make_accelerator()
-    fit(cfg, args, dataset_types, accelerator)
-    close(accelerator)
-
-
-def fit(cfg, args, dataset_types, accelerator):
-    """The run, from the checks of its inputs to the final checkpoint, on every process."""
-    tokenizer = load_tokenizer(cfg.model_path)
-    check_model_folder(cfg.model_path)  # a wrong folder is one line before the data is prepared
-    check_library_support(cfg.attn_implementation, cfg.batch_layout == "packed")  # so is a wrong-results stack
-    if cfg.teacher_model_path:
-        check_model_folder(cfg.teacher_model_path, "teacher_model_path")
-    checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator))  # all fail at once on bad input
-    checkpoint.RunLock(accelerator, cfg.run_dir, args.break_lock)  # before any write; checks it is writable
-    set_seed(cfg.seed)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        configure_deepspeed(accelerator, cfg)
-    with accelerator.main_process_first():  # one process builds the split cache, the others read it
-        splits = dict(sorted(prepare(cfg, checked).items()))
-    task_of = {name: task for name, (task, _, _) in splits.items()}
-    eval_sets = {name: retrieval_set(valid, cfg.eval_queries) for name, (task, _, valid) in splits.items()
-                 if task == "retrieval" and cfg.eval_queries}
-
-    model = build_model(cfg, tokenizer, accelerator)
-    teacher = build_teacher(cfg, tokenizer, model.backbone.config.hidden_size, accelerator.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
-    adamw = make_optimizer(trainable, cfg)
-    train_loader, valid_loaders = build_loaders(splits, cfg, tokenizer, model.backbone.config.vocab_size, accelerator)
-    model, optimizer = accelerator.prepare(model, adamw)
-    per_epoch = len(train_loader)
-    total_steps = cfg.train_steps if cfg.train_steps > 0 else per_epoch * cfg.train_epochs
-    unsharded = sum(-(-len(train) // cfg.train_batch_size) for _, train, _ in splits.values()) * cfg.train_epochs
-    # Stepped once per optimizer step here, not by accelerate (which steps it once per process).
-    # It and the min_lr clamp act on AdamW's param groups, which DDP and DeepSpeed ZeRO step with.
-    scheduler = make_scheduler(adamw, cfg, total_steps, accelerator.num_processes,
-                               cfg.train_steps if cfg.train_steps > 0 else unsharded)
-    accelerator.register_for_checkpointing(scheduler)
-
-    tracker = LossTracker(splits, task_of, loss_kinds(cfg, distill=teacher is not None), cfg.log_keys)
-    step, bad_in_a_row, skipped = 0, 0, 0
-    state = checkpoint.restore(accelerator, cfg.resume_from, cfg.run_dir)
-    if state is not None:
-        check_resumable(state, cfg, accelerator, train_loader)
-        step, bad_in_a_row, skipped = state["step"], state["bad_steps_in_a_row"], state["skipped_steps"]
-        tracker.load_state_dict(state["tracker"], accelerator)
-        if step >= total_steps:
-            accelerator.print(f"the run had already finished ({step} of {total_steps} steps); nothing to do")
-            return
-
-    def save(name):
-        trainer_state = {"step": step, "epoch": step // per_epoch, "position": step % per_epoch,
-                         "world_size": accelerator.num_processes,
-                         "batches_per_epoch": {n: len(b) for n, b in train_loader.loaders.items()},
-                         "bad_steps_in_a_row": bad_in_a_row, "skipped_steps": skipped,
-                         "tracker": tracker.state_dict(accelerator), "config": dataclasses.asdict(cfg)}
-        return checkpoint.save(accelerator, model, tokenizer, os.path.join(cfg.run_dir, name), trainer_state,
-                               cfg.save_total_limit, cfg.max_seq_length, cfg.prompts)
-
-    writer = open_writer(cfg, accelerator)
-    accelerator.print(f"{len(splits)} datasets, {per_epoch} batches per epoch per process, "
-                      f"{total_steps} steps, {accelerator.num_processes} process(es)")
-    stop, throughput = StopSignal(), Throughput()
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    try:  # the bar ends its line before any error line
-        saved, stopped = None, False
-        model.train()
-        for epoch in range(step // per_epoch, cfg.train_epochs):
-            train_loader.set_epoch(epoch, start=step - epoch * per_epoch)
-            for name, batch in islice(train_loader, max(total_steps - step, 0)):
-                throughput.add(len(batch["input_ids"]))
-                batch = to_device(batch, accelerator.device)
-                losses, grad_norm = train_step(model, batch, task_of[name], cfg, accelerator, optimizer, scheduler,
-                                               teacher)
-                step += 1
-
-                bar.update(1)
-                if losses is not None:
-                    tracker.add(name, losses, grad_norm)
-                    bad_in_a_row = 0
-                else:
-                    bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                    warn(accelerator, f"step {step}: non-finite loss or gradient on {name}; step skipped "
-                                      f"({bad_in_a_row} in a row, {skipped} in all)")
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        path = save(f"step_{step}")
-                        raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                        f"(max_bad_steps {cfg.max_bad_steps}); stopped at step {step}, checkpoint "
-                                        f"{path} holds the weights of the last applied step (finite, checked). Lower "
-                                        "learning_rate or check the data, then resume_from it")
-                if step % cfg.log_interval == 0:
-                    metrics = {"lr": adamw.param_groups[0]["lr"], "train/skipped_steps": skipped,
-                               **tracker.report(accelerator, "train"), **throughput.report(accelerator)}
-                    log(writer, metrics, step)
-                    bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", lr=f"{metrics['lr']:.2e}",
-                                    tokens_per_s=f"{metrics['train/tokens_per_s']:.0f}")
-                with throughput.paused():
-                    if cfg.validation_steps and step % cfg.validation_steps == 0:
-                        log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
-                    if checkpoint_due(step, total_steps, cfg):
-                        saved = save(f"step_{step}")
-                if stop.agreed(accelerator):
-                    path = saved if saved == os.path.join(cfg.run_dir, f"step_{step}") else save(f"step_{step}")
-                    note(accelerator, cfg, f"stopped by {stop.received or 'a signal to another process'} at step "
-                                           f'{step}: checkpoint {path}; continue with "resume_from": "latest"')
-                    stopped = True
-                    break
-            if stopped:
-                break
-            # An epoch end, or train_steps reached inside an epoch: validate (unless this step just was)
-            # and save either way.
-            with throughput.paused():
-                if not (cfg.validation_steps and step % cfg.validation_steps == 0):
-                    log(writer, validate(model, valid_loaders, eval_sets, task_of, cfg, accelerator), step)
-                just_saved = saved == os.path.join(cfg.run_dir, f"step_{step}")
-                if step == (epoch + 1) * per_epoch and just_saved:
-                    saved = checkpoint.save_copy(accelerator, saved, os.path.join(cfg.run_dir, f"epoch_{epoch + 1}"),
-                                            cfg.save_total_limit)
-                elif step == (epoch + 1) * per_epoch:
-                    saved = save(f"epoch_{epoch + 1}")
-                elif not just_saved:
-                    saved = save(f"step_{step}")
-            if step >= total_steps:
-                break
-    finally:
-        bar.close()
-    if writer is not None:
-        writer.close()
-    if not stopped:
-        note(accelerator, cfg, f"final checkpoint: {saved}")
 
 
 if __name__ == "__main__":

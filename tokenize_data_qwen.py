@@ -1,71 +1,16 @@
-"""Pre-tokenize F2LLM training data (--layout v1: F2LLM's published output; v2: a query file plus a corpus
-per dataset; published_v2: F2LLM-v2's published output).
+"""Pre-tokenize raw F2LLM data (parquet files of query, passage, negative_1 ... negative_n texts) for training.
 
-Reads every `*.parquet` of --input_dir (columns `query`, `passage`, `negative_1` ... `negative_n`).
-Each text: no special tokens, cut to max_seq_length - 1 tokens, eos appended. Queries, and passages
-and negatives together, are deduplicated, so each distinct text is tokenized once, in batches: in this
-process or, once a file's queries (or its passages and negatives) bring at least --pool_min_chars
-characters of distinct text, over a pool of --num_proc worker processes. The distinct passages and
-negatives are numbered in order of first occurrence, reading the `passage` column's rows first, then
-`negative_1`'s, and so on. Output per input file NAME.parquet:
-- v1: the same file in --output_dir with int-list columns `query_input_ids`, `passage_input_ids`,
-  `negative_{i}_input_ids` added.
-- v2 (F2LLM-v2's disk-efficient idea, with integer ids): the corpus `corpus/NAME.parquet` of the
-  unique passages and negatives (`doc_id` = row position = their number, `input_ids`), written first,
-  then the query file `NAME.parquet` with `query_input_ids` and ids into the corpus `passage_id`,
-  `negative_{i}_id`.
-- published_v2 (the files F2LLM-v2's published tokenizer writes): the corpus `NAME_corpus.parquet`
-  of the unique passages and negatives (`input_ids`, `doc_id` = the string "NAME_{i}", i their number),
-  written first, then `NAME_query.parquet` with `query_input_ids` and, under the published names
-  `passage_input_ids`, `negative_{i}_input_ids`, the string doc_ids of the corpus rows (the text
-  columns dropped). The published README concatenates the `*_corpus.parquet` files into one
-  `corpus.parquet`; training reads either, so none is written here.
-The published F2LLM-v2 run is `--layout published_v2 --max_seq_length 2048 --max_rows_per_dataset
-80000` (--sample_seed 42, the default); its default special tokens add none for Qwen3, as here.
+    python tokenize_data_qwen.py --model_path BACKBONE --input_dir RAW --output_dir OUT [--layout v1|v2|published_v2]
+        [--max_seq_length 1024] [--max_rows_per_dataset N] [--sample_seed 42] [--num_proc N]
+        [--pool_min_chars N] [--chunk_rows N] [--overwrite]
 
-Memory is bounded by --chunk_rows, not by the size of the file. The input is read one column at a
-time in batches of --chunk_rows rows (v1's output and a --max_rows_per_dataset sample, which need
-whole rows, in batches of --chunk_rows / columns rows; an input of at most --chunk_rows cells is read
-once, whole), a first pass only checking the texts, so that a bad file is refused before anything is
-written. The distinct texts are numbered as they come and tokenized in rounds of about --chunk_rows:
-a round's texts are looked up as themselves, those of earlier rounds by a 16-byte hash (blake2b of
-their UTF-8 bytes), the texts not kept. The token ids go to an unnamed temporary file in the output
-folder (those of a single round stay in memory), memory-mapped to build the output, which is written
-row group by row group (about data.ROW_GROUP_BYTES each). What still grows with the file: the hashes
-and their numbers, 24 bytes per distinct text (~50 MB for 2M distinct passages), and the number of
-each row's text in each text column, 8 bytes a cell (~210 MB per million rows of 26 texts), plus 24
-bytes per row drawn by --max_rows_per_dataset. On disk the temporary file holds the token ids of the
-distinct texts (with --max_rows_per_dataset also a copy of the rows drawn); the system deletes it
-when the file is done or the process ends, even when it is killed.
-
---max_rows_per_dataset N keeps N rows of each file that has more, drawn as the published v2 script
-draws them: it seeds numpy once (transformers.set_seed(42)) and calls pandas' `df.sample(n=N)` on each
-larger file in sorted order, that is `choice(num_rows, N, replace=False)` on numpy's global
-RandomState, rows taken in the order drawn. Here one `np.random.RandomState(--sample_seed)` draws
-for every larger input in sorted order, files skipped as already tokenized included (their row
-counts come from the parquet footers, their data is not read), so a re-run after an interruption
-keeps the same rows. A file's rows thus also depend on the row counts of the larger files before it.
-
-Re-running is cheap and safe. Each output file is written atomically (a temp file
-`NAME.parquet.tmp-PID`, then a rename) and records in its parquet schema metadata (key
-`f2llm_tokenize`) what it was made from: the input file's size and modification time (`st_size`,
-`st_mtime_ns`; for a folder of parquet parts, over all its files), max_seq_length, a fingerprint of
-the tokenizer, the layout and, for a file cut by --max_rows_per_dataset, the rows kept (`sample`:
-max_rows, seed and a short sha256 of the drawn row indices; absent when all rows are kept, so files
-written without the flag still match); a corpus holds the same record as its query file. A later run
-skips every output whose record matches, so after an interrupted job the same command finishes only
-the missing files; an output without a record, or with a different one, or a v2 / published_v2 query
-file whose corpus is missing or has another record, is tokenized again (one line says why), and
---overwrite tokenizes everything again. Size plus mtime rather than a hash of the input because it
-costs one stat() where a hash reads every file in full; the price: an input rewritten with the same
-size within the file system's timestamp resolution, or with its mtime set back, goes unnoticed (use
---overwrite after such edits). An in-place run (output file == input file) always tokenizes again,
-since the input's stamp then is the output's own (v2 and published_v2 cannot run in place: their
-query files hold no texts; nor can --max_rows_per_dataset: the rows not kept would be lost). Temp
-files left by a killed run are removed at start.
+Each text is cut to max_seq_length - 1 tokens and gets eos; each distinct text is tokenized once.
+--layout v1 adds token columns to each file (F2LLM's published output), v2 writes a query file of ids
+into a corpus per dataset, published_v2 F2LLM-v2's published files. Outputs record what they were made
+from, and a re-run skips those already made from the same input and settings. From Python:
+tokenize_folder(). The rules, formats, records, resume behaviour and memory: docs/tokenize_data.md.
 """
 import argparse
-import contextlib
 import glob
 import hashlib
 import json
@@ -73,9 +18,7 @@ import math
 import mmap
 import multiprocessing
 import os
-import re
 import tempfile
-from collections import namedtuple
 
 import numpy as np
 import pyarrow as pa
@@ -84,8 +27,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data import corpus_path, row_group_rows, rows_shown, tokenize
+from data import check_text_chunks, corpus_path, text_columns, tokenize
 from errors import UserError, exit_on_user_error
+from files import (Output, input_stamp, open_input, reading, record_metadata, remove_stale_temp_files, stored_record,
+                   unreadable, write_atomic)
 from model import load_tokenizer
 
 CHUNK = 1000  # texts per worker task: large enough for batched fast tokenization
@@ -99,7 +44,6 @@ POOL_MIN_CHARS = 10_000_000
 RECORD_KEY = b"f2llm_tokenize"  # parquet schema metadata: what an output file was made from
 LAYOUTS = ("v1", "v2", "published_v2")
 RECORD_VERSION = 1  # bump when this script's output for the same input and settings changes
-TEMP_FILE = re.compile(r".+\.parquet\.tmp-(\d+)")  # write_atomic's temp files (the number is a pid)
 TOKENS = pa.list_(pa.int32())
 # Pages are read through a 1 MiB buffer (as plain_files reads): by default the reader holds a row group's whole
 # column chunk (pyarrow writes up to 1,048,576 rows in a group), and the scan pre-buffers it.
@@ -107,98 +51,10 @@ SCAN = {"batch_readahead": 1, "fragment_readahead": 1, "fragment_scan_options": 
     use_buffered_stream=True, buffer_size=2**20, pre_buffer=False)}
 
 
-def text_columns(schema, path):
-    """The text columns of a file, in order: query, passage, negative_1 ... negative_n."""
-    names = set(schema.names)
-    for required in ("query", "passage"):
-        if required not in names:
-            raise UserError(f"{path}: no column '{required}'; F2LLM data needs columns query, passage, "
-                            "negative_1 ... negative_n")
-    negs = []
-    for n in names:
-        if m := re.fullmatch(r"negative_(\d+)", n):
-            if n != f"negative_{int(m.group(1))}":
-                raise UserError(f"{path}: column '{n}': name the negatives negative_1 ... negative_n, "
-                                "without leading zeros")
-            negs.append(int(m.group(1)))
-    negs.sort()
-    if negs != list(range(1, len(negs) + 1)):
-        raise UserError(f"{path}: negative columns must be negative_1 ... negative_n without gaps, found "
-                        f"{', '.join(f'negative_{i}' for i in negs)}")
-    columns = ["query", "passage"] + [f"negative_{i}" for i in negs]
-    for name in columns:
-        typ = schema.field(name).type
-        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-            raise UserError(f"{path}: column '{name}' has type {typ}; texts must be strings")
-    return columns
+_worker_state = {}  # the tokenizer tokenize_chunk uses: a pool worker's (init_worker), or tokenize_folder's (Workers)
 
 
-class FirstRows:
-    """Rows with a problem: how many, and the first six (rows_shown shows five, then "..." if there are more)."""
-
-    def __init__(self):
-        self.count, self.first = 0, []
-
-    def add(self, rows):
-        self.count += len(rows)
-        self.first += rows[: 6 - len(self.first)].tolist()
-
-
-def invalid_utf8(chunk):
-    """The rows of a string array whose bytes are not UTF-8. Parquet readers do not validate them: such a
-    text reads without error and would fail later, deep in Arrow's string kernels."""
-    try:
-        chunk.validate(full=True)
-        return np.empty(0, np.int64)
-    except pa.ArrowInvalid:
-        raws = chunk.cast(pa.large_binary()).to_pylist()  # no validation on this cast
-        return np.array([i for i, raw in enumerate(raws) if raw is not None and not is_utf8(raw)], np.int64)
-
-
-def is_utf8(raw):
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def blank(chunk):
-    """The rows of a string array that are null, empty or whitespace only."""
-    bad = pc.or_kleene(pc.is_null(chunk), pc.equal(pc.utf8_trim_whitespace(chunk), ""))
-    return pc.indices_nonzero(pc.fill_null(bad, True)).to_numpy().astype(np.int64)
-
-
-def check_columns(columns, path):
-    """Text that is not UTF-8, null, empty or whitespace-only is an error: nothing is dropped silently.
-    `columns`: (name, its string arrays in row order) pairs; the errors name the rows by their position."""
-    blanks = []
-    for name, chunks in columns:
-        not_utf8, empty, offset = FirstRows(), FirstRows(), 0
-        for chunk in chunks:
-            not_utf8.add(offset + invalid_utf8(chunk))
-            if not not_utf8.count:  # the whitespace kernel needs valid UTF-8, and this column fails anyway
-                empty.add(offset + blank(chunk))
-            offset += len(chunk)
-        if not_utf8.count:
-            raise UserError(f"{path}: column '{name}' has {not_utf8.count} text(s) that are not valid UTF-8 "
-                            f"(rows {rows_shown(not_utf8.first)}); write the file with UTF-8 strings and run again")
-        if empty.count:
-            blanks.append(f"'{name}' {empty.count} (rows {rows_shown(empty.first)})")
-    if blanks:
-        raise UserError(f"{path}: null or empty texts in column {'; '.join(blanks)}; "
-                        f"fill or remove those rows and run again")
-
-
-def check_texts(table, columns, path):
-    """check_columns on a table in memory."""
-    check_columns(((name, table.column(name).chunks) for name in columns), path)
-
-
-_worker_state = {}  # the tokenizer _tokenize_chunk uses: a pool worker's (_init_worker), or main()'s (Workers)
-
-
-def _init_worker(model_path, max_seq_length, threads=True):
+def init_worker(model_path, max_seq_length, threads=True):
     if not threads:  # pool workers already fill the cores: no tokenizer threads on top
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_state["tokenizer"] = load_tokenizer(model_path)
@@ -207,12 +63,12 @@ def _init_worker(model_path, max_seq_length, threads=True):
 
 def make_pool(model_path, max_seq_length, num_proc):
     """num_proc worker processes that each load the tokenizer once."""
-    return multiprocessing.get_context("spawn").Pool(num_proc, initializer=_init_worker,
+    return multiprocessing.get_context("spawn").Pool(num_proc, initializer=init_worker,
                                                      initargs=(model_path, max_seq_length, False))
 
 
 class Workers:
-    """Where texts are tokenized (an `imap` like a Pool's): in this process, with the tokenizer main()
+    """Where texts are tokenized (an `imap` like a Pool's): in this process, with the tokenizer tokenize_folder
     loaded, until the calls for one file's queries (or its passages and negatives) bring at least min_chars
     characters of distinct text; from then on over a pool of num_proc workers. On small inputs the pool costs
     more than it saves: each spawned worker imports torch and transformers and loads the tokenizer first (see
@@ -238,7 +94,7 @@ class Workers:
             self.pool.join()
 
 
-def _tokenize_chunk(texts):
+def tokenize_chunk(texts):
     return tokenize(_worker_state["tokenizer"], texts, _worker_state["max_seq_length"])
 
 
@@ -247,9 +103,9 @@ def tokenize_unique(texts, pool, bar=None, before=0):
     on the progress bar `bar`; `before`: see Workers.imap."""
     chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
     if isinstance(pool, Workers):
-        results = pool.imap(_tokenize_chunk, chunks, before)
+        results = pool.imap(tokenize_chunk, chunks, before)
     else:
-        results = pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)
+        results = pool.imap(tokenize_chunk, chunks) if pool else map(tokenize_chunk, chunks)
     arrays = []  # each chunk to Arrow at once: Python's int lists take ~10x the memory of int32 ids
     for chunk_ids in results:
         arrays.append(pa.array(chunk_ids, type=TOKENS))
@@ -433,7 +289,7 @@ def count_rows(path):
     try:
         return ds.dataset(path, format="parquet").count_rows()
     except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+        raise unreadable(path, err) from None
 
 
 def empty_input_error(path):
@@ -468,19 +324,6 @@ def sample_record(rows, max_rows, seed):
     they also depend on the row counts of the earlier files, which max_rows and seed do not show."""
     digest = hashlib.sha256(np.ascontiguousarray(rows, dtype="<i8").tobytes()).hexdigest()[:16]
     return {"max_rows": max_rows, "seed": seed, "rows": digest}
-
-
-def unreadable(path, err):
-    return UserError(f"{path}: not a readable parquet file ({(str(err).splitlines() or [type(err).__name__])[0]})")
-
-
-@contextlib.contextmanager
-def reading(path):
-    """A read error (a corrupt page, a file gone) as the UserError that names path."""
-    try:
-        yield
-    except (pa.ArrowException, OSError) as err:
-        raise unreadable(path, err) from None
 
 
 def input_rows(dataset, path, chunk_rows):
@@ -598,46 +441,6 @@ class SampleRows(Rows):
             yield pa.RecordBatch.from_arrays([self.scratch.take(positions, name) for name in names], names=names)
 
 
-def open_input(path):
-    """An input file (or folder of parquet parts) as the dataset pq.read_table reads, its footers read; a
-    file that cannot be read is a UserError that says why."""
-    # a folder of parts as pq.read_table reads it: key=value folders (Spark's partitions) give columns
-    partitioning = ds.HivePartitioning.discover(infer_dictionary=True) if os.path.isdir(path) else None
-    try:
-        dataset = ds.dataset(path, format="parquet", partitioning=partitioning)
-        _ = dataset.schema.names  # decodes the names: a corrupt footer can hold bytes that are not UTF-8
-        return dataset
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: a column name is not valid UTF-8 ({err.reason} at byte {err.start}); "
-                        "the file is corrupt or was written by a broken tool") from None
-    except (pa.ArrowException, OSError) as err:
-        try:
-            names = pq.read_schema(path).names
-        except Exception:  # not readable at all: report the dataset's error
-            names = []
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise UserError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once; "
-                            "give every column its own name") from None
-        raise unreadable(path, err) from None
-
-
-Output = namedtuple("Output", "schema tables")  # a file to write: its schema, and its rows as tables in order
-
-
-def with_metadata(schema, record):
-    """The schema with `record` in its metadata (other metadata kept, an older record replaced)."""
-    return schema.with_metadata({**(schema.metadata or {}), RECORD_KEY: json.dumps(record).encode()})
-
-
-def with_record(table, record):
-    return table.replace_schema_metadata(with_metadata(table.schema, record).metadata)
-
-
-def stamped(output, record):
-    return Output(with_metadata(output.schema, record), output.tables)
-
-
 def kept_fields(schema):
     """v1 keeps every input column but the token columns of an earlier run."""
     return [field for field in schema if not field.name.endswith("_input_ids")]
@@ -701,39 +504,6 @@ def query_output(queries, index, columns, layout, name, rows):
     return Output(schema, tables())
 
 
-def write_atomic(output, path):
-    """Write to `path.tmp-PID`, then rename: `path` is either the old file or the whole new one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with pq.ParquetWriter(tmp, output.schema) as writer:
-            write_row_groups(writer, output.tables)
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError):
-            raise UserError(f"cannot write {path}: {err}") from err
-        raise
-
-
-def write_row_groups(writer, tables):
-    """The tables, in order, in row groups of as many rows as row_group_rows gives for the first: bounded
-    (see row_group_rows), and all of a size but the last."""
-    group_rows, pending, pending_rows = None, [], 0
-    for table in tables:
-        if not table.num_rows:
-            continue
-        group_rows = group_rows or row_group_rows(table)
-        pending.append(table)
-        pending_rows += table.num_rows
-        if pending_rows >= group_rows:
-            joined, full = pa.concat_tables(pending), pending_rows - pending_rows % group_rows
-            writer.write_table(joined.slice(0, full), row_group_size=group_rows)
-            pending, pending_rows = [joined.slice(full)], pending_rows - full
-    if pending_rows:
-        writer.write_table(pa.concat_tables(pending), row_group_size=group_rows)
-
-
 def tokenizer_fingerprint(tokenizer):
     """sha256 of the tokenizer's full definition (fast tokenizers: the tokenizer.json content, without
     its truncation / padding state, which calls change) and of its eos token."""
@@ -748,25 +518,6 @@ def tokenizer_fingerprint(tokenizer):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def input_stamp(path):
-    """Size and mtime_ns of the input file; for a folder `NAME.parquet` of parquet parts (as Spark
-    writes them), of all the files in it: total size, newest mtime (the folder's own included, which
-    changes when a part is added or removed) and their number."""
-    try:
-        stat = os.stat(path)
-    except OSError as err:  # a dangling link, a file removed since the listing
-        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
-    if not os.path.isdir(path):
-        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    size, mtime_ns, files = 0, stat.st_mtime_ns, 0
-    for folder, _, names in os.walk(path):
-        mtime_ns = max(mtime_ns, os.stat(folder).st_mtime_ns)
-        for name in names:
-            part = os.stat(os.path.join(folder, name))
-            size, mtime_ns, files = size + part.st_size, max(mtime_ns, part.st_mtime_ns), files + 1
-    return {"size": size, "mtime_ns": mtime_ns, "files": files}
-
-
 def make_record(input_path, max_seq_length, fingerprint, layout):
     """What an output is made from: the input's stamp (size, mtime_ns) and the settings. A file cut by
     --max_rows_per_dataset adds "sample" (sample_record); a file kept whole has none, so that its
@@ -777,11 +528,16 @@ def make_record(input_path, max_seq_length, fingerprint, layout):
 
 def read_record(path):
     """The record stored in an output file, or None if it has none or cannot be read."""
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-        return json.loads(metadata[RECORD_KEY])
-    except Exception:  # no record, not a parquet file, a folder, ...: pyarrow raises several types
-        return None
+    return stored_record(path, RECORD_KEY)
+
+
+def with_record(table, record):
+    return table.replace_schema_metadata(record_metadata(table.schema.metadata, RECORD_KEY, record))
+
+
+def stamped(output, record):
+    return Output(output.schema.with_metadata(record_metadata(output.schema.metadata, RECORD_KEY, record)),
+                  output.tables)
 
 
 def why_tokenize(input_path, output_path, record, overwrite):
@@ -845,44 +601,15 @@ def why_corpus(output_path, record):
     return None
 
 
-def remove_stale_temp_files(output_dir):
-    """Delete `*.parquet.tmp-PID` files of runs that are gone (killed): the pid is not running, or
-    is ours (a reused pid). A temp file of a run still alive on this machine is left alone."""
-    for name in sorted(os.listdir(output_dir)):
-        match = TEMP_FILE.fullmatch(name)
-        path = os.path.join(output_dir, name)
-        if not match or not os.path.isfile(path):
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and _running(pid):
-            continue
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            continue
-        print(f"removed {name}: a temp file left by an interrupted run", flush=True)
-
-
-def _running(pid):
-    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, another user's
-        return True
-    return True
-
-
-def tokenize_file(path, name, targets, record, sample, workers, args):
+def tokenize_file(path, name, targets, record, sample, workers, chunk_rows):
     """Check, tokenize and write one input file. targets: (output file, its corpus or None); sample: (the
     rows drawn by --max_rows_per_dataset, the row count they were drawn from), or None for every row."""
-    source = input_rows(open_input(path), path, args.chunk_rows)
+    layout = record["layout"]
+    source = input_rows(open_input(path), path, chunk_rows)
     if source.num_rows == 0:  # emptied since check_not_empty
         raise empty_input_error(path)
     columns = text_columns(source.schema, path)
-    check_columns(((column, source.column(column)) for column in columns), path)
+    check_text_chunks(((column, source.column(column)) for column in columns), path)
     out_path, corpus = targets
     folder = os.path.dirname(out_path)
     if sample is not None:  # checked in full first, so that errors name the input's own rows
@@ -890,41 +617,150 @@ def tokenize_file(path, name, targets, record, sample, workers, args):
         if source.num_rows != num_rows:
             raise UserError(f"{path}: changed while being read ({num_rows} rows in its footer, "
                             f"{source.num_rows} read); run again")
-        needed = [field.name for field in kept_fields(source.schema)] if args.layout == "v1" else columns
+        needed = [field.name for field in kept_fields(source.schema)] if layout == "v1" else columns
         source = source.sample(rows, needed, folder)
     queries, docs, index = tokenize_groups(source, columns, workers, name, folder)
-    if args.layout == "v1":
+    if layout == "v1":
         write_atomic(stamped(v1_output(source, columns, queries, docs, index), record), out_path)
     else:  # the corpus first: a query file never exists without its corpus
-        write_atomic(stamped(corpus_output(docs, args.layout, name), record), corpus)
-        write_atomic(stamped(query_output(queries, index, columns, args.layout, name, args.chunk_rows), record),
-                     out_path)
+        write_atomic(stamped(corpus_output(docs, layout, name), record), corpus)
+        write_atomic(stamped(query_output(queries, index, columns, layout, name, chunk_rows), record), out_path)
 
+
+# ---- the public function ---------------------------------------------------------------------------
+
+def check_settings(max_seq_length, layout, max_rows_per_dataset, sample_seed, chunk_rows):
+    """The settings' own limits, before anything is read."""
+    if max_seq_length < 2:
+        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
+    if max_rows_per_dataset is not None and max_rows_per_dataset < 2:
+        raise UserError(f"--max_rows_per_dataset must be at least 2 (got {max_rows_per_dataset}); "
+                        "leave it out to keep every row")
+    if chunk_rows < 1:
+        raise UserError(f"--chunk_rows must be at least 1 (got {chunk_rows})")
+    if not 0 <= sample_seed < 2**32:
+        raise UserError(f"--sample_seed must be between 0 and {2**32 - 1} (a numpy RandomState seed), "
+                        f"got {sample_seed}")
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout}: choose one of {', '.join(LAYOUTS)}")
+
+
+def input_files(input_dir):
+    """The `*.parquet` of input_dir, sorted, each holding rows."""
+    if not os.path.isdir(input_dir):
+        raise UserError(f"input folder {input_dir} not found: pass --input_dir with the raw parquet files")
+    files = sorted(glob.glob(os.path.join(input_dir, "*.parquet")))
+    if not files:
+        raise UserError(f"no *.parquet files in {input_dir}")
+    check_not_empty(files)
+    return files
+
+
+def prepare_output(input_dir, output_dir, layout, max_rows_per_dataset):
+    """Create the output folder (and v2's corpus folder) and clear the temp files of killed runs; refuse
+    to write into input_dir what would replace the raw files."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder {output_dir}: {err.strerror}") from None
+    in_place = os.path.samefile(input_dir, output_dir)
+    if in_place and layout == "v2":
+        raise UserError("--layout v2 cannot write into --input_dir: its query files hold no texts and would "
+                        "replace the raw files; pass another --output_dir")
+    if in_place and layout == "published_v2":
+        raise UserError("--layout published_v2 cannot write into --input_dir: its NAME_query.parquet and "
+                        "NAME_corpus.parquet files would be read as raw files by the next run; pass another "
+                        "--output_dir")
+    if in_place and max_rows_per_dataset is not None:
+        raise UserError("--max_rows_per_dataset cannot write into --input_dir: the files cut to the rows kept "
+                        "would replace the raw ones; pass another --output_dir")
+    if layout == "v2":
+        try:
+            os.makedirs(os.path.join(output_dir, "corpus"), exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the corpus folder in {output_dir}: {err.strerror}") from None
+        remove_stale_temp_files(os.path.join(output_dir, "corpus"))
+    remove_stale_temp_files(output_dir)
+
+
+def tokenize_folder(model_path, input_dir, output_dir, *, max_seq_length=1024, layout="v1", max_rows_per_dataset=None,
+                    sample_seed=42, num_proc=None, pool_min_chars=POOL_MIN_CHARS, chunk_rows=CHUNK_ROWS,
+                    overwrite=False):
+    """Tokenize every `*.parquet` of input_dir into output_dir with the tokenizer of model_path, skipping
+    the outputs already made from the same input and settings. The keyword arguments are the command
+    line's flags, with its defaults (num_proc None: one per core). Returns (files tokenized, files
+    skipped). Bad settings or input are a UserError that says what to fix (a file's texts are all checked
+    before its output is written)."""
+    check_settings(max_seq_length, layout, max_rows_per_dataset, sample_seed, chunk_rows)
+    files = input_files(input_dir)
+    tokenizer = load_tokenizer(model_path)  # fail here, once, rather than in every worker
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    prepare_output(input_dir, output_dir, layout, max_rows_per_dataset)
+    inputs = {os.path.realpath(path): path for path in files}
+    # one stream for all files, as the published script's global RandomState; none without the flag
+    rs = np.random.RandomState(sample_seed) if max_rows_per_dataset is not None else None
+    workers = Workers(tokenizer, model_path, max_seq_length, os.cpu_count() if num_proc is None else num_proc,
+                      pool_min_chars)
+    done = skipped = 0
+    try:
+        for path in files:
+            name = os.path.basename(path)[: -len(".parquet")]
+            out_path, corpus = output_paths(output_dir, name, layout)
+            if layout != "v1":  # v1 may replace its own input (in place); no other layout may
+                for target in (corpus, out_path):
+                    if os.path.realpath(target) in inputs:
+                        raise UserError(f"{target}: writing it would replace the input file "
+                                        f"{inputs[os.path.realpath(target)]}; pass another --output_dir")
+            record = make_record(path, max_seq_length, fingerprint, layout)  # stamp taken before reading
+            num_rows = rows = None
+            if rs is not None:  # every file draws (skipped ones too), so each file's rows match the full run's
+                num_rows = count_rows(path)
+                rows = draw_rows(num_rows, max_rows_per_dataset, rs)
+            if rows is not None:
+                record["sample"] = sample_record(rows, max_rows_per_dataset, sample_seed)
+            reason = why_tokenize(path, out_path, record, overwrite)
+            if reason is None:
+                print(f"skip {name}: already tokenized (same input file, max_seq_length and tokenizer)", flush=True)
+                skipped += 1
+                continue
+            if reason:
+                print(f"retokenize {name}: {reason}", flush=True)
+            sample = None if rows is None else (rows, num_rows)
+            tokenize_file(path, name, (out_path, corpus), record, sample, workers, chunk_rows)
+            done += 1
+    finally:
+        workers.close()
+    print(f"tokenized {done} file(s), skipped {skipped} already tokenized, into {output_dir}", flush=True)
+    return done, skipped
+
+
+# ---- command line ----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The flags given, by tokenize_folder's names: those left out take its defaults."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     p.add_argument("--model_path", required=True, help="folder with the backbone's tokenizer")
     p.add_argument("--input_dir", required=True, help="folder of raw *.parquet files")
     p.add_argument("--output_dir", required=True, help="where the tokenized files go")
-    p.add_argument("--max_seq_length", type=int, default=1024, help="tokens per text, eos included")
-    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer worker processes")
-    p.add_argument("--pool_min_chars", type=int, default=POOL_MIN_CHARS, metavar="N",
+    p.add_argument("--max_seq_length", type=int, help="tokens per text, eos included")
+    p.add_argument("--num_proc", type=int, help="tokenizer worker processes")
+    p.add_argument("--pool_min_chars", type=int, metavar="N",
                    help="start the worker processes only once a file's queries or documents hold at least N "
                         "characters of distinct text; smaller inputs are tokenized in this process, where they "
                         f"take less time than starting the workers (default {POOL_MIN_CHARS:,}; 0: always the workers)")
-    p.add_argument("--layout", choices=LAYOUTS, default="v1",
+    p.add_argument("--layout", choices=LAYOUTS,
                    help="v1: token columns added to each file (F2LLM's published output); v2: a query file of "
                         "integer ids into a per-dataset corpus file corpus/NAME.parquet (smaller on disk); "
                         "published_v2: F2LLM-v2's published output, NAME_query.parquet with string doc ids into "
                         "NAME_corpus.parquet (the published v2 run: --layout published_v2 --max_seq_length 2048 "
                         "--max_rows_per_dataset 80000)")
-    p.add_argument("--max_rows_per_dataset", type=int, default=None, metavar="N",
+    p.add_argument("--max_rows_per_dataset", type=int, metavar="N",
                    help="keep N rows, drawn at random, of each input file that has more (the published v2 run: "
                         "80000); default: keep every row")
-    p.add_argument("--sample_seed", type=int, default=42,
+    p.add_argument("--sample_seed", type=int,
                    help="seed of the one numpy RandomState that draws the rows for --max_rows_per_dataset over "
                         "the files in sorted order, as the published v2 script does with seed 42 (default 42)")
-    p.add_argument("--chunk_rows", type=int, default=CHUNK_ROWS, metavar="N",
+    p.add_argument("--chunk_rows", type=int, metavar="N",
                    help="rows per read batch of one column, and distinct texts per tokenization round: what bounds "
                         "the memory (reads of several columns at once take N / columns rows); the hashes of the "
                         "distinct texts (24 bytes each) and 8 bytes per text cell still grow with the file "
@@ -936,81 +772,7 @@ def parse_args(argv=None):
 
 @exit_on_user_error
 def main(argv=None):
-    args = parse_args(argv)
-    if args.max_seq_length < 2:
-        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
-    if args.max_rows_per_dataset is not None and args.max_rows_per_dataset < 2:
-        raise UserError(f"--max_rows_per_dataset must be at least 2 (got {args.max_rows_per_dataset}); "
-                        "leave it out to keep every row")
-    if args.chunk_rows < 1:
-        raise UserError(f"--chunk_rows must be at least 1 (got {args.chunk_rows})")
-    if not 0 <= args.sample_seed < 2**32:
-        raise UserError(f"--sample_seed must be between 0 and {2**32 - 1} (a numpy RandomState seed), "
-                        f"got {args.sample_seed}")
-    if not os.path.isdir(args.input_dir):
-        raise UserError(f"input folder {args.input_dir} not found: pass --input_dir with the raw parquet files")
-    files = sorted(glob.glob(os.path.join(args.input_dir, "*.parquet")))
-    if not files:
-        raise UserError(f"no *.parquet files in {args.input_dir}")
-    check_not_empty(files)
-    tokenizer = load_tokenizer(args.model_path)  # fail here, once, rather than in every worker
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the output folder {args.output_dir}: {err.strerror}") from None
-    in_place = os.path.samefile(args.input_dir, args.output_dir)
-    if in_place and args.layout == "v2":
-        raise UserError("--layout v2 cannot write into --input_dir: its query files hold no texts and would "
-                        "replace the raw files; pass another --output_dir")
-    if in_place and args.layout == "published_v2":
-        raise UserError("--layout published_v2 cannot write into --input_dir: its NAME_query.parquet and "
-                        "NAME_corpus.parquet files would be read as raw files by the next run; pass another "
-                        "--output_dir")
-    if in_place and args.max_rows_per_dataset is not None:
-        raise UserError("--max_rows_per_dataset cannot write into --input_dir: the files cut to the rows kept "
-                        "would replace the raw ones; pass another --output_dir")
-    if args.layout == "v2":
-        try:
-            os.makedirs(os.path.join(args.output_dir, "corpus"), exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create the corpus folder in {args.output_dir}: {err.strerror}") from None
-        remove_stale_temp_files(os.path.join(args.output_dir, "corpus"))
-    remove_stale_temp_files(args.output_dir)
-    inputs = {os.path.realpath(path): path for path in files}
-    # one stream for all files, as the published script's global RandomState; none without the flag
-    rs = np.random.RandomState(args.sample_seed) if args.max_rows_per_dataset is not None else None
-    workers, done, skipped = Workers(tokenizer, args.model_path, args.max_seq_length, args.num_proc,
-                                     args.pool_min_chars), 0, 0
-    try:
-        for path in files:
-            name = os.path.basename(path)[: -len(".parquet")]
-            out_path, corpus = output_paths(args.output_dir, name, args.layout)
-            if args.layout != "v1":  # v1 may replace its own input (in place); no other layout may
-                for target in (corpus, out_path):
-                    if os.path.realpath(target) in inputs:
-                        raise UserError(f"{target}: writing it would replace the input file "
-                                        f"{inputs[os.path.realpath(target)]}; pass another --output_dir")
-            record = make_record(path, args.max_seq_length, fingerprint, args.layout)  # stamp taken before reading
-            num_rows = rows = None
-            if rs is not None:  # every file draws (skipped ones too), so each file's rows match the full run's
-                num_rows = count_rows(path)
-                rows = draw_rows(num_rows, args.max_rows_per_dataset, rs)
-            if rows is not None:
-                record["sample"] = sample_record(rows, args.max_rows_per_dataset, args.sample_seed)
-            reason = why_tokenize(path, out_path, record, args.overwrite)
-            if reason is None:
-                print(f"skip {name}: already tokenized (same input file, max_seq_length and tokenizer)", flush=True)
-                skipped += 1
-                continue
-            if reason:
-                print(f"retokenize {name}: {reason}", flush=True)
-            sample = None if rows is None else (rows, num_rows)
-            tokenize_file(path, name, (out_path, corpus), record, sample, workers, args)
-            done += 1
-    finally:
-        workers.close()
-    print(f"tokenized {done} file(s), skipped {skipped} already tokenized, into {args.output_dir}", flush=True)
+    tokenize_folder(**vars(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 import tokenize_data_qwen
 from bench_tokenize import make_corpus
-from data import CorpusRows, collate, load_splits, rows_of, token_columns
+from data import CorpusRows, collate, corpus_path, load_splits, rows_of, token_columns
 from demo import build_tokenizer
 
 CORPORA = {"f2llm_like": (False, 2), "pool10": (False, 10), "unique": (True, 0)}  # name -> (unique, pool_factor)
@@ -46,8 +46,8 @@ LABELS = {"f2llm_like": "F2LLM-like (pool 2x rows)", "pool10": "pool 10x rows", 
 
 def tokenize(raw_dir, model_path, out_dir, layout, max_len, num_proc):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        tokenize_data_qwen.main(["--model_path", model_path, "--input_dir", raw_dir, "--output_dir", out_dir,
-                                 "--max_seq_length", str(max_len), "--num_proc", str(num_proc), "--layout", layout])
+        tokenize_data_qwen.tokenize_folder(model_path, raw_dir, out_dir, max_seq_length=max_len, num_proc=num_proc,
+                                           layout=layout)
 
 
 def sizes(v1_dir, v2_dir, name, work_dir):
@@ -56,7 +56,7 @@ def sizes(v1_dir, v2_dir, name, work_dir):
     tokens_only = os.path.join(work_dir, f"{name}.tokens.parquet")
     pq.write_table(table.select([c for c in table.column_names if c.endswith("_input_ids")]), tokens_only)
     v2_path = os.path.join(v2_dir, f"{name}.parquet")
-    v2_corpus = tokenize_data_qwen.corpus_path(v2_path)
+    v2_corpus = corpus_path(v2_path)
     return {"v1_bytes": os.path.getsize(v1_path), "v1_token_bytes": os.path.getsize(tokens_only),
             "v2_bytes": os.path.getsize(v2_path) + os.path.getsize(v2_corpus),
             "v2_corpus_rows": pq.ParquetFile(v2_corpus).metadata.num_rows}

@@ -19,7 +19,7 @@ the false-negative margin at 95% of the positive score (ours --positive_margin 0
 those rows go to ours' fill or are dropped by ST, which this variant times; "top-margin-drop", the
 same with ours' --on_short drop, so that both sides do the same work. Batch 32, float32, one
 thread (torch.set_num_threads(1), TOKENIZERS_PARALLELISM=false). Each side runs what a user would: ours
-mine_negatives.main (model load, read, embed, rank, select, write parquet), ST SentenceTransformer(...)
+mine_negatives.mine (model load, read, embed, rank, select, write parquet), ST SentenceTransformer(...)
 + mine_hard_negatives(..., output_format="n-tuple") + to_parquet, in this process, alternating the two
 (ours first on even repeats), after one untimed load of each side's model (the first load imports
 transformers' model code); the table shows the medians. queries/s = input rows / wall s, docs/s =
@@ -136,19 +136,17 @@ def warm_up(model_dir):
 # ---- the two sides ------------------------------------------------------------------------------
 
 def run_ours(model_dir, paths, out_dir, settings):
-    """mine_negatives.main as the CLI runs it: (seconds, its output table, short rows)."""
+    """mine_negatives.mine as the CLI runs it: (seconds, its output table, short rows)."""
     import mine_negatives
 
-    argv = ["--model", model_dir, "--input_dir", paths["raw_dir"], "--output_dir", out_dir, "--corpus",
-            paths["extra"], "--num_negatives", str(settings["num_negatives"]), "--max_rank",
-            str(settings["max_rank"]), "--positive_margin", str(settings["positive_margin"]).lower(), "--sampling",
-            settings["sampling"], "--batch_size", str(settings["batch_size"]), "--on_short",
-            settings["on_short"], "--device", "cpu", "--dtype",
-            "float32", "--overwrite"]
+    rules = mine_negatives.Settings(num_negatives=settings["num_negatives"], max_rank=settings["max_rank"],
+                                    positive_margin=settings["positive_margin"], sampling=settings["sampling"],
+                                    on_short=settings["on_short"])
     out, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mine_negatives.main(argv)
+        mine_negatives.mine(model_dir, paths["raw_dir"], out_dir, settings=rules, corpus=paths["extra"],
+                            batch_size=settings["batch_size"], device="cpu", dtype="float32", overwrite=True)
     seconds = time.perf_counter() - t0
     short = re.search(r": (\d+) of \d+ row\(s\) had fewer than", out.getvalue())
     name = os.path.basename(paths["train"])

@@ -51,7 +51,7 @@ log(y2 / y1) / log(n2 / n1) of at most 1.15 between successive sizes (0: constan
 margin is for a loaded machine). "holds the token lists": a stage whose anonymous memory grows by at
 least half the growth of the stored token ids (int32 bytes of the corpus and the queries) from the
 first to the last size it ran at. Prepare's anonymous memory still grows slowly (exponent ~0.15): the
-`datasets` conversion decodes one row group at a time (data.ROW_GROUP_BYTES, ~4x in memory) and the
+`datasets` conversion decodes one row group at a time (files.ROW_GROUP_BYTES, ~4x in memory) and the
 allocators keep some of what it frees; the cache itself is memory-mapped.
 """
 import benchutil  # noqa: I001  (first: import paths and environment)
@@ -71,7 +71,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench_tokenize import NUM_NEGATIVES, TextGen
-from data import row_group_rows
+from files import row_group_rows
 
 FULL_SIZES, QUICK_SIZES = (10_000, 100_000, 1_000_000), (500, 5_000, 400_000)
 MAX_SEQ_LENGTH = 1024

@@ -21,7 +21,7 @@ published  a multiprocessing Pool (spawn, N workers, tokenizer loaded once per w
            ONE text: tokenizer(text, add_special_tokens=False, truncation=True,
            max_length=max_len - 1)["input_ids"] + [eos]; the lists become list<int32> columns.
 ours       tokenize_data_qwen.tokenize_table with a pool of the same N workers
-           (tokenize_data_qwen._init_worker): queries and documents deduplicated with Arrow, each
+           (tokenize_data_qwen.init_worker): queries and documents deduplicated with Arrow, each
            unique text tokenized once in batches of 1000 by the fast tokenizer, mapped back.
 
 Both pools are started and warmed before the clock starts (tokenizer loading excluded); the
@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import tokenize_data_qwen
+from data import text_columns
 from demo import build_qwen3_tokenizer
 from model import load_tokenizer
 
@@ -184,10 +185,10 @@ def run(quick=False, num_rows=None, num_proc=None, max_len=1024, repeats=None, s
                 tokenize_data_qwen.make_pool(model_path, max_len, num_proc) as our_pool:
             # start every worker and load its tokenizer before any clock starts
             pub_pool.map(_published_one, ["warm up"] * 4 * num_proc, chunksize=1)
-            our_pool.map(tokenize_data_qwen._tokenize_chunk, [["warm up"]] * 4 * num_proc, chunksize=1)
+            our_pool.map(tokenize_data_qwen.tokenize_chunk, [["warm up"]] * 4 * num_proc, chunksize=1)
             pools = {"published": pub_pool, "ours": our_pool}
             for name, corpus in corpora.items():
-                columns = tokenize_data_qwen.text_columns(corpus.schema, name)
+                columns = text_columns(corpus.schema, name)
                 result[name] = measure(corpus, columns, pools, repeats)
     result["tokenize_speedup"] = result["f2llm_like"]["speedup"]
     result["goal_ge_2x"] = result["tokenize_speedup"] >= 2

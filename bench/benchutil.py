@@ -1,8 +1,8 @@
 """Shared helpers of the benchmarks: import paths, machine description, timing, tables.
 
-Importing this module puts the repository root (for data, model, loss, demo, ...) and bench/ on
-sys.path, so that `python bench/<script>.py` works from anywhere, and sets two environment
-defaults (an explicit setting wins). It does no other work:
+Importing this module puts the repository root (for data, model, loss, demo, ...) on sys.path, so
+that `python bench/<script>.py` works from anywhere (Python puts bench/ itself there, the script's
+folder), and sets two environment defaults (an explicit setting wins). It does no other work:
 
 - HF_HUB_OFFLINE=1: nothing is downloaded.
 - DS_ACCELERATOR=cpu where no NVIDIA device exists: DeepSpeed (imported by transformers'
@@ -22,14 +22,9 @@ import statistics
 import sys
 import time
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(BENCH_DIR)
-# REPO_DIR first, even where it is already on the path (accelerate launch puts the working folder on
-# PYTHONPATH, behind the script's bench/): `import run` must find run.py, not bench/run.py.
-for _path in (BENCH_DIR, REPO_DIR):
-    while _path in sys.path:
-        sys.path.remove(_path)
-    sys.path.insert(0, _path)
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_DIR not in sys.path:
+    sys.path.insert(0, REPO_DIR)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

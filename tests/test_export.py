@@ -53,8 +53,8 @@ def save_through_checkpoint(backbone, tokenizer, path):
     accelerator = Accelerator(cpu=True)
     try:
         embedder = accelerator.prepare(model.Embedder(backbone, pad_token_id=tokenizer.pad_token_id))
-        checkpoint.save(accelerator, embedder, tokenizer, path, {"step": 1, "world_size": 1}, keep=0,
-                        max_seq_length=M, prompts=PROMPTS)
+        state = checkpoint.TrainState(world_size=1, batches_per_epoch={"data": 1}, config={}, step=1)
+        checkpoint.save(accelerator, embedder, tokenizer, path, state, keep=0, max_seq_length=M, prompts=PROMPTS)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate state to other tests
         GradientState._reset_state()

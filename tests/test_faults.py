@@ -100,11 +100,11 @@ def write_lock(values, **holder):
 
 def test_a_lock_is_stale_only_when_its_process_is_known_to_be_gone():
     here = socket.gethostname()
-    assert checkpoint._stale({"pid": dead_pid(), "host": here, "since": ""})
-    assert checkpoint._stale({"pid": os.getpid(), "host": here, "since": ""})  # a restarted container's pid
-    assert checkpoint._stale(None)  # unreadable: its writer died before finishing it
-    assert not checkpoint._stale({"pid": os.getppid(), "host": here, "since": ""})
-    assert not checkpoint._stale({"pid": dead_pid(), "host": "another-host", "since": ""})
+    assert checkpoint.stale_lock({"pid": dead_pid(), "host": here, "since": ""})
+    assert checkpoint.stale_lock({"pid": os.getpid(), "host": here, "since": ""})  # a restarted container's pid
+    assert checkpoint.stale_lock(None)  # unreadable: its writer died before finishing it
+    assert not checkpoint.stale_lock({"pid": os.getppid(), "host": here, "since": ""})
+    assert not checkpoint.stale_lock({"pid": dead_pid(), "host": "another-host", "since": ""})
 
 
 def test_stale_and_foreign_locks_and_leftovers_of_a_killed_save(tiny, tokenized, tmp_path):

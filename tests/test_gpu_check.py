@@ -25,7 +25,7 @@ BS, NUM_NEG, STEPS, MAX_BATCH = 4, 7, 2, 8
 
 @pytest.fixture(scope="module")
 def check(tmp_path_factory, deepspeed_op):
-    """(the JSON, stdout, seconds) of the README's command with --tiny."""
+    """(the JSON, stdout, seconds) of docs/speed-and-memory.md's command with --tiny."""
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
     cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", ZERO2, "--num_processes", "1",
            "--main_process_port", free_port(), "bench/gpu_check.py", "--tiny", "--peak_tflops", str(PEAK_TFLOPS),
@@ -118,7 +118,7 @@ def test_tiny_check_flops_and_mfu_by_hand(check):
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    sys.path.append(os.path.join(REPO_DIR, "bench"))  # behind the repository: its run.py, not bench/run.py
+    sys.path.append(os.path.join(REPO_DIR, "bench"))
     import gpu_check
 
     return gpu_check

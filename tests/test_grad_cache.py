@@ -1,7 +1,10 @@
 """grad_cache.py: the cached (GradCache) step gives the losses and parameter gradients of the
 uncached step, for every chunk size, in one process and under DDP over 2 processes; only one
-chunk of sequences is ever run with a graph; gradients are synchronised once per step."""
+chunk of sequences is ever run with a graph; gradients are synchronised once per step. With
+dropout (LoRA's) its second pass replays the first pass's masks, so the gradient is that of the
+loss it computed, and the random stream after the step is not perturbed."""
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +18,8 @@ from conftest import free_port, write_config
 import config
 import data
 import grad_cache
+import lora
+from config import LORA_DEFAULTS
 from errors import UserError
 from loss import f2llm_losses
 from model import Embedder, load_backbone
@@ -59,18 +64,22 @@ def loss_fn(batch, task):
     return lambda embeddings: f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task)
 
 
+def grads_of(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def uncached_step(model, batch, task):
     model.zero_grad()
     losses = loss_fn(batch, task)(model(batch["input_ids"], batch["lengths"], num_queries=batch["num_queries"]))
     sum(losses.values()).backward()
-    return {k: v.item() for k, v in losses.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}
+    return {k: v.item() for k, v in losses.items()}, grads_of(model)
 
 
 def cached_step(model, batch, task, chunk_size, accelerator):
     model.zero_grad()
     losses = grad_cache.cached_backward(model, batch, loss_fn(batch, task), chunk_size, accelerator)
     assert all(not v.requires_grad for v in losses.values()), "losses come back detached"
-    return {k: v.item() for k, v in losses.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}
+    return {k: v.item() for k, v in losses.items()}, grads_of(model)
 
 
 def max_rel_diff(got, expected):
@@ -174,6 +183,74 @@ def test_at_most_one_chunk_runs_with_a_graph(tiny, batches, accelerator, layout)
         assert spy.peak_alive() <= size, "a chunk's graph is freed by its backward before the next chunk runs"
         kinds = [e[0] for e in spy.events if e[1]]
         assert kinds == ["forward", "backward"] * len(with_graph)
+
+
+# ---- dropout: the second pass replays each chunk's random state -----------------------------------------
+
+CHUNK = 3
+
+
+def lora_embedder(tiny, checkpointing=False):
+    """The tiny backbone with LoRA at its default dropout, packed, in train mode."""
+    backbone = load_backbone(f"{tiny}/backbone", dtype="float32", gradient_checkpointing=checkpointing, packed=True)
+    torch.manual_seed(0)  # lora_A's random init: the same adapters whatever ran before
+    backbone = lora.add_lora(backbone, {**LORA_DEFAULTS, "r": 4})
+    for name, param in backbone.named_parameters():
+        if "lora_B" in name:  # zero at init, which would leave the embeddings blind to the adapters' dropout
+            param.data.normal_(0, 0.1)
+    return Embedder(backbone, "packed").train()
+
+
+def reference_step(model, batch, task):
+    """The loss on embeddings built with a graph, chunk by chunk in cached_backward's order (so from
+    the same random state, the same dropout masks), its autograd gradient, and the CPU random state
+    after the forward pass."""
+    model.zero_grad()
+    embeddings = torch.cat([model(ids, lens, num_queries=q)
+                            for _, ids, lens, q in grad_cache.sequence_chunks(batch, CHUNK)])
+    after_forward = torch.get_rng_state()
+    losses = loss_fn(batch, task)(embeddings)
+    sum(losses.values()).backward()
+    return {k: v.item() for k, v in losses.items()}, grads_of(model), after_forward
+
+
+def cached_and_reference(tiny, batch, accelerator, checkpointing=False):
+    """(reference_step's results, cached_step's results with the CPU random state after it), both
+    from the same seed."""
+    assert LORA_DEFAULTS["dropout"] == 0.05
+    model = lora_embedder(tiny, checkpointing)
+    with torch.no_grad():
+        twice = [model(batch["input_ids"], batch["lengths"], num_queries=batch["num_queries"]) for _ in range(2)]
+    assert (twice[0] - twice[1]).abs().max() > 1e-3, "dropout changes the embeddings from one pass to the next"
+    torch.manual_seed(1)
+    reference = reference_step(model, batch, "retrieval")
+    torch.manual_seed(1)
+    cached = (*cached_step(model, batch, "retrieval", CHUNK, accelerator), torch.get_rng_state())
+    return reference, cached
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cached_step_with_dropout_is_the_gradient_of_its_loss(tiny, batches, accelerator, checkpointing):
+    batch = batches["retrieval"]
+    (ref_losses, ref_grads, ref_state), (losses, grads, state) = cached_and_reference(tiny, batch, accelerator,
+                                                                                      checkpointing)
+    assert ref_grads and all(".lora_" in n for n in ref_grads) and all(g.abs().sum() > 0 for g in ref_grads.values())
+    for kind, value in ref_losses.items():
+        assert losses[kind] == pytest.approx(value, rel=1e-6, abs=1e-7), "the first pass draws the reference's masks"
+    assert max_rel_diff(grads, ref_grads) < 1e-5
+    assert torch.equal(state, ref_state), "the random stream after the step is the first pass's"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_without_the_replay_the_gradient_differs(tiny, batches, accelerator, monkeypatch, checkpointing):
+    """The test above can fail: with the replay a no-op, the second pass draws new masks (activation
+    checkpointing's own replay covers only its recomputation)."""
+    monkeypatch.setattr(grad_cache, "replayed", lambda state: nullcontext())
+    (ref_losses, ref_grads, ref_state), (losses, grads, state) = cached_and_reference(tiny, batches["retrieval"],
+                                                                                      accelerator, checkpointing)
+    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=1e-7), "the first pass is the same"
+    assert max_rel_diff(grads, ref_grads) > 0.1, "the second pass draws new masks"
+    assert not torch.equal(state, ref_state), "and moves the random stream on"
 
 
 # ---- config -----------------------------------------------------------------------------------------

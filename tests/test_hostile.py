@@ -171,7 +171,7 @@ def check_script_outcome(proc, table, in_path, out_path, tokenizer, max_seq_leng
     assert "Traceback" not in proc.stderr, proc.stderr
     out = pq.read_table(out_path)
     assert out.num_rows == table.num_rows  # nothing dropped
-    for name in tokenize_data_qwen.text_columns(table.schema, in_path):
+    for name in data.text_columns(table.schema, in_path):
         assert out.column(name).to_pylist() == table.column(name).to_pylist()
         for text, seq in zip(out.column(name).to_pylist(), out.column(f"{name}_input_ids").to_pylist()):
             assert_clean_ids(seq, tokenizer, max_seq_length)
@@ -208,10 +208,10 @@ def test_check_texts_refuses_exactly_the_blank_cells(table):
     columns = table.column_names
     counts = {c: sum(blank(t) for t in table.column(c).to_pylist()) for c in columns}
     if not any(counts.values()):
-        tokenize_data_qwen.check_texts(table, columns, "f.parquet")
+        data.check_texts(table, columns, "f.parquet")
         return
     with pytest.raises(UserError) as err:
-        tokenize_data_qwen.check_texts(table, columns, "f.parquet")
+        data.check_texts(table, columns, "f.parquet")
     for c in columns:
         assert (f"'{c}' {counts[c]} (rows" in str(err.value)) == (counts[c] > 0), (c, str(err.value))
 
@@ -236,7 +236,7 @@ def test_tokenizer_script_on_very_long_texts(tiny, tok, workdir):
 
 def test_tokenize_table_without_rows(tiny):
     """tokenize_table on zero rows: the id columns are added, empty (clean; training refuses the file)."""
-    tokenize_data_qwen._init_worker(f"{tiny}/backbone", 8)
+    tokenize_data_qwen.init_worker(f"{tiny}/backbone", 8)
     table = pa.table({"query": pa.array([], pa.string()), "passage": pa.array([], pa.large_string())})
     out = tokenize_data_qwen.tokenize_table(table, ["query", "passage"], None, "t")
     assert out.num_rows == 0

@@ -101,7 +101,7 @@ def test_f2llm_losses_joint_terms_by_task_type():
     bs, k, d = 4, 2, 16
     emb = torch.randn(bs * (2 + k), d, generator=g)
     keys = torch.arange(len(emb))
-    out = loss.f2llm_losses(emb, bs, k, "retrieval", form="joint", keys=keys, mrl_dims=[8])
+    out = loss.f2llm_losses(emb, bs, k, "retrieval", contrastive_loss="joint", keys=keys, mrl_dims=[8])
     assert set(out) == {"joint", "mrl_joint"}
     q, p, n = emb[:bs], emb[bs: 2 * bs], emb[2 * bs:]
     assert out["joint"].item() == pytest.approx(ref_joint(q, p, n, keys.tolist()), rel=1e-5)
@@ -109,7 +109,7 @@ def test_f2llm_losses_joint_terms_by_task_type():
     assert out["mrl_joint"].item() == pytest.approx(weight * ref_joint(q[:, :8], p[:, :8], n[:, :8], keys.tolist()),
                                                     rel=1e-5)
     for task in ("classification", "clustering"):  # other queries' positives may share the label
-        assert set(loss.f2llm_losses(emb, bs, k, task, form="joint", keys=keys)) == {"hard"}
+        assert set(loss.f2llm_losses(emb, bs, k, task, contrastive_loss="joint", keys=keys)) == {"hard"}
 
 
 def test_sequence_keys_tell_equal_sequences_in_every_process():

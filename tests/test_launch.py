@@ -56,7 +56,7 @@ def node_flags(rank):
 
 
 def two_nodes(config, yaml, flags=(), cwd=REPO_DIR):
-    """The per-node command of the README on two localhost "nodes" of one process each."""
+    """The per-node command of docs/reproducing.md on two localhost "nodes" of one process each."""
     port = free_port()
     procs = [subprocess.Popen(launch_cmd(config, 2, yaml, (*node_flags(rank), *flags), port=port), cwd=cwd,
                               env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -268,7 +268,7 @@ def same_run_elsewhere(values, root):
 
 
 def test_two_nodes_zero2_match_one_node(published, tmp_path):
-    """The README's per-node command with the shipped ZeRO-2 yaml, on two localhost "nodes": one job
+    """docs/reproducing.md's per-node command with the shipped ZeRO-2 yaml, on two localhost "nodes": one job
     of world size 2 whose losses and weights are the single-node 2-process run's."""
     _, ref, _ = published[2]
     config, values = same_run_elsewhere(ref, tmp_path)

@@ -107,7 +107,7 @@ def run_rules(table, extra, vectors, settings, chunk_sizes=None, block=1024, nam
     pairs, queries, corpus = embed_case(table, extra, vectors)
     corpus_vectors = chunks_of(corpus, chunk_sizes or [len(corpus)])
     keys = mn.rank(queries, corpus_vectors, pairs.offsets, pairs.excluded, settings.max_rank, block=block)
-    mined = mn.mine(lambda q: keys[q], pairs, mn.Vectors([queries]), corpus_vectors, settings, name)
+    mined = mn.select_negatives(lambda q: keys[q], pairs, mn.Vectors([queries]), corpus_vectors, settings, name)
     texts = pairs.corpus.to_pylist()
     return [[texts[j] if j >= 0 else None for j in row] for row in mined.negatives], mined
 
@@ -235,7 +235,7 @@ def test_fill_short_fills_as_fill_does_row_by_row(monkeypatch, floats):
     corpus_vectors = chunks_of(corpus, [100, 120, 80])
     keys = mn.rank(queries, corpus_vectors, pairs.offsets, pairs.excluded, settings.max_rank)
     monkeypatch.setattr(mn, "FILL_FLOATS", floats)
-    mined = mn.mine(lambda q: keys[q], pairs, mn.Vectors([queries]), corpus_vectors, settings, "f")
+    mined = mn.select_negatives(lambda q: keys[q], pairs, mn.Vectors([queries]), corpus_vectors, settings, "f")
 
     ids, scores = mn.decode_keys(keys[pairs.qid])
     positive = (queries[pairs.qid] * corpus[pairs.pid]).sum(1)

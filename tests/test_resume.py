@@ -4,7 +4,9 @@ checkpoint write, corrupt checkpoints, SIGTERM, non-finite losses, uneven data, 
 The reference is an uninterrupted run; a resumed run must log the same per-step losses after the
 resume point and reach the same final weights."""
 import glob
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,8 +20,9 @@ import torch
 import checkpoint
 import run
 from conftest import (ONE_THREAD, REFERENCE_K, REPO_DIR, assert_same_curves, assert_same_weights, assert_user_error,
-                      call_main, curves, launch, make_config, run_dir, weights)
+                      call_main, curves, launch, make_config, run_dir, weights, write_config)
 from errors import UserError
+from metrics import LossTracker
 
 K = REFERENCE_K  # the reference's checkpointing_steps: step_5 lies inside the first epoch
 
@@ -158,22 +161,35 @@ class FakeAccelerator:
         print(*args)
 
 
+def fresh_state(path, num_processes=1):
+    """A run's TrainState at step 0 with the data of the checkpoint at `path` and `num_processes`."""
+    saved = checkpoint.TrainState.from_json(checkpoint.read_trainer_state(path))
+    return checkpoint.TrainState(world_size=num_processes, batches_per_epoch=saved.batches_per_epoch,
+                                 config=saved.config)
+
+
 def test_restore_errors_are_clear(tmp_path, reference):
     good = os.path.join(run_dir(reference[1]), f"step_{K}")
     corrupt_copy(good, str(tmp_path / "bad"), "truncated")
     for resume_from, fragment in ((str(tmp_path / "bad"), "optimizer.bin has"),
                                   (str(tmp_path / "nowhere"), "not a folder")):
         with pytest.raises(UserError, match=fragment):
-            checkpoint.restore(FakeAccelerator(), resume_from, str(tmp_path))
+            checkpoint.restore(FakeAccelerator(), resume_from, str(tmp_path), fresh_state(good))
     with pytest.raises(UserError, match=r"written by 1 process\(es\), this run has 2; launch with 1"):
-        checkpoint.restore(FakeAccelerator(num_processes=2), good, str(tmp_path))
+        checkpoint.restore(FakeAccelerator(num_processes=2), good, str(tmp_path), fresh_state(good, 2))
     with pytest.raises(UserError, match=r"written by 1 process\(es\)"):  # latest does not skip a mismatch
-        checkpoint.restore(FakeAccelerator(num_processes=2), "latest", run_dir(reference[1]))
+        checkpoint.restore(FakeAccelerator(num_processes=2), "latest", run_dir(reference[1]), fresh_state(good, 2))
+    other_data = fresh_state(good)
+    other_data.batches_per_epoch = {**other_data.batches_per_epoch, "msmarco": 99}
+    with pytest.raises(UserError, match="the training data or train_batch_size changed"):
+        checkpoint.restore(FakeAccelerator(), good, str(tmp_path), other_data)
     # The training_state folder itself names its checkpoint too.
     accelerator = FakeAccelerator()
-    assert checkpoint.restore(accelerator, os.path.join(good, "training_state"), "")["step"] == K
+    state = checkpoint.restore(accelerator, os.path.join(good, "training_state"), "", fresh_state(good))
+    assert (state.step, state.saved_step, state.saved_path) == (K, K, good) and state.just_saved()
     assert accelerator.loaded == [os.path.join(good, "training_state")]
-    assert checkpoint.restore(accelerator, "", str(tmp_path)) is None
+    fresh = fresh_state(good)
+    assert checkpoint.restore(accelerator, "", str(tmp_path), fresh) is fresh
 
 
 def test_resume_errors_and_edge_cases_end_to_end(tmp_path, tiny, tokenized, reference):
@@ -290,3 +306,51 @@ def test_uneven_data_does_not_hang(tmp_path, tiny, tokenized):
     # msmarco: 4 train rows -> 1 batch, on both processes; imdb: 39 -> 3 batches -> 2 per process.
     assert "2 datasets, 3 batches per epoch per process, 6 steps, 2 process(es)" in proc.stdout
     assert os.path.isfile(os.path.join(run_dir(values), "epoch_2", "model.safetensors"))
+
+
+FIXTURE = os.path.join(REPO_DIR, "tests", "fixtures", "resume_v1")
+
+
+def test_resumes_a_checkpoint_of_an_earlier_version(tmp_path):
+    """tests/fixtures/resume_v1 holds step_5 of a 48-step run made by an earlier version of this code
+    (MADE_BY names the commit; tests/fixtures/make_resume_fixture.py made it), with that run's final
+    weights and logged losses. Resumed by today's code, it must log the same losses after step 5
+    (step 6's include the logging sums pending at step 5) and reach the same final weights."""
+    for name in ("backbone", "data", "step_5"):
+        shutil.copytree(os.path.join(FIXTURE, name), tmp_path / name)
+    with open(os.path.join(FIXTURE, "config.json")) as f:
+        values = {**json.load(f), "model_path": str(tmp_path / "backbone"), "train_data_path": str(tmp_path / "data"),
+                  "output_dir": str(tmp_path / "out"), "tb_dir": str(tmp_path / "tb"),
+                  "cache_dir": str(tmp_path / "cache"), "resume_from": str(tmp_path / "step_5")}
+    proc = launch(write_config(tmp_path / "config.json", **values))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resuming from {tmp_path / 'step_5'} (step 5)" in proc.stdout
+    # Only the two paths changed beside the resume-safe keys (output_dir, tb_dir, cache_dir, resume_from).
+    changed = [line for line in proc.stderr.splitlines() if "config changed since the checkpoint" in line]
+    assert len(changed) == 1 and re.findall(r"(\w+) \(", changed[0]) == ["model_path", "train_data_path"], changed
+    with open(os.path.join(FIXTURE, "final", "losses.json")) as f:
+        then = {tag: {int(step): value for step, value in points.items()} for tag, points in json.load(f).items()}
+    assert "train/imdb/hard" in then and 6 in then["train/imdb/hard"]
+    assert_same_curves(then, curves(values), after=5)
+    final = os.path.join(run_dir(values), "epoch_2")
+    for key, value in weights(os.path.join(FIXTURE, "final")).items():
+        torch.testing.assert_close(weights(final)[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_trainer_state_json_keeps_its_schema():
+    """What today's TrainState writes is what the earlier version wrote: the same keys and values,
+    read back from the fixture's trainer_state.json, logging sums included."""
+    path = os.path.join(FIXTURE, "step_5")
+    written = checkpoint.read_trainer_state(path)
+    tracker = LossTracker(written["batches_per_epoch"], {}, ("inbatch", "hard"))
+    accelerator = FakeAccelerator()
+    state = checkpoint.TrainState.from_json(written, tracker, accelerator)
+    assert (state.step, state.epoch, state.world_size) == (5, 0, 1)
+    again = state.to_json(accelerator)
+    assert set(again) == set(written)
+    for key in written:
+        if key != "tracker":
+            assert again[key] == written[key], key
+    assert again["tracker"].keys() == written["tracker"].keys()
+    for key, (total, count) in written["tracker"].items():
+        assert again["tracker"][key] == [pytest.approx(total, rel=1e-12), count], key

@@ -19,6 +19,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import data
+import files
 import tokenize_data_qwen
 from conftest import assert_user_error, call_main, run_cli
 
@@ -304,13 +305,13 @@ def test_mixed_string_and_large_string_columns(runs, tok):
 @pytest.fixture
 def spy(monkeypatch):
     calls = []
-    original = tokenize_data_qwen._tokenize_chunk
+    original = tokenize_data_qwen.tokenize_chunk
 
     def spying(texts):
         calls.append(list(texts))
         return original(texts)
 
-    monkeypatch.setattr(tokenize_data_qwen, "_tokenize_chunk", spying)
+    monkeypatch.setattr(tokenize_data_qwen, "tokenize_chunk", spying)
     return calls
 
 
@@ -372,7 +373,7 @@ def test_small_chunks_keep_order(tiny, tokenized, tmp_path, spy, monkeypatch):
 
 def test_tokenize_unique_returns_int32_lists(qwen3_tokenizer):
     """Qwen3's ids (up to 151,668) as int32 lists, cut to 4 + eos."""
-    tokenize_data_qwen._init_worker(qwen3_tokenizer, 5)
+    tokenize_data_qwen.init_worker(qwen3_tokenizer, 5)
     arr = tokenize_data_qwen.tokenize_unique(["one two three four five six seven", "x", "<think>"], None)
     assert arr.type == pa.list_(pa.int32())
     assert arr.to_pylist() == [[603, 1378, 2326, 3040, 151645], [87, 151645], [151667, 151645]]
@@ -467,8 +468,8 @@ def test_pool_starts_at_the_first_call_reaching_pool_min_chars(tiny, tokenized, 
 def test_outputs_are_written_in_row_groups_of_about_row_group_bytes(tiny, tokenized, tmp_path, monkeypatch):
     """Training's split cache (data.read_dataset) holds a whole row group in memory while it converts a
     file, and pyarrow's default group is the whole file: the outputs come in groups of about
-    data.ROW_GROUP_BYTES, with the content of the reference (written in one group each)."""
-    monkeypatch.setattr(data, "ROW_GROUP_BYTES", 50_000)
+    files.ROW_GROUP_BYTES, with the content of the reference (written in one group each)."""
+    monkeypatch.setattr(files, "ROW_GROUP_BYTES", 50_000)
     run_main(tiny, f"{tiny}/raw", tmp_path / "out")
     assert_same_outputs(tmp_path / "out", tokenized)
     for name in DATASETS:
@@ -677,18 +678,18 @@ def test_text_columns_orders_negatives_numerically():
     schema = pa.schema([(c, pa.string()) for c in
                         ["negative_10", "passage", "negative_2", "query", "negative_1"]
                         + [f"negative_{i}" for i in range(3, 10)] + ["extra"]])
-    assert tokenize_data_qwen.text_columns(schema, "f") == \
+    assert data.text_columns(schema, "f") == \
         ["query", "passage"] + [f"negative_{i}" for i in range(1, 11)]
 
 
 def test_text_columns_allows_no_negatives():
-    assert tokenize_data_qwen.text_columns(pa.schema([("query", pa.string()), ("passage", pa.string())]),
+    assert data.text_columns(pa.schema([("query", pa.string()), ("passage", pa.string())]),
                                            "f") == ["query", "passage"]
 
 
 def test_check_texts_accepts_valid_text():
     table = pa.table({"query": ["a", " b "], "passage": ["c", "d"]})
-    tokenize_data_qwen.check_texts(table, ["query", "passage"], "f")  # no error
+    data.check_texts(table, ["query", "passage"], "f")  # no error
 
 
 # ---- re-running: skip what is done, redo what changed, survive a killed run ---------------------

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-import data
+import files
 import tokenize_data_qwen
 from conftest import assert_user_error, call_main, run_cli
 
@@ -216,7 +216,7 @@ def test_tokenize_rounds_are_bounded_by_chunk_rows(tiny, tmp_path, monkeypatch):
 def test_tokens_number_texts_by_first_occurrence_under_16_byte_keys(tiny, tok):
     """Tokens: the numbers continue over calls, rounds and string / large_string arrays; a finished round's
     texts are kept as 16-byte digests, not as texts; the token ids are read back by number."""
-    tokenize_data_qwen._init_worker(f"{tiny}/backbone", MAX_LEN)
+    tokenize_data_qwen.init_worker(f"{tiny}/backbone", MAX_LEN)
     tokens = tokenize_data_qwen.Tokens(None, "t", None, round_texts=2)
     first = tokens.add(pa.array(["b", "a", "b", "c"]))  # 3 new texts: a round, tokenized
     assert tokens.round == {} and tokens.hashes.dtype == np.dtype("S16") and list(np.sort(tokens.hashes)) == list(
@@ -279,13 +279,13 @@ KILL_WHILE_TOKENIZING = """
 import os, signal, sys
 import tokenize_data_qwen
 calls = []
-real = tokenize_data_qwen._tokenize_chunk
+real = tokenize_data_qwen.tokenize_chunk
 def chunk(texts):  # the third worker task: token ids of earlier rounds are in the scratch file
     calls.append(texts)
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(texts)
-tokenize_data_qwen._tokenize_chunk = chunk
+tokenize_data_qwen.tokenize_chunk = chunk
 tokenize_data_qwen.main(sys.argv[1:])
 """
 
@@ -308,9 +308,9 @@ def test_kill_while_tokenizing_leaves_no_file(tiny, raw, tmp_path, layout):
 
 
 def test_row_groups_of_a_streamed_file_are_even_and_bounded(tiny, raw, tmp_path, monkeypatch):
-    """Written table by table, the row groups still hold about data.ROW_GROUP_BYTES: all of one size (set
+    """Written table by table, the row groups still hold about files.ROW_GROUP_BYTES: all of one size (set
     by the first table) but the last."""
-    monkeypatch.setattr(data, "ROW_GROUP_BYTES", 1_500)
+    monkeypatch.setattr(files, "ROW_GROUP_BYTES", 1_500)
     proc = call_main(tokenize_data_qwen.main, tokenize_args(tiny, raw, tmp_path / "out", "--chunk_rows", "20"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = pq.ParquetFile(tmp_path / "out" / "c.parquet")

@@ -122,7 +122,7 @@ class OneProcess:
 def fill_tracker(keys):
     """A LossTracker after three steps (two on msmarco, a retrieval set, one on imdb, classification)
     with Matryoshka terms, and the values added, to compute the expected means by hand."""
-    from run import LossTracker
+    from metrics import LossTracker
 
     tracker = LossTracker(["msmarco", "imdb"], {"msmarco": "retrieval", "imdb": "classification"},
                           ("inbatch", "hard", "mrl_inbatch", "mrl_hard"), keys)

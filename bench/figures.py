@@ -1,7 +1,7 @@
 """Run the CPU benchmark figures (1-4 and 6) and print one JSON summary as the last line.
 
-    python bench/run.py --quick    # ~1.5 minutes on a 2-core CPU (< 5 minutes)
-    python bench/run.py            # bigger sizes (~8 minutes on a 2-core CPU)
+    python bench/figures.py --quick    # ~1.5 minutes on a 2-core CPU (< 5 minutes)
+    python bench/figures.py            # bigger sizes (~8 minutes on a 2-core CPU)
 
 Figure 1 (bench_padding):  computed tokens per real token, packed / grouped / padded layouts.
 Figure 2 (bench_collate):  collate time per batch, ours (Arrow) vs the published Python lists.
