@@ -180,13 +180,12 @@ def save(accelerator, model, tokenizer, path, state, keep, max_seq_length=1024, 
     _agree(accelerator, problem, tmp)
     if accelerator.is_main_process:
         try:
-            backbone = accelerator.unwrap_model(model).backbone
+            embedder = accelerator.unwrap_model(model)
+            backbone, weights = embedder.backbone, None
             if is_lora(backbone):  # the adapters merged in, so that the weights load without peft
                 backbone, weights = backbone.get_base_model(), merged_state_dict(backbone)
-            else:
-                weights = None
             save_inference_model(backbone, tokenizer, tmp, max_seq_length, prompts, save_function=accelerator.save,
-                                 state_dict=weights)
+                                 state_dict=weights, pooling=embedder.pooling)
             with open(os.path.join(state_dir, TRAINER_STATE), "w") as f:
                 json.dump(trainer_state, f, indent=1)
             _write_manifest(tmp)

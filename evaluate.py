@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
 from config import Config, load_config, load_dataset_types
-from data import (CorpusRows, as_v2_ids, check_ids, check_texts, check_token_values, corpus_path, find_datasets,
-                  is_text, load_corpus, load_splits, read_schema, rows_of, text_columns, token_columns, tokenize)
+from data import (CorpusRows, as_v2_ids, check_ids, check_texts, check_token_values, check_tokenization_rule,
+                  corpus_path, find_datasets, is_text, load_corpus, load_splits, read_schema, rows_of, text_columns,
+                  token_columns, tokenize)
 from errors import UserError, exit_on_user_error
 from metrics import METRICS, retrieval_metrics, retrieval_set
 from model import load_encoder
@@ -90,19 +91,23 @@ def resolve_ids(table, columns, path, cfg):
     return CorpusRows(datasets.Dataset(InMemoryTable(table)), documents).__getitems__(range(table.num_rows))
 
 
-def tokenize_rows(table, columns, tokenizer, max_seq_length):
-    """Raw text columns -> the token columns `{column}_input_ids` tokenize_data_qwen.py would write."""
+def tokenize_rows(table, columns, tokenizer, max_seq_length, special_tokens=False):
+    """Raw text columns -> the token columns `{column}_input_ids` tokenize_data_qwen.py would write
+    (special_tokens: an encoder's rule, see data.tokenize)."""
     texts = sorted({t for c in columns for t in table.column(c).to_pylist()})
-    ids = dict(zip(texts, tokenize(tokenizer, texts, max_seq_length)))
+    ids = dict(zip(texts, tokenize(tokenizer, texts, max_seq_length, special_tokens)))
     return pa.table({f"{c}_input_ids": pa.array([ids[t] for t in table.column(c).to_pylist()], pa.list_(pa.int32()))
                      for c in columns})
 
 
-def eval_rows(path, columns, cfg, split, max_queries, tokenizer, max_seq_length):
+def eval_rows(path, columns, cfg, split, max_queries, tokenizer, max_seq_length, special_tokens=False):
     """The rows of a file to evaluate, as a split with token columns: `validation`, the rows
     data.load_splits holds out (same seed and validation_fraction), in its order; `all`, the file's
-    rows in order. At most the first max_queries (None: all). Raw files are tokenized here."""
+    rows in order. At most the first max_queries (None: all). Raw files are tokenized here, with the
+    checkpoint's rule (special_tokens: an encoder's); tokenized ones must have been made with it."""
     raw = columns[0] == "query"
+    if not raw:
+        check_tokenization_rule(path, special_tokens)
     if split == "validation":
         if raw:
             table = pq.read_table(path, columns=columns)
@@ -120,7 +125,7 @@ def eval_rows(path, columns, cfg, split, max_queries, tokenizer, max_seq_length)
         else:
             table = resolve_ids(table, columns, path, cfg)
     if raw:
-        table = tokenize_rows(table, columns, tokenizer, max_seq_length)
+        table = tokenize_rows(table, columns, tokenizer, max_seq_length, special_tokens)
     return datasets.Dataset(InMemoryTable(table))
 
 
@@ -181,7 +186,8 @@ def evaluate(checkpoint, data_dir, *, split="validation", config=None, max_queri
         encoder = load_encoder(checkpoint, max_seq_length=max_seq_length)
         results = {}
         for name, path, columns in planned:
-            rows = eval_rows(path, columns, cfg, split, max_queries, encoder.tokenizer, encoder.max_seq_length)
+            rows = eval_rows(path, columns, cfg, split, max_queries, encoder.tokenizer, encoder.max_seq_length,
+                             encoder.special_tokens)
             try:
                 results[name], num_queries, num_docs = evaluate_split(encoder, rows, max_queries, batch_size)
             except UserError as err:

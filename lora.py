@@ -10,16 +10,29 @@ from errors import UserError
 
 
 def add_lora(backbone, lora):
-    """The backbone wrapped with LoRA adapters: `lora` holds r, alpha, dropout, target_modules."""
+    """The backbone wrapped with LoRA adapters: `lora` holds r, alpha, dropout, target_modules (None:
+    every linear layer the hidden states pass through, found in the model: Qwen's and Llama's
+    q_proj ... down_proj, Phi-3's qkv_proj and gate_up_proj, BERT's query, key, value and dense)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["target_modules"], bias="none")
+    targets = lora["target_modules"] or linear_layers(backbone)
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
+                        bias="none")
     try:
         return get_peft_model(backbone, config)
     except ValueError as err:  # peft names the target modules it could not find
+        names = sorted({name.rsplit(".", 1)[-1] for name in linear_layers(backbone)})
         raise UserError(f"lora: {str(err).splitlines()[0]}; set lora.target_modules to module names of the "
-                        "backbone (Qwen3: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+                        f"backbone (this one's linear layers: {', '.join(names)}), or leave it out for all of them")
+
+
+def linear_layers(backbone):
+    """The full names of the backbone's linear layers, but those of modules its hidden states do not
+    pass through (model.UNUSED_MODULES: BERT's pooler), which would get no gradient."""
+    from model import UNUSED_MODULES
+
+    return [name for name, module in backbone.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.split(".")[0] not in UNUSED_MODULES]
 
 
 def is_lora(backbone):

@@ -13,7 +13,8 @@ import argparse
 import os
 
 from errors import UserError, exit_on_user_error
-from model import dtype_argument, load_pretrained, load_tokenizer, save_inference_model, st_settings
+from model import (dtype_argument, family_of, load_pretrained, load_tokenizer, save_inference_model, st_pooling,
+                   st_settings)
 
 
 def parse_args(argv=None):
@@ -57,7 +58,8 @@ def merge_into(checkpoints, output):
         raise UserError(f"{output} exists: pass a new folder for the merged checkpoint")
     merged = merge(checkpoints)
     max_seq_length, prompts = st_settings(checkpoints[0])
-    save_inference_model(merged, load_tokenizer(checkpoints[0]), output, max_seq_length, prompts)
+    tokenizer = load_tokenizer(checkpoints[0], "checkpoint", special_tokens=family_of(merged).special_tokens)
+    save_inference_model(merged, tokenizer, output, max_seq_length, prompts, pooling=st_pooling(checkpoints[0]))
     return merged
 
 

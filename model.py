@@ -1,7 +1,12 @@
-"""The backbone (a Qwen3 or Qwen2 `AutoModel`, no LM head), last-token pooling, and the encoder.
+"""The backbone (any supported `AutoModel`, no LM head), its pooling, and the encoder.
 
-The embedding of a sequence is the last hidden state at its last real token, the eos appended
-to every text. It is not normalised here: the loss and the evaluation normalise.
+Decoders (Qwen, Llama, Mistral, Gemma, Phi-3, and other decoders whose attention goes through
+transformers' attention interface) embed a text as the last hidden state at its last token, the eos
+appended to every text (F2LLM's recipe). Encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA,
+DeBERTa-v2/v3, ModernBERT) take the tokenizer's own special tokens and a masked mean of the hidden
+states (the published encoder branch), or the first token's (`cls`). The family comes from the
+folder's config.json (`backbone_family`). Embeddings are not normalised here: the loss and the
+evaluation normalise.
 
 Saved checkpoints are also sentence-transformers models (`save_inference_model`). Embed texts
 from the command line:
@@ -9,8 +14,10 @@ from the command line:
     python model.py CHECKPOINT --input texts.txt --output embeddings.npy [--prompt_name query]
 """
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -28,30 +35,60 @@ from data import tokenize
 from errors import UserError, exit_on_user_error
 
 
-def pick_attn_implementation(requested="auto", packed=False):
+def pick_attn_implementation(requested="auto", packed=False, causal=True, softcap=False):
     """flash_attention_2 where flash-attn is installed on a GPU. Otherwise, for packed batches,
-    flex_attention on a GPU and our per-sequence `sdpa_varlen` on the CPU (transformers' sdpa would
-    build a dense T x T block-diagonal mask); for padded batches PyTorch SDPA."""
+    flex_attention on a GPU for decoders and our per-sequence `sdpa_varlen` elsewhere (transformers'
+    sdpa would build a dense T x T block-diagonal mask); for padded batches PyTorch SDPA. A model with
+    attention-logit soft-capping (Gemma 2), which SDPA cannot compute: eager, or packed `eager_varlen`
+    (the same per-sequence attention, registered under a name transformers does not take for SDPA)."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     if packed:
-        return "flex_attention" if torch.cuda.is_available() else "sdpa_varlen"
-    return "sdpa"
+        if softcap:  # transformers refuses SDPA to such models: ours, under a name without "sdpa"
+            return "eager_varlen"
+        return "flex_attention" if torch.cuda.is_available() and causal else "sdpa_varlen"
+    return "eager" if softcap else "sdpa"
+
+
+VARLEN = ("sdpa_varlen", "eager_varlen")  # the names sdpa_varlen_attention is registered under
 
 
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                          cu_seq_lens_q=None, **kwargs):
-    """Causal SDPA on each sequence of a packed row separately (boundaries `cu_seq_lens_q`):
-    exact, and O(sum of len^2) work where one masked T x T attention would be O(T^2)."""
+                          cu_seq_lens_q=None, sliding_window=None, softcap=None, **kwargs):
+    """SDPA on each sequence of a packed row separately (boundaries `cu_seq_lens_q`): exact, and
+    O(sum of len^2) work where one masked T x T attention would be O(T^2). Causal or not as the
+    module says (decoders, encoders); `sliding_window` W (Mistral, Gemma, ModernBERT's local layers)
+    keeps the keys within W - 1 positions (before the query for a causal module, on either side for
+    an encoder, as transformers' masks do); `softcap` (Gemma 2) caps the logits at +-softcap by tanh."""
+    causal = getattr(module, "is_causal", True)
     sizes = cu_seq_lens_q.diff().tolist() if cu_seq_lens_q is not None else [query.shape[2]]
     # split, not slicing: a slice's backward fills a zero tensor of the whole packed row per sequence
     parts = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))
-    out = torch.cat([nn.functional.scaled_dot_product_attention(
-        q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-        for q, k, v in parts], dim=2)
+    out = torch.cat([_attend(q, k, v, causal, dropout, scaling, sliding_window, softcap) for q, k, v in parts], dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(q, k, v, causal, dropout, scaling, sliding_window, softcap):
+    """One sequence's attention, [batch, heads, len, head_dim] each (k and v may have fewer heads)."""
+    n = q.shape[2]
+    allowed = None
+    if sliding_window is not None and n > sliding_window:  # shorter: every key is within the window
+        distance = torch.arange(n, device=q.device)[:, None] - torch.arange(n, device=q.device)[None, :]
+        allowed = (distance < sliding_window) & (distance >= 0 if causal else distance > -sliding_window)
+    if softcap is None:
+        return nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=causal and allowed is None, scale=scaling,
+            enable_gqa=q.shape[1] != k.shape[1])
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    logits = softcap * torch.tanh(q @ k.transpose(-1, -2) * (scaling or q.shape[-1] ** -0.5) / softcap)
+    if causal and allowed is None:
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    weights = nn.functional.dropout(logits.float().softmax(-1).to(q.dtype), p=dropout)
+    return weights @ v
 
 
 # The oldest transformers whose packed batches are right: 4.53.0 added AttentionMaskInterface (the mask
@@ -75,16 +112,17 @@ def check_library_support(attn_implementation="auto", packed=False):
         raise UserError(f'batch_layout "packed" needs transformers >= {PACKED_MIN_TRANSFORMERS} (installed: '
                         f"{installed}, where packed sequences attend to each other: wrong embeddings, no error): "
                         f'{upgrade} or set "batch_layout": "padded"')
-    if attn == "sdpa_varlen":
-        raise UserError(f"attn_implementation sdpa_varlen needs transformers >= {PACKED_MIN_TRANSFORMERS} "
+    if attn in VARLEN:
+        raise UserError(f"attn_implementation {attn} needs transformers >= {PACKED_MIN_TRANSFORMERS} "
                         f'(installed: {installed}): {upgrade} or set "attn_implementation": "sdpa"')
 
 
 def _register_sdpa_varlen():
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    AttentionInterface.register("sdpa_varlen", sdpa_varlen_attention)
-    AttentionMaskInterface.register("sdpa_varlen", lambda *args, **kwargs: None)  # boundaries replace the mask
+    for name in VARLEN:
+        AttentionInterface.register(name, sdpa_varlen_attention)
+        AttentionMaskInterface.register(name, lambda *args, **kwargs: None)  # boundaries replace the mask
 
 
 def pick_dtype(requested="auto"):
@@ -101,20 +139,53 @@ def dtype_argument(dtype):
     return {key: dtype}
 
 
-# model_type in a backbone's config.json -> the models it covers. The code here (last-token pooling,
-# packed attention through `sdpa_varlen`, flex or flash-attn, LoRA target names) is written for these
-# decoders; Qwen2 shares Qwen3's layout (tested: packed and padded batches give the per-text
-# embeddings). Any other model_type would load with none of its weights matching.
-SUPPORTED_MODEL_TYPES = {"qwen3": "Qwen3", "qwen2": "Qwen2, Qwen2.5"}
+# The families whose training is tested here (packed == padded embeddings, a training run, the
+# sentence-transformers export): model_type in config.json -> (kind, names). Another model_type is
+# taken when its attention goes through transformers' attention interface (its kind read from the
+# attention's is_causal), and its packed batches are checked against padded ones when it loads.
+DECODERS = {"qwen3": "Qwen3", "qwen2": "Qwen2, Qwen2.5", "llama": "Llama 2, 3.x", "mistral": "Mistral",
+            "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)", "phi3": "Phi-3"}
+ENCODERS = {"bert": "BERT", "roberta": "RoBERTa", "xlm-roberta": "XLM-RoBERTa", "distilbert": "DistilBERT",
+            "electra": "ELECTRA", "deberta-v2": "DeBERTa-v2, v3", "modernbert": "ModernBERT"}
+# Encoders whose attention is not transformers' attention interface: nothing bounds a packed row's
+# sequences, so they train on padded batches (a warning says so when packed were asked for).
+UNPACKABLE = ("deberta-v2",)
+# The lowest cosine similarity of a family's packed and single-sequence embeddings for packed batches
+# of it to train (checked at load for the families without tests here): rounding, not a wrong mask.
+PACKING_AGREEMENT = 0.999
 # Weight files from_pretrained reads from a local folder: one file, or the index of a sharded one.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 FOLDER_HINT = "point it at a local folder with the backbone's config.json, weights and tokenizer"
+SUPPORTED = (f"decoders ({', '.join(DECODERS)}, and other decoders whose attention goes through transformers' "
+             f"attention interface) and encoders ({', '.join(ENCODERS)})")
 
 
-def supported_types():
-    """The supported model types for a message: "qwen3 (Qwen3) or qwen2 (Qwen2, Qwen2.5)"."""
-    return " or ".join(f"{key} ({models})" for key, models in SUPPORTED_MODEL_TYPES.items())
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How a backbone trains, from its config.json. `kind` "decoder": causal attention, texts without
+    special tokens and the eos appended, last-token pooling; "encoder": bidirectional attention, the
+    tokenizer's own special tokens ([CLS] ... [SEP]), masked mean pooling. `packable`: a packed row's
+    sequences can be kept apart (varlen attention); `tested`: one of DECODERS / ENCODERS."""
+
+    model_type: str
+    kind: str
+    packable: bool = True
+    tested: bool = True
+
+    @property
+    def special_tokens(self):
+        """Whether texts take the tokenizer's special tokens (encoders) or none, the eos appended (decoders)."""
+        return self.kind == "encoder"
+
+    def pooling(self, requested="auto"):
+        """The pooling a config's `pooling` asks for: "auto" is lasttoken for decoders, mean for encoders."""
+        if requested == "auto":
+            return "mean" if self.kind == "encoder" else "lasttoken"
+        if requested == "cls" and self.kind == "decoder":
+            raise UserError(f"pooling 'cls' takes an encoder's first token; {self.model_type} is a decoder, whose "
+                            "first token sees nothing after it: use \"lasttoken\" (or \"mean\")")
+        return requested
 
 
 def require_folder(path, setting="model_path"):
@@ -127,9 +198,8 @@ def require_folder(path, setting="model_path"):
         raise UserError(f"{setting} {path} is a file, not a folder: {FOLDER_HINT}")
 
 
-def check_model_type(path, setting="model_path"):
-    """Fail unless the folder's config.json names a supported decoder: AutoModel would build any
-    other architecture from it, and a mismatch of config and weights only shows as a load report."""
+def read_model_type(path, setting="model_path"):
+    """The model_type of the folder's config.json (one line if it has none or is unreadable)."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise UserError(f"{setting} {path} has no config.json: {FOLDER_HINT}")
@@ -139,10 +209,51 @@ def check_model_type(path, setting="model_path"):
     except (OSError, ValueError) as err:
         raise UserError(f"{setting} {path}: cannot read config.json ({err})") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        said = f"says model_type {model_type!r}" if model_type else "names no model_type"
-        raise UserError(f"{setting} {path}: its config.json {said}; this project trains {supported_types()} "
-                        "decoders: point it at one of those")
+    if not model_type:
+        raise UserError(f"{setting} {path}: its config.json names no model_type; this project trains {SUPPORTED}")
+    return model_type
+
+
+def backbone_family(path, model_type="auto", setting="model_path"):
+    """The Family of a backbone folder, from its config.json; refused, as one line, when it is not a
+    text decoder or encoder this code can train, or when `model_type` (a config's "decoder" /
+    "encoder", the published encoder branch's key) says otherwise."""
+    found = read_model_type(path, setting)
+    if found in DECODERS:
+        family = Family(found, "decoder")
+    elif found in ENCODERS:
+        family = Family(found, "encoder", packable=found not in UNPACKABLE)
+    else:
+        family = _untested_family(path, found, setting)
+    if model_type not in ("auto", family.kind):
+        raise UserError(f"model_type '{model_type}', but {setting} {path} holds a{'n' * (family.kind == 'encoder')} "
+                        f"{family.kind} ({found}): set \"model_type\": \"{family.kind}\" or \"auto\"")
+    return family
+
+
+def _untested_family(path, model_type, setting):
+    """A model_type outside DECODERS and ENCODERS: a Family if transformers builds a text model for it
+    whose attention goes through the attention interface, else one line naming what is supported."""
+    from transformers import AutoConfig
+
+    said = f"{setting} {path}: its config.json says model_type '{model_type}'"
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{said}, which this transformers {transformers.__version__} does not know "
+                        f"({str(err).splitlines()[0]}); this project trains {SUPPORTED}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"{said}, an encoder-decoder; this project trains {SUPPORTED}")
+    if any(key.endswith("_config") and isinstance(value, dict) for key, value in config.to_dict().items()):
+        raise UserError(f"{said}, a model of several towers (vision, audio or multimodal); this project trains "
+                        f"{SUPPORTED}")
+    with torch.device("meta"):  # the architecture without its weights: no memory, no time
+        model = AutoModel.from_config(config)
+    causal = {module.is_causal for module in model.modules() if isinstance(getattr(module, "is_causal", None), bool)}
+    if not getattr(model, "_supports_attention_backend", False) or len(causal) != 1:
+        raise UserError(f"{said}, whose attention does not go through transformers' attention interface, so "
+                        f"packed sequences cannot be kept apart; this project trains {SUPPORTED}")
+    return Family(model_type, "decoder" if causal.pop() else "encoder", tested=False)
 
 
 def check_weight_files(path, setting="model_path"):
@@ -153,17 +264,25 @@ def check_weight_files(path, setting="model_path"):
                         "copy the backbone's weight files into it")
 
 
-def check_model_folder(path, setting="model_path"):
-    """The checks a backbone folder passes before its weights load; they read config.json only."""
+def check_model_folder(path, setting="model_path", model_type="auto"):
+    """The checks a backbone folder passes before its weights load (they read config.json only);
+    returns its Family."""
     require_folder(path, setting)
-    check_model_type(path, setting)
+    family = backbone_family(path, model_type, setting)
     check_weight_files(path, setting)
+    return family
+
+
+# Modules of a base model that its hidden states do not pass through (BERT's pooler): frozen in
+# training, and missing from a checkpoint saved as *ForMaskedLM without harm.
+UNUSED_MODULES = ("pooler",)
 
 
 def check_no_missing_weights(model, loading_info, path, setting="model_path"):
     """Fail when loading left weights of the model out: transformers initialises them at random
-    and only logs it. Unexpected weights (a CausalLM's lm_head) are dropped, which is fine."""
-    missing = sorted(loading_info["missing_keys"])
+    and only logs it. Unexpected weights (a CausalLM's lm_head) are dropped, which is fine, and so
+    are missing ones of UNUSED_MODULES."""
+    missing = sorted(key for key in loading_info["missing_keys"] if key.split(".")[0] not in UNUSED_MODULES)
     if missing:
         names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise UserError(f"{len(missing)} of {len(model.state_dict())} backbone weights are missing from {setting} "
@@ -181,11 +300,11 @@ def check_finite_weights(model, path, setting="model_path"):
                         "point it at an intact checkpoint")
 
 
-def load_pretrained(path, setting="model_path", **kwargs):
+def load_pretrained(path, setting="model_path", model_type="auto", **kwargs):
     """`AutoModel.from_pretrained(path, **kwargs)` for a checked folder, refusing a load that left
-    weights missing or holds non-finite ones. Load errors the checks do not foresee (a truncated file, a shard that the
-    index names but the folder lacks) become one line too."""
-    check_model_folder(path, setting)
+    weights missing or holds non-finite ones. Load errors the checks do not foresee (a truncated file, a
+    shard that the index names but the folder lacks) become one line too."""
+    check_model_folder(path, setting, model_type)
     try:
         model, loading_info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
@@ -196,16 +315,25 @@ def load_pretrained(path, setting="model_path", **kwargs):
 
 
 def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient_checkpointing=False, packed=False,
-                  setting="model_path"):
+                  setting="model_path", model_type="auto"):
     """The backbone ready to train or embed, from a checked folder (see load_pretrained); `setting`
-    names the option the path came from, for the error lines."""
-    attn_implementation = pick_attn_implementation(attn_implementation, packed)
+    names the option the path came from, for the error lines. `packed`: the attention picked for
+    packed batches, where the family can take them (Family.packable)."""
+    from transformers import AutoConfig
+
+    family = check_model_folder(model_path, setting, model_type)
+    softcap = getattr(AutoConfig.from_pretrained(model_path), "attn_logit_softcapping", None) is not None
+    packed = packed and family.packable
+    attn_implementation = pick_attn_implementation(attn_implementation, packed, family.kind == "decoder", softcap)
     check_library_support(attn_implementation, packed)  # before sdpa_varlen's registration and the weights
-    if attn_implementation == "sdpa_varlen":
+    if attn_implementation in VARLEN:
         _register_sdpa_varlen()
-    backbone = load_pretrained(model_path, setting, attn_implementation=attn_implementation,
+    backbone = load_pretrained(model_path, setting, model_type, attn_implementation=attn_implementation,
                                **dtype_argument(pick_dtype(dtype)))
     backbone.config.use_cache = False
+    for name in UNUSED_MODULES:  # no gradient ever reaches them: DDP would wait for one
+        if getattr(backbone, name, None) is not None:
+            getattr(backbone, name).requires_grad_(False)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works under DDP and with inputs that need no gradient.
         # transformers 5 renamed the method (the old name goes in 6); 4.x has only the old one.
@@ -217,9 +345,38 @@ def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient
     return backbone
 
 
-def last_token_pool(hidden, lengths):
-    """hidden: [n, L, d] right-padded; lengths: [n] real tokens per row. Returns [n, d]."""
-    return hidden[torch.arange(len(hidden), device=hidden.device), lengths.to(hidden.device) - 1]
+def family_of(backbone):
+    """The Family of a loaded backbone (peft-wrapped or not), from its config."""
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    model_type = base.config.model_type
+    if model_type in DECODERS or model_type in ENCODERS:
+        return Family(model_type, "decoder" if model_type in DECODERS else "encoder", model_type not in UNPACKABLE)
+    causal = any(getattr(module, "is_causal", False) is True for module in base.modules())
+    return Family(model_type, "decoder" if causal else "encoder", tested=False)
+
+
+def pool(hidden, lengths, pooling="lasttoken"):
+    """hidden: [n, L, d] right-padded; lengths: [n] real tokens per row -> [n, d]: the last real
+    token's state (lasttoken), the mean over the real tokens (mean), or the first token's (cls)."""
+    lengths = lengths.to(hidden.device)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        real = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+        return (hidden * real[..., None].to(hidden.dtype)).sum(1) / lengths[:, None].to(hidden.dtype)
+    return hidden[torch.arange(len(hidden), device=hidden.device), lengths - 1]
+
+
+def pool_packed(hidden, lengths, pooling="lasttoken"):
+    """pool() for one packed row: hidden [T, d] of sequences with `lengths` back to back -> [n, d]."""
+    ends = lengths.cumsum(0)
+    if pooling == "cls":
+        return hidden[ends - lengths]
+    if pooling == "mean":
+        owner = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+        sums = hidden.new_zeros(len(lengths), hidden.shape[1]).index_add(0, owner, hidden)
+        return sums / lengths[:, None].to(hidden.dtype)
+    return hidden[ends - 1]
 
 
 def attention_mask(input_ids, lengths, pad_token_id=None):
@@ -241,25 +398,52 @@ def pad_flat(input_ids, lengths, pad_token_id):
 
 
 class Embedder(nn.Module):
-    """Backbone plus last-token pooling: (flat input_ids [T], lengths [n]) -> embeddings [n, d].
+    """Backbone plus pooling: (flat input_ids [T], lengths [n]) -> embeddings [n, d].
 
     layout "packed": all sequences in one row with per-sequence boundaries (varlen attention), no
     padding; "grouped": the first num_queries sequences and the rest padded as two groups;
     "padded": all right-padded to the longest (published). mask_pad_token_id, for the padded
     layouts: None builds the attention mask from lengths, an id the published
-    `input_ids != pad_token_id` mask.
+    `input_ids != pad_token_id` mask. pooling: "lasttoken" (decoders), "mean" or "cls" (see pool).
     """
 
-    def __init__(self, backbone, layout="padded", pad_token_id=0, mask_pad_token_id=None):
+    def __init__(self, backbone, layout="padded", pad_token_id=0, mask_pad_token_id=None, pooling="lasttoken"):
         super().__init__()
         if layout not in BATCH_LAYOUTS:
             raise ValueError(f"layout must be one of {BATCH_LAYOUTS}, got {layout!r}")
         if layout == "packed":  # also a backbone that load_backbone loaded for padded batches
             check_library_support(packed=True)
+            if not family_of(backbone).packable:
+                raise ValueError(f"{family_of(backbone).model_type} cannot take packed batches: use layout padded")
         self.backbone = backbone
         self.layout = layout
         self.pad_token_id = pad_token_id
         self.mask_pad_token_id = mask_pad_token_id
+        self.pooling = pooling
+        base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+        # RoBERTa-style embeddings number positions from padding_idx + 1: a packed sequence's must too
+        padding_idx = getattr(getattr(base, "embeddings", None), "padding_idx", None)
+        self.position_offset = 0 if padding_idx is None else padding_idx + 1
+        # BERT's default token types are a buffer as long as its position table: a packed row is longer
+        self.token_types = "token_type_ids" in inspect.signature(base.forward).parameters
+
+    @torch.no_grad()
+    def packing_agreement(self, lengths=(3, 9, 5, 1), seed=0):
+        """The lowest cosine similarity between the packed embeddings of a few random sequences and
+        their embeddings one at a time (no padding, so any attention is right), in eval mode."""
+        was_training = self.training
+        self.eval()
+        device = next(self.backbone.parameters()).device
+        vocab = self.backbone.get_input_embeddings().num_embeddings
+        lengths = torch.tensor(lengths, device=device)
+        ids = torch.randint(vocab, (int(lengths.sum()),), generator=torch.Generator().manual_seed(seed)).to(device)
+        # a pad id is a position gap to RoBERTa-style embeddings: the random texts hold none
+        pads = {self.pad_token_id, self.position_offset - 1} - {-1}
+        ids[torch.isin(ids, torch.tensor(sorted(pads), device=device))] = min(set(range(len(pads) + 1)) - pads)
+        packed = self._packed(ids, lengths).float()
+        alone = torch.cat([self._padded(seq, n[None]) for seq, n in zip(ids.split(lengths.tolist()), lengths)])
+        self.train(was_training)
+        return nn.functional.cosine_similarity(packed, alone.float(), dim=-1).min().item()
 
     def forward(self, input_ids, lengths, num_queries=None):
         lengths = lengths.to(input_ids.device)
@@ -274,22 +458,26 @@ class Embedder(nn.Module):
     def _padded(self, input_ids, lengths):
         padded = pad_flat(input_ids, lengths, self.pad_token_id)
         mask = attention_mask(padded, lengths, self.mask_pad_token_id)
-        return last_token_pool(self.backbone(input_ids=padded, attention_mask=mask).last_hidden_state, lengths)
+        hidden = self.backbone(input_ids=padded, attention_mask=mask).last_hidden_state
+        if self.mask_pad_token_id is not None and self.pooling == "mean":  # the published mask decides the mean
+            return (hidden * mask[..., None].to(hidden.dtype)).sum(1) / mask.sum(1, keepdim=True).to(hidden.dtype)
+        return pool(hidden, lengths, self.pooling)
 
     def _packed(self, input_ids, lengths):
-        # position_ids restart at 0 per sequence (RoPE, and packing detection in flex / flash-attn);
-        # cu_seq_lens give the boundaries to varlen kernels. use_cache=False whatever the config says:
-        # with a cache transformers skips the packing detection, and sdpa / eager / flex would attend
-        # across the sequences.
+        # position_ids restart per sequence (RoPE, learned positions, and packing detection in flex /
+        # flash-attn); cu_seq_lens give the boundaries to varlen kernels. use_cache=False whatever the
+        # config says: with a cache transformers skips the packing detection, and sdpa / eager / flex
+        # would attend across the sequences.
         ends = lengths.cumsum(0)
         cu = nn.functional.pad(ends, (1, 0)).int()
         positions = torch.arange(len(input_ids), device=input_ids.device) - torch.repeat_interleave(ends - lengths,
                                                                                                      lengths)
         longest = int(lengths.max())
-        hidden = self.backbone(input_ids=input_ids[None], position_ids=positions[None], cu_seq_lens_q=cu,
-                               cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
-                               use_cache=False).last_hidden_state[0]
-        return hidden[ends - 1]
+        extra = {"token_type_ids": torch.zeros_like(input_ids)[None]} if self.token_types else {}
+        hidden = self.backbone(input_ids=input_ids[None], position_ids=(positions + self.position_offset)[None],
+                               cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
+                               use_cache=False, **extra).last_hidden_state[0]
+        return pool_packed(hidden, lengths, self.pooling)
 
 
 def flatten(sequences):
@@ -301,15 +489,18 @@ def flatten(sequences):
 class Encoder:
     """A model ready to embed: tokenizer + Embedder, with the checkpoint's max_seq_length and prompts.
 
-    `encode` takes texts (tokenised as in training: no special tokens, cut, eos appended), optionally
-    behind a named prompt; `encode_ids` takes token lists that already end in eos (tokenized data).
-    Both return float32 [n, d] on the CPU, L2-normalised unless normalize=False.
+    `encode` takes texts (tokenised as in training: data.tokenize with the backbone's rule),
+    optionally behind a named prompt; `encode_ids` takes token lists as training reads them (each
+    ending in the end token: eos, or an encoder's closing [SEP] / </s>). Both return float32 [n, d]
+    on the CPU, L2-normalised unless normalize=False.
     """
 
-    def __init__(self, embedder, tokenizer, max_seq_length=1024, prompts=None):
+    def __init__(self, embedder, tokenizer, max_seq_length=1024, prompts=None, special_tokens=False):
         self.embedder, self.tokenizer = embedder, tokenizer
         self.max_seq_length = max_seq_length
         self.prompts = dict(prompts or {})
+        self.special_tokens = special_tokens
+        self.end_id = end_token_id(tokenizer, special_tokens)
 
     @property
     def device(self):
@@ -319,13 +510,13 @@ class Encoder:
         if prompt_name is not None and prompt_name not in self.prompts:
             raise UserError(f"no prompt named '{prompt_name}' (this model has: {', '.join(self.prompts) or 'none'})")
         prefix = self.prompts.get(prompt_name, "") if prompt_name else ""
-        ids = tokenize(self.tokenizer, [prefix + t for t in texts], self.max_seq_length)
+        ids = tokenize(self.tokenizer, [prefix + t for t in texts], self.max_seq_length, self.special_tokens)
         return self.encode_ids(ids, batch_size, normalize)
 
     def _cut(self, seq):
-        """As collate cuts: at most max_seq_length tokens, the last one eos."""
+        """As collate cuts: at most max_seq_length tokens, the last one the end token."""
         seq, cut = list(seq), self.max_seq_length
-        return seq if len(seq) <= cut else seq[: cut - 1] + [self.tokenizer.eos_token_id]
+        return seq if len(seq) <= cut else seq[: cut - 1] + [self.end_id]
 
     @torch.no_grad()
     def encode_ids(self, sequences, batch_size=32, normalize=True):
@@ -348,41 +539,81 @@ class Encoder:
 
 def load_encoder(path, device=None, dtype="auto", max_seq_length=None, layout="padded"):
     """An Encoder for a checkpoint (or any backbone folder with its tokenizer), on `device`
-    (default: cuda if available). max_seq_length and prompts come from the checkpoint's
-    sentence-transformers files when present (defaults 1024 and none)."""
-    tokenizer = load_tokenizer(path, setting="checkpoint")
+    (default: cuda if available). max_seq_length, prompts and pooling come from the checkpoint's
+    sentence-transformers files when present (defaults 1024, none and the family's pooling)."""
+    family = check_model_folder(path, "checkpoint")
+    tokenizer = load_tokenizer(path, setting="checkpoint", special_tokens=family.special_tokens)
     backbone = load_backbone(path, dtype=dtype, packed=layout == "packed", setting="checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    embedder = Embedder(backbone, layout, tokenizer.pad_token_id).to(device)
+    layout = layout if family.packable else "padded"
+    embedder = Embedder(backbone, layout, tokenizer.pad_token_id, pooling=st_pooling(path) or family.pooling())
     saved_length, prompts = st_settings(path)
-    return Encoder(embedder, tokenizer, max_seq_length or saved_length, prompts)
+    return Encoder(embedder.to(device), tokenizer, max_seq_length or saved_length, prompts, family.special_tokens)
 
 
 def st_settings(path):
     """(max_seq_length, prompts) recorded in a checkpoint's sentence-transformers files; 1024 and
     none for a folder without them."""
-    def read(name):
-        file = os.path.join(path, name)
-        return json.load(open(file)) if os.path.isfile(file) else {}
-
-    return (read("sentence_bert_config.json").get("max_seq_length", 1024),
-            read("config_sentence_transformers.json").get("prompts") or {})
+    return (_read_json(path, "sentence_bert_config.json").get("max_seq_length", 1024),
+            _read_json(path, "config_sentence_transformers.json").get("prompts") or {})
 
 
-def load_tokenizer(model_path, setting="model_path"):
-    """The backbone's tokenizer; it must have an eos token (appended to every text). A missing pad
-    token falls back to eos, which is safe because the attention mask comes from lengths. `setting`
-    names the option the path came from, for the error lines."""
+# sentence-transformers' pooling modes (1_Pooling/config.json) of ours
+ST_POOLING = {"lasttoken": "pooling_mode_lasttoken", "mean": "pooling_mode_mean_tokens",
+              "cls": "pooling_mode_cls_token"}
+
+
+def st_pooling(path):
+    """The pooling a checkpoint's sentence-transformers files name (one of ST_POOLING), or None."""
+    modes = _read_json(path, os.path.join("1_Pooling", "config.json"))
+    return next((ours for ours, key in ST_POOLING.items() if modes.get(key)), None)
+
+
+def _read_json(path, name):
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
+def tokenizer_rule(path):
+    """Whether texts for the backbone at `path` take the tokenizer's special tokens (encoders) or
+    none (decoders, and a folder that holds only a tokenizer, as tokenize_data_qwen.py may get)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    return backbone_family(path).special_tokens
+
+
+def end_token_id(tokenizer, special_tokens=False):
+    """The token every sequence ends with, which a cut keeps: the eos for decoders; for encoders the
+    closing special token the tokenizer puts after a text ([SEP], </s>), None if it puts none."""
+    if not special_tokens:
+        return tokenizer.eos_token_id
+    last = tokenizer("a", add_special_tokens=True)["input_ids"][-1]
+    return last if last in tokenizer.all_special_ids else None
+
+
+def load_tokenizer(model_path, setting="model_path", special_tokens=False):
+    """The backbone's tokenizer, with what its texts need. Decoders (special_tokens False): an eos
+    token, appended to every text. Encoders: a closing special token ([SEP], </s>). A missing pad
+    token falls back to eos (or the closing token), which is safe because the attention mask comes
+    from lengths. `setting` names the option the path came from, for the error lines."""
     require_folder(model_path, setting)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from {model_path}: {str(err).splitlines()[0]}")
-    if tokenizer.eos_token_id is None:
+    end = end_token_id(tokenizer, special_tokens)
+    if end is None and special_tokens:
+        raise UserError(f"the tokenizer in {model_path} puts no special token after a text (as BERT's [SEP]): an "
+                        "encoder's texts end in one, which a cut keeps; give its tokenizer.json a post-processor "
+                        "that adds it")
+    if end is None:
         raise UserError(f"the tokenizer in {model_path} has no eos token: set eos_token in its "
                         "tokenizer_config.json (Qwen3: <|im_end|>, Qwen3 Base: <|endoftext|>)")
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(end)
     return tokenizer
 
 
@@ -419,25 +650,29 @@ def _append_eos_with_special_tokens(path, eos, eos_id):
 
 
 def save_inference_model(backbone, tokenizer, path, max_seq_length=1024, prompts=None, save_function=torch.save,
-                         state_dict=None):
+                         state_dict=None, pooling=None):
     """Write backbone and tokenizer with `save_pretrained` (AutoModel loads the folder) plus the
-    sentence-transformers files: Transformer, last-token Pooling, Normalize, max_seq_length and
-    the config's prompts. `SentenceTransformer(path).encode` then gives `load_encoder(path).encode`'s
-    vectors. The caller's tokenizer is not changed: only the saved copy appends eos. `state_dict`
-    replaces the backbone's own weights (LoRA: the merged ones)."""
+    sentence-transformers files: Transformer, Pooling (`pooling`; default the family's: lasttoken for
+    decoders, mean for encoders), Normalize, max_seq_length and the config's prompts.
+    `SentenceTransformer(path).encode` then gives `load_encoder(path).encode`'s vectors: a decoder's
+    saved tokenizer appends the eos (the caller's is not changed), an encoder's adds its own special
+    tokens as it always does. `state_dict` replaces the backbone's own weights (LoRA: the merged ones)."""
+    family = family_of(backbone)
+    pooling = pooling or family.pooling()
     backbone.save_pretrained(path, save_function=save_function, state_dict=state_dict)
     tokenizer.save_pretrained(path)
-    _append_eos_with_special_tokens(path, tokenizer.eos_token, tokenizer.eos_token_id)
+    if not family.special_tokens:
+        _append_eos_with_special_tokens(path, tokenizer.eos_token, tokenizer.eos_token_id)
     _write_json(path, "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
     _write_json(path, "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
-    _write_json(path, "1_Pooling/config.json", {
-        "word_embedding_dimension": backbone.config.hidden_size, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": True, "include_prompt": True})
+    modes = ["pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+             "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken"]
+    _write_json(path, "1_Pooling/config.json", {"word_embedding_dimension": backbone.config.hidden_size,
+                                                **{mode: mode == ST_POOLING[pooling] for mode in modes},
+                                                "include_prompt": True})
     _write_json(path, "config_sentence_transformers.json", {
         "prompts": dict(prompts or {}), "default_prompt_name": None, "similarity_fn_name": "cosine"})
 

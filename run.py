@@ -40,7 +40,8 @@ from grad_cache import cached_backward
 from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
 from metrics import LossTracker, Throughput, retrieval_metrics, retrieval_set
-from model import Embedder, check_library_support, check_model_folder, flatten, load_backbone, load_tokenizer
+from model import (PACKING_AGREEMENT, Embedder, backbone_family, check_library_support, check_model_folder,
+                   end_token_id, flatten, load_backbone, load_tokenizer, st_pooling, tokenizer_rule)
 
 
 @exit_on_user_error
@@ -57,7 +58,8 @@ def train(config_path, prepare_only=False, break_lock=False):
     cfg = load_config(config_path)
     dataset_types = load_dataset_types(cfg)
     if prepare_only:
-        checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg))
+        rule = tokenizer_rule(cfg.model_path)
+        checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg), special_tokens=rule)
         for name, (task, train_split, valid_split) in prepare(cfg, checked).items():
             print(f"{name:32s} {task:15s} train {len(train_split):9d}  validation {len(valid_split):7d}")
         return
@@ -93,12 +95,14 @@ class Run:
 def set_up(cfg, dataset_types, accelerator, break_lock=False):
     """Check every input, take the run folder, build data, model, optimizer and lr schedule, and
     restore the checkpoint that resume_from names (or start at step 0): the Run."""
-    tokenizer = load_tokenizer(cfg.model_path)
-    check_model_folder(cfg.model_path)  # a wrong folder is one line before the data is prepared
+    family = check_model_folder(cfg.model_path, model_type=cfg.model_type)  # one line before the data is prepared
+    family.pooling(cfg.pooling)  # so is a pooling the family cannot take
+    tokenizer = load_tokenizer(cfg.model_path, special_tokens=family.special_tokens)
     check_library_support(cfg.attn_implementation, cfg.batch_layout == "packed")  # so is a wrong-results stack
     if cfg.teacher_model_path:
         check_model_folder(cfg.teacher_model_path, "teacher_model_path")
-    checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator))  # all fail at once on bad input
+    checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator),  # all fail at once on bad input
+                             special_tokens=family.special_tokens)
     checkpoint.RunLock(accelerator, cfg.run_dir, break_lock)  # before any write; checks it is writable
     set_seed(cfg.seed)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -113,7 +117,8 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
     teacher = build_teacher(cfg, tokenizer, model.backbone.config.hidden_size, accelerator.device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     adamw = make_optimizer(trainable, cfg)
-    train_loader, valid_loaders = build_loaders(splits, cfg, tokenizer, model.backbone.config.vocab_size, accelerator)
+    train_loader, valid_loaders = build_loaders(splits, cfg, tokenizer, model.backbone.config.vocab_size, accelerator,
+                                                family.special_tokens)
     model, optimizer = accelerator.prepare(model, adamw)
     total_steps = cfg.train_steps if cfg.train_steps > 0 else len(train_loader) * cfg.train_epochs
     unsharded = sum(-(-len(train) // cfg.train_batch_size) for _, train, _ in splits.values()) * cfg.train_epochs
@@ -478,44 +483,79 @@ def configure_deepspeed(accelerator, cfg):
 
 
 def build_model(cfg, tokenizer, accelerator):
+    """The Embedder to train: the backbone (bf16 or float32, see below), LoRA when configured, the
+    family's pooling, packed batches where the family can take them (else padded, with a warning)."""
+    family = backbone_family(cfg.model_path, cfg.model_type)
+    layout = cfg.batch_layout
+    if layout == "packed" and not family.packable:
+        warn(accelerator, f"{family.model_type}'s attention does not go through transformers' attention interface, "
+                          "so packed sequences cannot be kept apart: training on padded batches")
+        layout = "padded"
     # DeepSpeed's bf16 mode keeps float32 master weights (and casts the model to bf16 itself). Anywhere
     # else bf16 weights would lose small AdamW updates: keep float32, and let accelerate's mixed
     # precision run the matmuls in bf16.
     ds_bf16 = accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.mixed_precision == "bf16"
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if ds_bf16 else "float32")
     backbone = load_backbone(cfg.model_path, cfg.attn_implementation, dtype, cfg.gradient_checkpointing,
-                             packed=cfg.batch_layout == "packed")
+                             packed=layout == "packed", model_type=cfg.model_type)
     hidden = backbone.config.hidden_size
     if cfg.use_mrl and any(dim >= hidden for dim in matryoshka_dims(hidden, cfg.mrl_dims)):
         raise UserError(f"mrl_dims {cfg.mrl_dims} must all be below the model's hidden size {hidden}")
     if cfg.lora:
         backbone = add_lora(backbone, cfg.lora)
     mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None
-    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad)
+    embedder = Embedder(backbone, layout, tokenizer.pad_token_id, mask_pad, pooling=family.pooling(cfg.pooling))
+    if layout == "packed" and not family.tested:
+        check_packing(embedder, family, accelerator)
+    return embedder
+
+
+def check_packing(embedder, family, accelerator):
+    """A family without tests here trains on packed batches only if they embed as its sequences alone
+    do; else on padded ones (SDPA), with a warning."""
+    agreement = embedder.packing_agreement()
+    if agreement >= PACKING_AGREEMENT:
+        return
+    warn(accelerator, f"{family.model_type}: packed batches embed unlike single sequences (cosine {agreement:.4f}), "
+                      "so its attention does not keep them apart: training on padded batches")
+    embedder.backbone.set_attn_implementation("sdpa")
+    embedder.layout = "padded"
 
 
 def build_teacher(cfg, tokenizer, hidden_size, device):
     """The frozen teacher Embedder for knowledge distillation, or None without teacher_model_path.
-    It must share the student's tokenizer (it embeds the same token ids) and be at least as wide."""
+    It must share the student's tokenizer and tokenization rule (it embeds the same token ids) and be
+    at least as wide; it pools as its own checkpoint says (else as its family does)."""
     if not cfg.teacher_model_path:
         return None
-    if load_tokenizer(cfg.teacher_model_path, "teacher_model_path").get_vocab() != tokenizer.get_vocab():
+    family = backbone_family(cfg.teacher_model_path, setting="teacher_model_path")
+    if family.special_tokens != backbone_family(cfg.model_path, cfg.model_type).special_tokens:
+        raise UserError(f"teacher_model_path {cfg.teacher_model_path} is a{'n' * (family.kind == 'encoder')} "
+                        f"{family.kind} and model_path is not: the teacher embeds the student's token ids, which a "
+                        "decoder and an encoder tokenize differently")
+    if load_tokenizer(cfg.teacher_model_path, "teacher_model_path",
+                      special_tokens=family.special_tokens).get_vocab() != tokenizer.get_vocab():
         raise UserError(f"teacher_model_path {cfg.teacher_model_path}: its tokenizer differs from model_path's; "
                         "the teacher embeds the student's token ids, so both need the same tokenizer")
+    layout = cfg.batch_layout if family.packable and family.tested else "padded"
     backbone = load_backbone(cfg.teacher_model_path, cfg.attn_implementation, cfg.dtype,
-                             packed=cfg.batch_layout == "packed", setting="teacher_model_path")
+                             packed=layout == "packed", setting="teacher_model_path")
     if backbone.config.hidden_size < hidden_size:
         raise UserError(f"teacher_model_path {cfg.teacher_model_path}: hidden size {backbone.config.hidden_size} "
                         f"is below the student's {hidden_size}; its embeddings are cut to the student's size")
     backbone.requires_grad_(False)
     mask_pad = tokenizer.pad_token_id if cfg.attention_mask_from == "pad_token_id" else None  # as the student's
-    return Embedder(backbone, cfg.batch_layout, tokenizer.pad_token_id, mask_pad).to(device).eval()
+    pooling = st_pooling(cfg.teacher_model_path) or family.pooling()
+    return Embedder(backbone, layout, tokenizer.pad_token_id, mask_pad, pooling=pooling).to(device).eval()
 
 
-def build_loaders(splits, cfg, tokenizer, vocab_size, accelerator):
-    """This process's train batches (one MultiDatasetLoader) and validation batches {name: batches}."""
+def build_loaders(splits, cfg, tokenizer, vocab_size, accelerator, special_tokens=False):
+    """This process's train batches (one MultiDatasetLoader) and validation batches {name: batches};
+    every sequence ends in the backbone's end token (model.end_token_id)."""
+    end_id = end_token_id(tokenizer, special_tokens)
+
     def loader(name, split, task, **kw):
-        return make_loader(split, task, cfg, tokenizer.eos_token_id, rank=accelerator.process_index,
+        return make_loader(split, task, cfg, end_id, rank=accelerator.process_index,
                            world=accelerator.num_processes, vocab_size=vocab_size,
                            name=os.path.join(cfg.train_data_path, f"{name}.parquet"), **kw)
 

@@ -27,11 +27,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data import check_text_chunks, corpus_path, text_columns, tokenize
+from data import TOKENIZE_RECORD, check_text_chunks, corpus_path, text_columns, tokenize
 from errors import UserError, exit_on_user_error
 from files import (Output, input_stamp, open_input, reading, record_metadata, remove_stale_temp_files, stored_record,
                    unreadable, write_atomic)
-from model import load_tokenizer
+from model import load_tokenizer, tokenizer_rule
 
 CHUNK = 1000  # texts per worker task: large enough for batched fast tokenization
 # Rows per read batch of one column, and distinct texts per tokenization round: ~100 MB of F2LLM-like passages,
@@ -41,7 +41,7 @@ CHUNK_ROWS = 100_000
 # 2 workers tokenize no faster, while starting them takes 8.5-14 s (2026-11-30, load average 3-3.6); below
 # ~10M characters (~10,000 passages) their start alone takes longer than the whole job here.
 POOL_MIN_CHARS = 10_000_000
-RECORD_KEY = b"f2llm_tokenize"  # parquet schema metadata: what an output file was made from
+RECORD_KEY = TOKENIZE_RECORD  # parquet schema metadata: what an output file was made from
 LAYOUTS = ("v1", "v2", "published_v2")
 RECORD_VERSION = 1  # bump when this script's output for the same input and settings changes
 TOKENS = pa.list_(pa.int32())
@@ -54,17 +54,17 @@ SCAN = {"batch_readahead": 1, "fragment_readahead": 1, "fragment_scan_options": 
 _worker_state = {}  # the tokenizer tokenize_chunk uses: a pool worker's (init_worker), or tokenize_folder's (Workers)
 
 
-def init_worker(model_path, max_seq_length, threads=True):
+def init_worker(model_path, max_seq_length, threads=True, special_tokens=False):
     if not threads:  # pool workers already fill the cores: no tokenizer threads on top
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_state["tokenizer"] = load_tokenizer(model_path)
-    _worker_state["max_seq_length"] = max_seq_length
+    _worker_state.update(tokenizer=load_tokenizer(model_path, special_tokens=special_tokens),
+                         max_seq_length=max_seq_length, special_tokens=special_tokens)
 
 
-def make_pool(model_path, max_seq_length, num_proc):
+def make_pool(model_path, max_seq_length, num_proc, special_tokens=False):
     """num_proc worker processes that each load the tokenizer once."""
     return multiprocessing.get_context("spawn").Pool(num_proc, initializer=init_worker,
-                                                     initargs=(model_path, max_seq_length, False))
+                                                     initargs=(model_path, max_seq_length, False, special_tokens))
 
 
 class Workers:
@@ -74,9 +74,10 @@ class Workers:
     more than it saves: each spawned worker imports torch and transformers and loads the tokenizer first (see
     POOL_MIN_CHARS)."""
 
-    def __init__(self, tokenizer, model_path, max_seq_length, num_proc, min_chars=POOL_MIN_CHARS):
-        _worker_state.update(tokenizer=tokenizer, max_seq_length=max_seq_length)  # this process's calls
-        self.pool_args, self.pool = (model_path, max_seq_length, num_proc), None
+    def __init__(self, tokenizer, model_path, max_seq_length, num_proc, min_chars=POOL_MIN_CHARS, special_tokens=False):
+        # this process's calls
+        _worker_state.update(tokenizer=tokenizer, max_seq_length=max_seq_length, special_tokens=special_tokens)
+        self.pool_args, self.pool = (model_path, max_seq_length, num_proc, special_tokens), None
         self.min_chars = min_chars if num_proc > 1 else math.inf
 
     def imap(self, fn, chunks, before=0):
@@ -95,7 +96,8 @@ class Workers:
 
 
 def tokenize_chunk(texts):
-    return tokenize(_worker_state["tokenizer"], texts, _worker_state["max_seq_length"])
+    return tokenize(_worker_state["tokenizer"], texts, _worker_state["max_seq_length"],
+                    _worker_state.get("special_tokens", False))
 
 
 def tokenize_unique(texts, pool, bar=None, before=0):
@@ -518,12 +520,14 @@ def tokenizer_fingerprint(tokenizer):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def make_record(input_path, max_seq_length, fingerprint, layout):
+def make_record(input_path, max_seq_length, fingerprint, layout, special_tokens=False):
     """What an output is made from: the input's stamp (size, mtime_ns) and the settings. A file cut by
-    --max_rows_per_dataset adds "sample" (sample_record); a file kept whole has none, so that its
-    record is the one it had before the flag existed."""
-    return {"version": RECORD_VERSION, "input": input_stamp(input_path), "max_seq_length": max_seq_length,
-            "tokenizer": fingerprint, "layout": layout}
+    --max_rows_per_dataset adds "sample" (sample_record), and a file tokenized for an encoder, with the
+    tokenizer's special tokens, "special_tokens": true (data.check_tokenization_rule reads it); the
+    others have neither, so that a decoder's record is the one it had before encoders existed."""
+    record = {"version": RECORD_VERSION, "input": input_stamp(input_path), "max_seq_length": max_seq_length,
+              "tokenizer": fingerprint, "layout": layout}
+    return {**record, "special_tokens": True} if special_tokens else record
 
 
 def read_record(path):
@@ -693,14 +697,15 @@ def tokenize_folder(model_path, input_dir, output_dir, *, max_seq_length=1024, l
     before its output is written)."""
     check_settings(max_seq_length, layout, max_rows_per_dataset, sample_seed, chunk_rows)
     files = input_files(input_dir)
-    tokenizer = load_tokenizer(model_path)  # fail here, once, rather than in every worker
+    special_tokens = tokenizer_rule(model_path)
+    tokenizer = load_tokenizer(model_path, special_tokens=special_tokens)  # fail here, once, not in every worker
     fingerprint = tokenizer_fingerprint(tokenizer)
     prepare_output(input_dir, output_dir, layout, max_rows_per_dataset)
     inputs = {os.path.realpath(path): path for path in files}
     # one stream for all files, as the published script's global RandomState; none without the flag
     rs = np.random.RandomState(sample_seed) if max_rows_per_dataset is not None else None
     workers = Workers(tokenizer, model_path, max_seq_length, os.cpu_count() if num_proc is None else num_proc,
-                      pool_min_chars)
+                      pool_min_chars, special_tokens)
     done = skipped = 0
     try:
         for path in files:
@@ -711,7 +716,7 @@ def tokenize_folder(model_path, input_dir, output_dir, *, max_seq_length=1024, l
                     if os.path.realpath(target) in inputs:
                         raise UserError(f"{target}: writing it would replace the input file "
                                         f"{inputs[os.path.realpath(target)]}; pass another --output_dir")
-            record = make_record(path, max_seq_length, fingerprint, layout)  # stamp taken before reading
+            record = make_record(path, max_seq_length, fingerprint, layout, special_tokens)  # stamp before reading
             num_rows = rows = None
             if rs is not None:  # every file draws (skipped ones too), so each file's rows match the full run's
                 num_rows = count_rows(path)

@@ -270,13 +270,13 @@ TEXTS = ["who is kalomar", "tell me about velzor, the pilot from north harbor wh
 def test_last_token_pool_picks_the_last_real_token():
     hidden = torch.randn(4, 7, 5)
     lengths = torch.tensor([7, 1, 3, 5])
-    pooled = model.last_token_pool(hidden, lengths)
+    pooled = model.pool(hidden, lengths)
     assert pooled.shape == (4, 5)
     for i, n in enumerate(lengths.tolist()):
         assert torch.equal(pooled[i], hidden[i, n - 1])
     # Gradient reaches only the pooled positions.
     hidden.requires_grad_()
-    (g,) = torch.autograd.grad(model.last_token_pool(hidden, lengths).sum(), hidden)
+    (g,) = torch.autograd.grad(model.pool(hidden, lengths).sum(), hidden)
     assert g.abs().sum(-1).nonzero().tolist() == [[i, n - 1] for i, n in enumerate(lengths.tolist())]
 
 

@@ -1,4 +1,4 @@
-"""model_path checks: a path that is not a complete folder of a supported decoder stops training
+"""model_path checks: a path that is not a complete folder of a supported backbone stops training
 with one line before any step, where transformers would take it for a hub id or fill the missing
 weights at random; the backbones this project builds, trains and merges still load."""
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import assert_user_error, call_main, make_config, run_cli
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2Model, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, T5Config, T5Model
 
 import demo
 import lora
@@ -36,8 +36,8 @@ def tokenizer_copy(tiny, path):
 def bad(tiny, tmp_path_factory):
     """{case: model_path} of folders (and a file) that must not train."""
     root = tmp_path_factory.mktemp("bad_model_paths")
-    gpt2 = tokenizer_copy(tiny, root / "gpt2")
-    GPT2Model(GPT2Config(vocab_size=400, n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    t5 = tokenizer_copy(tiny, root / "t5")
+    T5Model(T5Config(vocab_size=400, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).save_pretrained(t5)
     no_weights = tokenizer_copy(tiny, root / "no_weights")
     shutil.copy(f"{tiny}/backbone/config.json", no_weights)
     partial = tokenizer_copy(tiny, root / "partial")
@@ -51,7 +51,7 @@ def bad(tiny, tmp_path_factory):
         float("nan")
     save_file(state, f"{nan}/model.safetensors", metadata={"format": "pt"})
     (root / "a_file").write_text("not a model")
-    return {"missing": str(root / "nope"), "file": str(root / "a_file"), "gpt2": gpt2, "no_weights": no_weights,
+    return {"missing": str(root / "nope"), "file": str(root / "a_file"), "t5": t5, "no_weights": no_weights,
             "partial": partial, "nan": nan}
 
 
@@ -70,7 +70,7 @@ def root(tmp_path_factory):
 CASES = {
     "missing": ["not found", "local folder"],
     "file": ["is a file, not a folder"],
-    "gpt2": ["model_type 'gpt2'", "qwen3", "qwen2"],
+    "t5": ["model_type 't5'", "an encoder-decoder", "qwen3", "llama", "bert", "modernbert"],
     "no_weights": ["holds no weights", "model.safetensors"],
     "partial": ["11 of 24 backbone weights are missing", "layers.1.", "random init"],
     "nan": ["holds non-finite weights", "1 tensor(s)", "embed_tokens.weight"],
@@ -103,8 +103,8 @@ def test_missing_teacher_is_named(bad, root, tiny, tokenized):
 def test_load_encoder_names_the_checkpoint(bad):
     with pytest.raises(UserError, match="checkpoint .* not found"):
         model.load_encoder(bad["missing"], device="cpu")
-    with pytest.raises(UserError, match="model_type 'gpt2'"):
-        model.load_encoder(bad["gpt2"], device="cpu")
+    with pytest.raises(UserError, match="model_type 't5'"):
+        model.load_encoder(bad["t5"], device="cpu")
 
 
 # ---- what must still load ------------------------------------------------------------------------

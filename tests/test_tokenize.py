@@ -418,7 +418,7 @@ def test_workers_start_the_pool_at_min_chars_and_keep_it(tiny, tok, fake_pools):
     workers = tokenize_data_qwen.Workers(tok, f"{tiny}/backbone", 64, 2, min_chars=10)
     out = [tokenize_data_qwen.tokenize_unique(texts, workers).to_pylist() for texts in (small, large, after)]
     assert out == [expected_ids(tok, texts, 64) for texts in (small, large, after)]
-    assert len(fake_pools) == 1 and fake_pools[0].args == (f"{tiny}/backbone", 64, 2)
+    assert len(fake_pools) == 1 and fake_pools[0].args == (f"{tiny}/backbone", 64, 2, False)
     assert fake_pools[0].calls == [2, 1] and not fake_pools[0].terminated
     workers.close()
     assert fake_pools[0].terminated
@@ -432,7 +432,8 @@ def test_small_input_is_tokenized_in_process_with_one_tokenizer_load(tiny, token
     used, and the output is the `tokenized` reference's."""
     loads = []
     original = tokenize_data_qwen.load_tokenizer
-    monkeypatch.setattr(tokenize_data_qwen, "load_tokenizer", lambda path: loads.append(path) or original(path))
+    monkeypatch.setattr(tokenize_data_qwen, "load_tokenizer",
+                        lambda path, **kw: loads.append(path) or original(path, **kw))
     proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", tmp_path / "out", 64, 2)[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert fake_pools == [] and loads == [f"{tiny}/backbone"] and "worker processes" not in proc.stdout

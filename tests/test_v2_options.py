@@ -102,7 +102,10 @@ def lora_backbone(tiny):
 def test_lora_trains_only_the_adapters(lora_backbone):
     trainable = [n for n, p in lora_backbone.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    assert {n.split(".")[-4] for n in trainable} == set(LORA_DEFAULTS["target_modules"])
+    # target_modules null: every linear layer, which for Qwen3 are its seven projections
+    assert LORA_DEFAULTS["target_modules"] is None
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"}
 
 
 def test_merged_weights_embed_like_the_adapted_model(lora_backbone, tiny, tmp_path):
