@@ -78,14 +78,17 @@ def _opt(default, help, resume_safe=False, group="project", see=None, **kw):
 @dataclass
 class Config:
     # Published keys.
-    model_path: str = field(metadata={"help": "Backbone folder (a Qwen3 checkpoint) with its tokenizer.",
+    model_path: str = field(metadata={"help": "Backbone folder (a decoder such as Qwen3, or an encoder such as BERT: "
+                                              "docs/backbones.md) with its tokenizer.",
                                       "group": "published"})
     train_data_path: str = field(metadata={"help": "Folder of tokenized `*.parquet` files, one per dataset (raw ones "
                                                    "are tokenized into cache_dir first).", "group": "published"})
-    model_type: str = _opt("auto", "`auto`: the backbone's family from its config.json (decoders: Qwen, Llama, "
-                                   "Mistral, Gemma, Phi-3, ...; encoders: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, "
-                                   "ELECTRA, DeBERTa-v2, ModernBERT); `decoder` or `encoder` (the published encoder "
-                                   "branch's key) must agree with it.", group="published", see="backbones.md")
+    model_type: str = _opt("auto", "`auto`: the backbone's kind from the model_type of its config.json (decoders: "
+                                   "Qwen, Llama, Mistral, Gemma, Phi-3, ...; encoders: BERT, RoBERTa, XLM-RoBERTa, "
+                                   "DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT); `decoder` or `encoder` (the "
+                                   "published encoder branch's key) only confirm it: a value that disagrees stops the "
+                                   "run.",
+                           group="published", see="backbones.md")
     experiment_id: str = _opt("4b+lr.8e-6+bs.16x32+context.1024+2epochs",
                               "Run name: sub-folder of output_dir and tb_dir.", resume_safe=True,
                               group="published")
@@ -100,7 +103,8 @@ class Config:
                                     resume_safe=True, group="published")
     validation_steps: int = _opt(5000, "Validate every this many steps (0: only at epoch ends).",
                                  resume_safe=True, group="published")
-    max_seq_length: int = _opt(1024, "Longest sequence in tokens, eos included.", group="published")
+    max_seq_length: int = _opt(1024, "Longest sequence in tokens, the eos (decoders) or the special tokens "
+                                     "(encoders) included.", group="published")
     learning_rate: float = _opt(8e-6, "Peak learning rate.", group="published")
     min_lr: float = _opt(1e-7, "The learning rate is clamped from below at this value after each step.",
                          group="published")
@@ -147,10 +151,11 @@ class Config:
                                    "JSON {task_type: [dataset names]}; a relative path is looked up in the working "
                                    "folder, then the repository.")
     dataset_types: dict = _opt(None, "Overrides and additions {dataset name: task type}.")
-    pooling: str = _opt("auto", "The embedding of a text: `auto`, `lasttoken` for decoders (the hidden state at the "
-                                "appended eos; published) and `mean` for encoders (the masked mean over its tokens, "
-                                "special tokens included; the published encoder branch); `cls`: an encoder's first "
-                                "token.", see="backbones.md")
+    pooling: str = _opt("auto", "The embedding of a text: `auto` is `lasttoken` for decoders (the hidden state at "
+                                "the appended eos; published) and `mean` for encoders (the mean over its tokens, "
+                                "special tokens included; the published encoder branch); `mean` for a decoder too; "
+                                "`cls`: an encoder's first token (refused for decoders). Checkpoints record it for "
+                                "sentence-transformers.", see="backbones.md")
     attn_implementation: str = _opt("auto", "`auto`: flash_attention_2 if installed on a GPU; else, packed: "
                                             "flex_attention on a GPU, `sdpa_varlen` (ours) on the CPU; padded: sdpa. "
                                             "Or any transformers attn_implementation.")

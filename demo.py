@@ -91,9 +91,9 @@ def build_backbone(out_dir, vocab_size, hidden_size=64, num_layers=2, num_heads=
 # Each family build_family makes, and what the project is to do with it: train it as a decoder or an
 # encoder backbone, or refuse it (an encoder-decoder, a vision-language model)
 FAMILIES = {
-    "qwen3": "decoder", "llama": "decoder", "mistral": "decoder", "gemma2": "decoder", "gemma3_text": "decoder",
-    "phi3": "decoder",
-    "bert": "encoder", "xlm-roberta": "encoder", "distilbert": "encoder", "electra": "encoder",
+    "qwen3": "decoder", "qwen2": "decoder", "llama": "decoder", "mistral": "decoder", "gemma": "decoder",
+    "gemma2": "decoder", "gemma3_text": "decoder", "phi3": "decoder",
+    "bert": "encoder", "roberta": "encoder", "xlm-roberta": "encoder", "distilbert": "encoder", "electra": "encoder",
     "deberta-v2": "encoder", "modernbert": "encoder",
     "t5": "refused", "clip": "refused",
 }
@@ -110,6 +110,12 @@ T5_SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0-3 as Gemma's
 GEMMA_TOKENS = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 GEMMA_TEMPLATE = ("<bos> $A", "<bos> $A <bos>:1 $B:1")
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3 as RoBERTa's and XLM-RoBERTa's; <mask> last
+ROBERTA_TEMPLATE = ("<s> $A </s>", "<s> $A </s> </s>:1 $B:1 </s>:1")
+ROBERTA_TOKENS = dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                      pad_token="<pad>", mask_token="<mask>")
+# positions count from padding_idx + 1 = 2: 512 tokens need 514 rows
+ROBERTA_SETTINGS = dict(max_position_embeddings=512 + 2, type_vocab_size=1, layer_norm_eps=1e-5)
 
 
 def _head_dim(shape):
@@ -122,6 +128,16 @@ def _head_dim(shape):
 # class from this tokenizer.json unchanged), the config (class, the shape of its sizes, the real
 # checkpoint's settings; a callable gets the shape) and the class whose weights the real checkpoint holds.
 _FAMILY_SPECS = {
+    "qwen2": dict(  # Qwen2.5-0.5B-Instruct: the first three of Qwen's added tokens; biased q, k, v projections
+        tokenizer="bpe", trainer=dict(split="qwen"), specials=[], added=SPECIAL_TOKENS, template=None,
+        tokens=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"), max_length=131072,
+        # transformers takes Qwen2Tokenizer for model_type qwen2 whatever the file names; unset, its unk
+        # and bos would be <|endoftext|>
+        tokenizer_config=dict(tokenizer_class="Qwen2Tokenizer", bos_token=None, unk_token=None,
+                              add_prefix_space=False, errors="replace", split_special_tokens=False),
+        config="Qwen2Config", shape="decoder",
+        settings=dict(max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True),
+        model="Qwen2ForCausalLM"),
     "llama": dict(  # Llama 3: specials after the 128,000 BPE ids, bos added by the post-processor, no pad
         tokenizer="bpe", specials=[],
         added=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
@@ -137,6 +153,13 @@ _FAMILY_SPECS = {
         config="MistralConfig", shape="decoder",
         settings=dict(max_position_embeddings=32768, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False),
         model="MistralForCausalLM"),
+    "gemma": dict(  # Gemma 7B: its heads are wider than hidden / heads (16 x 256 from 3072); here twice as wide
+        tokenizer="bpe", specials=GEMMA_SPECIALS, added=[], template=GEMMA_TEMPLATE, tokens=GEMMA_TOKENS,
+        max_length=8192, tokenizer_config=dict(add_bos_token=True, add_eos_token=False),
+        config="GemmaConfig", shape="decoder",
+        settings=dict(max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh",
+                      head_dim=lambda shape: 2 * _head_dim(shape)),
+        model="GemmaForCausalLM"),
     "gemma2": dict(
         tokenizer="bpe", specials=GEMMA_SPECIALS, added=[], template=GEMMA_TEMPLATE, tokens=GEMMA_TOKENS,
         max_length=8192, tokenizer_config=dict(add_bos_token=True, add_eos_token=False),
@@ -165,16 +188,17 @@ _FAMILY_SPECS = {
         max_length=512, tokenizer_config=dict(do_lower_case=True, tokenizer_class="BertTokenizer"),
         config="BertConfig", shape="encoder", settings=dict(max_position_embeddings=512),
         model="BertForPreTraining"),
+    # roberta-base: GPT-2's byte-level BPE; its weights are RobertaForMaskedLM's, without a pooler.
+    # RobertaTokenizer swaps the template for RobertaProcessing, which puts the same tokens around a text
+    "roberta": dict(
+        tokenizer="bpe", specials=ROBERTA_SPECIALS, added=["<mask>"], template=ROBERTA_TEMPLATE,
+        tokens=ROBERTA_TOKENS, max_length=512, tokenizer_config=dict(tokenizer_class="RobertaTokenizer"),
+        config="RobertaConfig", shape="encoder", settings=ROBERTA_SETTINGS,
+        model="RobertaForMaskedLM"),
     "xlm-roberta": dict(  # saved as XLMRobertaModel, as its embedding derivatives (e5, bge-m3) are
-        tokenizer="unigram", specials=["<s>", "<pad>", "</s>", "<unk>"], added=["<mask>"],
-        template=("<s> $A </s>", "<s> $A </s> </s>:1 $B:1 </s>:1"),
-        tokens=dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
-                    pad_token="<pad>", mask_token="<mask>"),
-        max_length=512, tokenizer_config=dict(tokenizer_class="XLMRobertaTokenizer"),
-        # positions count from padding_idx + 1 = 2: 512 tokens need 514 rows
-        config="XLMRobertaConfig", shape="encoder",
-        settings=dict(max_position_embeddings=512 + 2, type_vocab_size=1, layer_norm_eps=1e-5),
-        model="XLMRobertaModel"),
+        tokenizer="unigram", specials=ROBERTA_SPECIALS, added=["<mask>"], template=ROBERTA_TEMPLATE,
+        tokens=ROBERTA_TOKENS, max_length=512, tokenizer_config=dict(tokenizer_class="XLMRobertaTokenizer"),
+        config="XLMRobertaConfig", shape="encoder", settings=ROBERTA_SETTINGS, model="XLMRobertaModel"),
     "distilbert": dict(
         tokenizer="wordpiece", specials=WORDPIECE_SPECIALS, added=[], template=BERT_TEMPLATE, tokens=BERT_TOKENS,
         max_length=512, tokenizer_config=dict(do_lower_case=True, tokenizer_class="DistilBertTokenizer"),
@@ -248,12 +272,19 @@ def _config_shape(kind, vocab_size, hidden_size, num_layers, ids):
     raise ValueError(f"unknown config shape {kind}")
 
 
-def _train_bpe(corpus, vocab_size, specials):
-    """Byte-level BPE (GPT-2's pre-tokenizer, every byte in the vocabulary, no unknown token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_bpe(corpus, vocab_size, specials, split="gpt2"):
+    """Byte-level BPE (every byte in the vocabulary, no unknown token) on GPT-2's pre-tokenizer, or with
+    split="qwen" on Qwen's (NFC, its regex, then bytes), which Qwen2Tokenizer rebuilds whatever the file says."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split == "qwen":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -325,7 +356,7 @@ def _family_tokenizer(out_dir, spec, corpus, vocab_size):
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = _TOKENIZER_TRAINERS[spec["tokenizer"]](corpus, vocab_size, spec["specials"])
+    tok = _TOKENIZER_TRAINERS[spec["tokenizer"]](corpus, vocab_size, spec["specials"], **spec.get("trainer", {}))
     for token in spec["added"]:  # one at a time: each takes the next id
         tok.add_special_tokens([token])
     if spec["template"]:

@@ -27,7 +27,7 @@ from data import (CorpusRows, as_v2_ids, check_ids, check_texts, check_token_val
                   token_columns, tokenize)
 from errors import UserError, exit_on_user_error
 from metrics import METRICS, retrieval_metrics, retrieval_set
-from model import load_encoder
+from model import load_encoder, tokenizer_rule
 
 SPLITS = ("validation", "all")
 
@@ -104,10 +104,8 @@ def eval_rows(path, columns, cfg, split, max_queries, tokenizer, max_seq_length,
     """The rows of a file to evaluate, as a split with token columns: `validation`, the rows
     data.load_splits holds out (same seed and validation_fraction), in its order; `all`, the file's
     rows in order. At most the first max_queries (None: all). Raw files are tokenized here, with the
-    checkpoint's rule (special_tokens: an encoder's); tokenized ones must have been made with it."""
+    checkpoint's rule (special_tokens: an encoder's)."""
     raw = columns[0] == "query"
-    if not raw:
-        check_tokenization_rule(path, special_tokens)
     if split == "validation":
         if raw:
             table = pq.read_table(path, columns=columns)
@@ -172,11 +170,14 @@ def evaluate(checkpoint, data_dir, *, split="validation", config=None, max_queri
         types = load_dataset_types(cfg)
         # 0 caps nothing (in a training config, eval_queries 0 turns the metrics off; here they are the point)
         max_queries = (cfg.eval_queries if max_queries is None else max_queries) or None
+        special_tokens = tokenizer_rule(checkpoint)
         planned = []
         for name, path in find_datasets(data_dir):
             columns = columns_of(path)  # every file checked before the model loads
             task = types.get(name, "retrieval")
             if task == "retrieval":
+                if columns[0] != "query":  # tokenized: by the checkpoint's rule
+                    check_tokenization_rule(path, special_tokens)
                 planned.append((name, path, columns))
             else:
                 print(f"skip {name}: a {task} dataset (only retrieval datasets are evaluated)")

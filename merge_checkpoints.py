@@ -26,7 +26,7 @@ def parse_args(argv=None):
 
 def load_weights(path):
     """A checkpoint's model in its own dtype, checked like a training backbone (a folder of a
-    supported decoder, with every weight present)."""
+    supported decoder or encoder, with every weight present)."""
     return load_pretrained(path, "checkpoint", **dtype_argument("auto"))
 
 

@@ -725,7 +725,7 @@ def check_options(settings, batch_size, chunk_size, max_seq_length, device):
     if batch_size < 1 or chunk_size < 1:
         raise UserError("--batch_size and --chunk_size must be at least 1")
     if max_seq_length is not None and max_seq_length < 2:
-        raise UserError("--max_seq_length must be at least 2 (one token of text plus eos)")
+        raise UserError("--max_seq_length must be at least 2 (one token of text plus the end token)")
     if not 0 <= settings.seed < 2**63:
         raise UserError(f"--seed must be between 0 and {2**63 - 1}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -832,7 +832,8 @@ def parse_args(argv=None):
                         "(default) or leave them out")
     p.add_argument("--batch_size", type=int, help="texts per forward pass (default 32)")
     p.add_argument("--chunk_size", type=int, help=f"texts per embedding file in the work folder (default {CHUNK_SIZE})")
-    p.add_argument("--max_seq_length", type=int, help="tokens per text, eos included (default: the checkpoint's)")
+    p.add_argument("--max_seq_length", type=int,
+                   help="tokens per text, special tokens included (default: the checkpoint's)")
     p.add_argument("--device", choices=DEVICES, help="default: cuda if available")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the model's dtype (default auto: float32 on the CPU, bfloat16 on a GPU that has it)")

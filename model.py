@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -35,14 +34,18 @@ from data import tokenize
 from errors import UserError, exit_on_user_error
 
 
-def pick_attn_implementation(requested="auto", packed=False, causal=True, softcap=False):
+def pick_attn_implementation(requested="auto", packed=False, causal=True, softcap=False, interface=True):
     """flash_attention_2 where flash-attn is installed on a GPU. Otherwise, for packed batches,
     flex_attention on a GPU for decoders and our per-sequence `sdpa_varlen` elsewhere (transformers'
     sdpa would build a dense T x T block-diagonal mask); for padded batches PyTorch SDPA. A model with
     attention-logit soft-capping (Gemma 2), which SDPA cannot compute: eager, or packed `eager_varlen`
-    (the same per-sequence attention, registered under a name transformers does not take for SDPA)."""
+    (the same per-sequence attention, registered under a name transformers does not take for SDPA).
+    A model whose attention is not on transformers' attention interface (`interface` False: DeBERTa-v2)
+    has only its own, which transformers calls eager and loads under no other name."""
     if requested != "auto":
         return requested
+    if not interface:
+        return "eager"
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     if packed:
@@ -256,6 +259,32 @@ def _untested_family(path, model_type, setting):
     return Family(model_type, "decoder" if causal.pop() else "encoder", tested=False)
 
 
+def position_limit(path, family):
+    """The most tokens a sequence can hold in the encoder at `path` whose positions are a learned table
+    (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA: 512), None where nothing bounds them (rotary or
+    relative positions: decoders, ModernBERT, DeBERTa v3). Read from the architecture, not the weights."""
+    if family.kind != "encoder":
+        return None
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        embeddings = getattr(AutoModel.from_config(AutoConfig.from_pretrained(path)), "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return None
+    padding_idx = getattr(embeddings, "padding_idx", None)  # RoBERTa-style positions start at padding_idx + 1
+    return table.num_embeddings - (0 if padding_idx is None else padding_idx + 1)
+
+
+def check_positions(path, family, max_seq_length, setting="model_path"):
+    """Refuse a max_seq_length that the backbone's position table cannot hold: the run would stop with an
+    index error inside the embeddings at its first longer text, after hours perhaps."""
+    limit = position_limit(path, family)
+    if limit is not None and max_seq_length > limit:
+        raise UserError(f"max_seq_length {max_seq_length} is above the {limit} positions of {setting} {path} "
+                        f"({family.model_type}, learned position embeddings): set \"max_seq_length\": {limit} or less")
+
+
 def check_weight_files(path, setting="model_path"):
     """Fail unless the folder holds weights: without a weight file from_pretrained may build the
     model from its config alone, every weight random."""
@@ -324,13 +353,18 @@ def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient
     family = check_model_folder(model_path, setting, model_type)
     softcap = getattr(AutoConfig.from_pretrained(model_path), "attn_logit_softcapping", None) is not None
     packed = packed and family.packable
-    attn_implementation = pick_attn_implementation(attn_implementation, packed, family.kind == "decoder", softcap)
+    attn_implementation = pick_attn_implementation(attn_implementation, packed, family.kind == "decoder", softcap,
+                                                   family.packable)
     check_library_support(attn_implementation, packed)  # before sdpa_varlen's registration and the weights
     if attn_implementation in VARLEN:
         _register_sdpa_varlen()
     backbone = load_pretrained(model_path, setting, model_type, attn_implementation=attn_implementation,
                                **dtype_argument(pick_dtype(dtype)))
     backbone.config.use_cache = False
+    # A padding_idx row of the input embeddings gets no gradient: where the config's pad id is the
+    # appended eos (Phi-3), the pooled token's embedding would never train. Pad positions are masked
+    # out anyway, so no row needs it.
+    backbone.get_input_embeddings().padding_idx = None
     for name in UNUSED_MODULES:  # no gradient ever reaches them: DDP would wait for one
         if getattr(backbone, name, None) is not None:
             getattr(backbone, name).requires_grad_(False)
@@ -424,8 +458,10 @@ class Embedder(nn.Module):
         # RoBERTa-style embeddings number positions from padding_idx + 1: a packed sequence's must too
         padding_idx = getattr(getattr(base, "embeddings", None), "padding_idx", None)
         self.position_offset = 0 if padding_idx is None else padding_idx + 1
-        # BERT's default token types are a buffer as long as its position table: a packed row is longer
-        self.token_types = "token_type_ids" in inspect.signature(base.forward).parameters
+        # BERT's default token types are zeros from a buffer as long as its position table, which a packed
+        # row outgrows: zeros are passed instead. Only there: GPT-2 takes token_type_ids as more word ids,
+        # whose embeddings it adds (zeros would add word 0's), and none by default.
+        self.token_types = isinstance(getattr(getattr(base, "embeddings", None), "token_type_ids", None), torch.Tensor)
 
     @torch.no_grad()
     def packing_agreement(self, lengths=(3, 9, 5, 1), seed=0):
@@ -540,15 +576,20 @@ class Encoder:
 def load_encoder(path, device=None, dtype="auto", max_seq_length=None, layout="padded"):
     """An Encoder for a checkpoint (or any backbone folder with its tokenizer), on `device`
     (default: cuda if available). max_seq_length, prompts and pooling come from the checkpoint's
-    sentence-transformers files when present (defaults 1024, none and the family's pooling)."""
+    sentence-transformers files when present (defaults: 1024, or fewer where the positions end
+    (position_limit), none and the family's pooling); a longer max_seq_length is refused."""
     family = check_model_folder(path, "checkpoint")
+    saved_length, prompts = st_settings(path)
+    limit = position_limit(path, family)
+    if max_seq_length is None:
+        max_seq_length = saved_length if limit is None else min(saved_length, limit)
+    check_positions(path, family, max_seq_length, "checkpoint")
     tokenizer = load_tokenizer(path, setting="checkpoint", special_tokens=family.special_tokens)
     backbone = load_backbone(path, dtype=dtype, packed=layout == "packed", setting="checkpoint")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     layout = layout if family.packable else "padded"
     embedder = Embedder(backbone, layout, tokenizer.pad_token_id, pooling=st_pooling(path) or family.pooling())
-    saved_length, prompts = st_settings(path)
-    return Encoder(embedder.to(device), tokenizer, max_seq_length or saved_length, prompts, family.special_tokens)
+    return Encoder(embedder.to(device), tokenizer, max_seq_length, prompts, family.special_tokens)
 
 
 def st_settings(path):
@@ -743,7 +784,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt_name", help="put the checkpoint's prompt of this name (query, document) before each text")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--max_seq_length", type=int, help="tokens per text, eos included (default: the checkpoint's)")
+    p.add_argument("--max_seq_length", type=int,
+                   help="tokens per text, special tokens and eos included (default: the checkpoint's)")
     return p.parse_args(argv)
 
 

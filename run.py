@@ -2,10 +2,11 @@
 
     accelerate launch --config_file configs/accelerate_config.yaml run.py --config configs/config.json
 
-One step: embed a homogeneous batch (queries, positives, hard negatives) with last-token pooling,
-take the hard-negative loss (plus the in-batch loss on retrieval data), and step AdamW with a
-warmup + cosine schedule clamped at min_lr. `--prepare_only` builds the train/validation split
-cache in one process and exits (the recommended warm-up before a many-process launch).
+One step: embed a homogeneous batch (queries, positives, hard negatives), pooled as the backbone's
+family does (a decoder's last token, an encoder's mean), take the hard-negative loss (plus the
+in-batch loss on retrieval data), and step AdamW with a warmup + cosine schedule clamped at min_lr.
+`--prepare_only` builds the train/validation split cache in one process and exits (the recommended
+warm-up before a many-process launch).
 
 Reading order: train() (the command), set_up() (everything a run needs, in one Run), fit() (the
 loop), then the pieces the loop names: the step, validation, checkpoints, epoch ends and stops.
@@ -41,7 +42,8 @@ from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
 from metrics import LossTracker, Throughput, retrieval_metrics, retrieval_set
 from model import (PACKING_AGREEMENT, Embedder, backbone_family, check_library_support, check_model_folder,
-                   end_token_id, flatten, load_backbone, load_tokenizer, st_pooling, tokenizer_rule)
+                   check_positions, end_token_id, flatten, load_backbone, load_tokenizer, pick_attn_implementation,
+                   st_pooling, tokenizer_rule)
 
 
 @exit_on_user_error
@@ -97,10 +99,12 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
     restore the checkpoint that resume_from names (or start at step 0): the Run."""
     family = check_model_folder(cfg.model_path, model_type=cfg.model_type)  # one line before the data is prepared
     family.pooling(cfg.pooling)  # so is a pooling the family cannot take
+    check_positions(cfg.model_path, family, cfg.max_seq_length)  # so is a length its positions cannot hold
     tokenizer = load_tokenizer(cfg.model_path, special_tokens=family.special_tokens)
     check_library_support(cfg.attn_implementation, cfg.batch_layout == "packed")  # so is a wrong-results stack
     if cfg.teacher_model_path:
-        check_model_folder(cfg.teacher_model_path, "teacher_model_path")
+        teacher_family = check_model_folder(cfg.teacher_model_path, "teacher_model_path")
+        check_positions(cfg.teacher_model_path, teacher_family, cfg.max_seq_length, "teacher_model_path")
     checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator),  # all fail at once on bad input
                              special_tokens=family.special_tokens)
     checkpoint.RunLock(accelerator, cfg.run_dir, break_lock)  # before any write; checks it is writable
@@ -512,13 +516,14 @@ def build_model(cfg, tokenizer, accelerator):
 
 def check_packing(embedder, family, accelerator):
     """A family without tests here trains on packed batches only if they embed as its sequences alone
-    do; else on padded ones (SDPA), with a warning."""
+    do; else on padded ones (the padded attention load_backbone would pick), with a warning."""
     agreement = embedder.packing_agreement()
     if agreement >= PACKING_AGREEMENT:
         return
     warn(accelerator, f"{family.model_type}: packed batches embed unlike single sequences (cosine {agreement:.4f}), "
                       "so its attention does not keep them apart: training on padded batches")
-    embedder.backbone.set_attn_implementation("sdpa")
+    softcap = getattr(embedder.backbone.config, "attn_logit_softcapping", None) is not None
+    embedder.backbone.set_attn_implementation(pick_attn_implementation(softcap=softcap))
     embedder.layout = "padded"
 
 

@@ -747,7 +747,8 @@ def parse_args(argv=None):
     p.add_argument("--model_path", required=True, help="folder with the backbone's tokenizer")
     p.add_argument("--input_dir", required=True, help="folder of raw *.parquet files")
     p.add_argument("--output_dir", required=True, help="where the tokenized files go")
-    p.add_argument("--max_seq_length", type=int, help="tokens per text, eos included")
+    p.add_argument("--max_seq_length", type=int,
+                   help="tokens per text, the eos (decoders) or special tokens (encoders) included")
     p.add_argument("--num_proc", type=int, help="tokenizer worker processes")
     p.add_argument("--pool_min_chars", type=int, metavar="N",
                    help="start the worker processes only once a file's queries or documents hold at least N "

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import lengths
+from benchutil import two_decimals
 from data import collate
 from loss import f2llm_losses
 from model import Embedder, load_backbone
@@ -96,15 +97,9 @@ def run(quick=False, hidden=128, layers=2, scale=None, max_len=None, warmup=1, s
     assert torch.allclose(emb["packed"], emb["padded"], atol=1e-3, rtol=1e-3), f"layouts disagree by {max_diff}"
 
     load_before = benchutil.load_average()
-    times = {"packed": [], "padded": []}
-    losses = {"packed": [], "padded": []}
-    for i, batch in enumerate(batches):
-        order = ("packed", "padded") if i % 2 == 0 else ("padded", "packed")
-        for layout in order:
-            dt, loss = train_step(*models[layout], batch)
-            if i >= warmup:
-                times[layout].append(dt)
-                losses[layout].append(loss)
+    steps_done = benchutil.alternate(models, batches, warmup, train_step)  # packed first, then padded first, ...
+    times = {layout: [dt for dt, _ in done] for layout, done in steps_done.items()}
+    losses = {layout: [loss for _, loss in done] for layout, done in steps_done.items()}
     measured = batches[warmup:]
     real = sum(int(b["lengths"].sum()) for b in measured)
     padded_tokens = sum(len(b["lengths"]) * int(b["lengths"].max()) for b in measured)
@@ -136,23 +131,25 @@ def report(result):
             + benchutil.table(["layout", "s/step (mean)", "s/step (median)", "real tokens/s"], rows)
             + f"\nspeedup packed vs padded: {result['train_speedup']:.2f}x (goal >= 1.5x: "
               f"{'met' if result['goal_ge_1.5x'] else 'MISSED'}); first-batch embeddings agree to "
-              f"{result['first_batch_max_abs_diff']:.1e}; load average {_num(result['load_average'][0])} before, "
-              f"{_num(result['load_average'][1])} after")
+              f"{result['first_batch_max_abs_diff']:.1e}; load average "
+              f"{two_decimals(result['load_average'][0])} before, "
+              f"{two_decimals(result['load_average'][1])} after")
 
 
-def _num(value):
-    return "?" if value is None else f"{value:.2f}"
+def add_size_flags(parser):
+    """The model and batch sizes of a training-throughput bench (bench_families takes them too)."""
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=None, help="length scale (bench/lengths.py)")
+    parser.add_argument("--max_len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=1)
+    return parser
 
 
 def main(argv=None):
-    p = benchutil.add_quick_flag(
-        argparse.ArgumentParser(description="Figure 4: training throughput, packed vs padded."))
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--scale", type=float, default=None, help="length scale (bench/lengths.py)")
-    p.add_argument("--max_len", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="measured steps")
-    p.add_argument("--warmup", type=int, default=1)
+    p = add_size_flags(benchutil.add_quick_flag(
+        argparse.ArgumentParser(description="Figure 4: training throughput, packed vs padded.")))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = p.parse_args(argv)
     if args.threads:

@@ -101,6 +101,25 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
+def alternate(models, batches, warmup, step):
+    """Run `step(*models[layout], batch)` for every layout on the same batches, the layouts taking turns
+    within each batch in an order that swaps every batch (drift and caches hit both alike):
+    {layout: [step's result for each batch after the first `warmup`]}."""
+    layouts = list(models)
+    out = {layout: [] for layout in layouts}
+    for i, batch in enumerate(batches):
+        for layout in layouts if i % 2 == 0 else layouts[::-1]:
+            result = step(*models[layout], batch)
+            if i >= warmup:
+                out[layout].append(result)
+    return out
+
+
+def two_decimals(value):
+    """A number for a report line: two decimals, "?" when unknown (a load average /proc did not give)."""
+    return "?" if value is None else f"{value:.2f}"
+
+
 def median(values):
     return statistics.median(values)
 
