@@ -101,22 +101,32 @@ def _attend(q, k, v, causal, dropout, scaling, sliding_window, softcap):
 PACKED_MIN_TRANSFORMERS = "4.53.1"
 
 
-def check_library_support(attn_implementation="auto", packed=False):
+# Families whose packed batches need a newer transformers than PACKED_MIN_TRANSFORMERS: the first version
+# whose models route their attention, and the packed boundaries, through the attention interface (before
+# it the encoders' attention modules and ModernBERT's forward do not take them; tested down to these).
+PACKED_MIN_BY_FAMILY = {"bert": "5.0.0", "roberta": "5.0.0", "xlm-roberta": "5.0.0", "distilbert": "5.0.0",
+                        "electra": "5.0.0", "gemma3_text": "5.0.0", "modernbert": "5.1.0"}
+
+
+def check_library_support(attn_implementation="auto", packed=False, model_type=None):
     """Refuse, as one line, a layout / attention / library version combination known to give wrong
     embeddings (or to fail deep inside transformers): the packed layout, whatever the attention, and
-    sdpa_varlen on a transformers older than PACKED_MIN_TRANSFORMERS. The padded and grouped layouts
-    are right there. Reads transformers.__version__ at each call."""
+    sdpa_varlen on a transformers older than PACKED_MIN_TRANSFORMERS, or than the family's
+    PACKED_MIN_BY_FAMILY. The padded and grouped layouts are right there. Reads
+    transformers.__version__ at each call."""
     attn = pick_attn_implementation(attn_implementation, packed)
     installed = transformers.__version__
-    if version.parse(installed) >= version.parse(PACKED_MIN_TRANSFORMERS):
+    needed = PACKED_MIN_BY_FAMILY.get(model_type, PACKED_MIN_TRANSFORMERS) if packed else PACKED_MIN_TRANSFORMERS
+    if version.parse(installed) >= version.parse(needed):
         return
-    upgrade = f'upgrade it (pip install -U "transformers>={PACKED_MIN_TRANSFORMERS}")'
+    upgrade = f'upgrade it (pip install -U "transformers>={needed}")'
     if packed:
-        raise UserError(f'batch_layout "packed" needs transformers >= {PACKED_MIN_TRANSFORMERS} (installed: '
-                        f"{installed}, where packed sequences attend to each other: wrong embeddings, no error): "
+        which = f"with {model_type} " if needed != PACKED_MIN_TRANSFORMERS else ""
+        raise UserError(f'batch_layout "packed" {which}needs transformers >= {needed} (installed: {installed}, '
+                        "where packed sequences attend to each other or fail: wrong embeddings or a crash): "
                         f'{upgrade} or set "batch_layout": "padded"')
     if attn in VARLEN:
-        raise UserError(f"attn_implementation {attn} needs transformers >= {PACKED_MIN_TRANSFORMERS} "
+        raise UserError(f"attn_implementation {attn} needs transformers >= {needed} "
                         f'(installed: {installed}): {upgrade} or set "attn_implementation": "sdpa"')
 
 
@@ -355,7 +365,7 @@ def load_backbone(model_path, attn_implementation="auto", dtype="auto", gradient
     packed = packed and family.packable
     attn_implementation = pick_attn_implementation(attn_implementation, packed, family.kind == "decoder", softcap,
                                                    family.packable)
-    check_library_support(attn_implementation, packed)  # before sdpa_varlen's registration and the weights
+    check_library_support(attn_implementation, packed, family.model_type)  # before registration and the weights
     if attn_implementation in VARLEN:
         _register_sdpa_varlen()
     backbone = load_pretrained(model_path, setting, model_type, attn_implementation=attn_implementation,
@@ -446,7 +456,7 @@ class Embedder(nn.Module):
         if layout not in BATCH_LAYOUTS:
             raise ValueError(f"layout must be one of {BATCH_LAYOUTS}, got {layout!r}")
         if layout == "packed":  # also a backbone that load_backbone loaded for padded batches
-            check_library_support(packed=True)
+            check_library_support(packed=True, model_type=family_of(backbone).model_type)
             if not family_of(backbone).packable:
                 raise ValueError(f"{family_of(backbone).model_type} cannot take packed batches: use layout padded")
         self.backbone = backbone

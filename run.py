@@ -101,7 +101,8 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
     family.pooling(cfg.pooling)  # so is a pooling the family cannot take
     check_positions(cfg.model_path, family, cfg.max_seq_length)  # so is a length its positions cannot hold
     tokenizer = load_tokenizer(cfg.model_path, special_tokens=family.special_tokens)
-    check_library_support(cfg.attn_implementation, cfg.batch_layout == "packed")  # so is a wrong-results stack
+    packed = cfg.batch_layout == "packed" and family.packable
+    check_library_support(cfg.attn_implementation, packed, family.model_type)  # so is a wrong-results stack
     if cfg.teacher_model_path:
         teacher_family = check_model_folder(cfg.teacher_model_path, "teacher_model_path")
         check_positions(cfg.teacher_model_path, teacher_family, cfg.max_seq_length, "teacher_model_path")

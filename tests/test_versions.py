@@ -139,3 +139,22 @@ def test_the_transformers_floor_is_what_the_check_allows():
     with open(os.path.join(REPO_DIR, "requirements.txt")) as f:
         floor = re.search(r"^transformers>=(\S+)", f.read(), re.MULTILINE).group(1)
     assert version.parse(floor) >= version.parse(model.PACKED_MIN_TRANSFORMERS), floor
+
+
+@pytest.mark.parametrize("family,needed,older", [("bert", "5.0.0", "4.57.6"), ("xlm-roberta", "5.0.0", "4.57.6"),
+                                                 ("modernbert", "5.1.0", "5.0.0"), ("gemma3_text", "5.0.0", "4.57.6")])
+def test_families_packed_on_a_transformers_too_old_for_them_are_refused(monkeypatch, family, needed, older):
+    """Before 5.0 the BERT-style encoders' attention modules (before 5.1 ModernBERT's forward) do not take
+    the packed boundaries: on 4.57.6 a packed BERT fails inside transformers, a packed ModernBERT on 5.0.0
+    too (measured with tests/test_families.py). One line instead, which names the version and the way out;
+    padded batches stay allowed, and Qwen's packed ones keep their older floor."""
+    fake_transformers(monkeypatch, older)
+    with pytest.raises(UserError) as err:
+        model.check_library_support("auto", packed=True, model_type=family)
+    message = str(err.value)
+    assert "\n" not in message and f"with {family} needs transformers >= {needed}" in message
+    assert f"installed: {older}" in message and '"batch_layout": "padded"' in message
+    model.check_library_support("auto", packed=False, model_type=family)
+    model.check_library_support("auto", packed=True, model_type="qwen3")
+    fake_transformers(monkeypatch, needed)
+    model.check_library_support("auto", packed=True, model_type=family)
