@@ -5,9 +5,10 @@ tokenizer by `save_pretrained`, so AutoModel loads it, plus the sentence-transfo
 `SentenceTransformer(path)` does; LoRA adapters merged in) and, in `training_state/`, what a run needs
 to continue exactly: model, optimizer, lr scheduler and every process's RNG states
 (`accelerator.save_state`), `trainer_state.json` (the TrainState: step, skip counters, logging sums,
-and what a resume must match) and, written last, a manifest of every file's size. The folder is
-written as `.step_N.partial` and renamed when complete, so that a process killed mid-write never
-leaves a folder that looks complete.
+and what a resume must match) and, written last, a manifest of every file's size and blake2b hash,
+verified before a resume. The folder is written as `.step_N.partial` and renamed when complete, so
+that a process killed mid-write never leaves a folder that looks complete. A checkpoint of a
+one-process or DDP launch resumes under DeepSpeed and the other way round (portable.py).
 
 The run folder is taken by one launch at a time (RunLock), and a storage error while saving is
 one line that leaves the newest complete checkpoint as it was.
@@ -26,11 +27,13 @@ import time
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from config import resume_safe_keys
+import portable
+from config import resume_rule
 from distributed import any_process, warn
 from errors import UserError
-from files import pid_alive
+from files import file_digests, pid_alive
 from lora import is_lora, merged_state_dict
 from model import save_inference_model
 
@@ -45,7 +48,8 @@ class TrainState:
     """Where a run stands, beside the model, optimizer, lr schedule and RNG states that accelerate
     saves: the step, the skipped-step counters, the loss sums not yet reported (`tracker`, a
     metrics.LossTracker), and what a resumed run must match: the number of processes, each dataset's
-    batches per epoch per process, the config. trainer_state.json is to_json() and from_json() reads
+    batches per epoch per process, the data files' fingerprints (`data`, {dataset: digest}; None in
+    checkpoints of versions before it), the config. trainer_state.json is to_json() and from_json() reads
     it; no other code knows its keys. `saved_step` / `saved_path`: the newest checkpoint written
     or restored, so that a stop or an epoch end at that very step does not write it twice."""
 
@@ -56,6 +60,7 @@ class TrainState:
     step: int = 0
     bad_steps_in_a_row: int = 0
     skipped_steps: int = 0
+    data: dict = None
     saved_step: int = None
     saved_path: str = None
 
@@ -78,7 +83,7 @@ class TrainState:
                 "world_size": self.world_size, "batches_per_epoch": self.batches_per_epoch,
                 "bad_steps_in_a_row": self.bad_steps_in_a_row, "skipped_steps": self.skipped_steps,
                 "tracker": self.tracker.state_dict(accelerator) if self.tracker is not None else {},
-                "config": self.config}
+                "data": self.data, "config": self.config}
 
     @classmethod
     def from_json(cls, data, tracker=None, accelerator=None):
@@ -86,43 +91,69 @@ class TrainState:
         ("epoch" and "position" are written for readers; the step implies both.)"""
         state = cls(world_size=int(data["world_size"]), batches_per_epoch=dict(data["batches_per_epoch"]),
                     config=dict(data["config"]), tracker=tracker, step=int(data["step"]),
-                    bad_steps_in_a_row=int(data["bad_steps_in_a_row"]), skipped_steps=int(data["skipped_steps"]))
+                    bad_steps_in_a_row=int(data["bad_steps_in_a_row"]), skipped_steps=int(data["skipped_steps"]),
+                    data=data.get("data"))
         if tracker is not None:
             tracker.load_state_dict(data["tracker"], accelerator)
         return state
 
     def check_resumable(self, saved, path, accelerator):
-        """Refuse a checkpoint's state `saved` that this run (self, at step 0) cannot continue exactly:
-        its data position and optimizer shards belong to its number of processes, its position to its
-        batches per epoch (the data and train_batch_size). A changed config key that is not resume_safe
-        gets a warning (a new learning rate, say, is allowed but changes the training)."""
+        """Refuse a checkpoint's state `saved` that this run (self, at step 0) cannot continue: its data
+        position and optimizer shards belong to its number of processes, its position to its batches
+        per epoch and to its data files, and a config key whose change cannot take effect on resume
+        (config.resume_rule "fixed": the weights, the data split and order) must not have changed.
+        Keys that do take effect ("follows": the lr schedule, the loss, ...) are listed, with the step
+        from which they apply; where outputs go and how often to log or save ("free") are not."""
         if saved.world_size != self.world_size:
-            raise UserError(f"resume_from: checkpoint {path} was written by {saved.world_size} process(es), this run "
-                            f"has {self.world_size}; launch with {saved.world_size} to continue it")
+            launch = portable.describe(portable.written_by(os.path.join(path, STATE_DIR)), saved.world_size)
+            raise UserError(f"resume_from: checkpoint {path} was written by a {launch}, this launch has "
+                            f"{self.world_size} process(es): each process's data position and random state belong to "
+                            f"the launch that saved them; launch with {saved.world_size} process(es) to continue it")
         if saved.batches_per_epoch != self.batches_per_epoch:
             raise UserError("resume_from: the training data or train_batch_size changed since the checkpoint "
                             f"(batches per dataset then {saved.batches_per_epoch}, now {self.batches_per_epoch}); "
                             "resume with the same data, or start afresh")
-        safe = resume_safe_keys()
-        changed = [f"{k} ({v!r} -> {self.config[k]!r})" for k, v in saved.config.items()
-                   if k not in safe and k in self.config and self.config[k] != v]
-        if changed:
-            warn(accelerator, "config changed since the checkpoint: " + ", ".join(changed))
+        if saved.data is not None and self.data is not None and saved.data != self.data:
+            changed = sorted(name for name in set(saved.data) | set(self.data)
+                             if saved.data.get(name) != self.data.get(name))
+            raise UserError(f"resume_from: the training data changed since checkpoint {path} (dataset(s) "
+                            f"{', '.join(changed)}: another file content with the same number of batches); resume with "
+                            "the data it was trained on, or start afresh (resume_from none, or a new experiment_id)")
+        changed = {k: (v, self.config[k]) for k, v in saved.config.items() if k in self.config and self.config[k] != v}
+        fixed = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items() if resume_rule(k) == "fixed"]
+        if fixed:
+            raise UserError(f"resume_from: {', '.join(fixed)} changed since checkpoint {path}, and a resumed run "
+                            "cannot take that change (it decides the weights restored, the data split or its order); "
+                            "set it back, or start afresh (resume_from none, or a new experiment_id)")
+        follows = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items() if resume_rule(k) == "follows"]
+        if follows:
+            warn(accelerator, f"resuming at step {saved.step} with changed settings, in effect from step "
+                              f"{saved.step + 1}: " + ", ".join(follows))
 
 
 def _write_manifest(root):
-    """{relative path: size} of every file under root, flushed to disk, then the manifest itself."""
-    sizes = {}
-    for path in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            sizes[os.path.relpath(path, root)] = os.path.getsize(path)
+    """The manifest: {relative path: {"size", "blake2b"}} of every file under root, each flushed to
+    disk first (its hash read back from the page cache, by a few threads), then the manifest itself."""
+    files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(p))
+    for path in files:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    digests = file_digests(files)
+    entries = {os.path.relpath(p, root): {"size": os.path.getsize(p), "blake2b": digests[p]} for p in files}
     manifest = os.path.join(root, STATE_DIR, MANIFEST)
     with open(manifest, "w") as f:
-        json.dump(sizes, f, indent=1)
+        json.dump({"files": entries}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_manifest(path):
+    """{relative path: {"size"[, "blake2b"]}} of checkpoint `path` (earlier versions wrote sizes only)."""
+    with open(os.path.join(path, STATE_DIR, MANIFEST)) as f:
+        data = json.load(f)
+    if "files" in data:
+        return data["files"]
+    return {rel: {"size": size} for rel, size in data.items()}
 
 
 def _replace_dir(src, dst):
@@ -175,7 +206,7 @@ def save(accelerator, model, tokenizer, path, state, keep, max_seq_length=1024, 
     try:
         accelerator.save_state(state_dir)  # every process writes its RNG states (and its ZeRO shard)
         torch.save(rng_state(), _rng_file(state_dir, accelerator.process_index))
-    except (OSError, RuntimeError) as err:
+    except WRITE_ERRORS as err:
         problem = _storage_problem(run_dir, err, path)
     _agree(accelerator, problem, tmp)
     if accelerator.is_main_process:
@@ -192,7 +223,7 @@ def save(accelerator, model, tokenizer, path, state, keep, max_seq_length=1024, 
             _replace_dir(tmp, path)
             if keep:
                 prune(run_dir, keep)
-        except (OSError, RuntimeError) as err:
+        except WRITE_ERRORS as err:
             problem = _storage_problem(run_dir, err, path)
     _agree(accelerator, problem, tmp)
     state.saved_step, state.saved_path = state.step, path
@@ -228,6 +259,11 @@ def save_copy(accelerator, state, path, keep):
     return path
 
 
+# What writing a checkpoint raises when storage fails: torch.save's zip writer reports a full disk
+# as a RuntimeError, safetensors as a SafetensorError ("IoError(... StorageFull ...)").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
 def _agree(accelerator, problem, tmp):
     """A barrier at which every process learns whether one of them failed; then all stop together
     (the main process with the line, the others quietly), the partial folder removed."""
@@ -243,9 +279,8 @@ def _agree(accelerator, problem, tmp):
 def checkpoint_bytes(path):
     """A complete checkpoint's size on disk, from its manifest (0 if it has none)."""
     try:
-        with open(os.path.join(path, STATE_DIR, MANIFEST)) as f:
-            return sum(json.load(f).values())
-    except (OSError, ValueError):
+        return sum(entry["size"] for entry in read_manifest(path).values())
+    except (OSError, ValueError, KeyError, TypeError):
         return 0
 
 
@@ -268,7 +303,7 @@ def _storage_problem(run_dir, err, path):
     or it says it failed writing, else it is raised as the bug it is."""
     free = shutil.disk_usage(run_dir).free if os.path.isdir(run_dir) else 0
     message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if isinstance(err, RuntimeError) and free >= LOW_SPACE and not re.search(r"writ|iostream", message, re.I):
+    if not isinstance(err, OSError) and free >= LOW_SPACE and not re.search(r"writ|iostream|IoError", message, re.I):
         raise err
     if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < LOW_SPACE:
         return (f"no space left writing checkpoint {path} ({_size(free)} free in {run_dir}); free some space and "
@@ -284,24 +319,29 @@ def _size(n):
         n /= 1024
 
 
-def problem_with(path):
-    """Why checkpoint `path` cannot be resumed from, or None if its training state is complete."""
-    manifest = os.path.join(path, STATE_DIR, MANIFEST)
+def problem_with(path, verify=False):
+    """Why checkpoint `path` cannot be resumed from, or None if its training state is complete: every
+    file of its manifest there with its size, and with `verify` its hash too (reads every byte)."""
     if not os.path.isdir(path):
         return "not a folder"
-    if not os.path.isfile(manifest):
+    if not os.path.isfile(os.path.join(path, STATE_DIR, MANIFEST)):
         return f"no {STATE_DIR}/{MANIFEST} (incomplete, or its training state was pruned)"
     try:
-        with open(manifest) as f:
-            sizes = json.load(f)
+        entries = read_manifest(path)
     except (OSError, ValueError) as err:
         return f"unreadable manifest ({err})"
-    for rel, size in sizes.items():
+    for rel, entry in entries.items():
         file = os.path.join(path, rel)
         if not os.path.isfile(file):
             return f"{rel} is missing"
-        if os.path.getsize(file) != size:
-            return f"{rel} has {os.path.getsize(file)} bytes, the manifest says {size}"
+        if os.path.getsize(file) != entry["size"]:
+            return f"{rel} has {os.path.getsize(file)} bytes, the manifest says {entry['size']}"
+    if verify:
+        hashed = {rel: entry["blake2b"] for rel, entry in entries.items() if "blake2b" in entry}
+        digests = file_digests([os.path.join(path, rel) for rel in hashed])
+        for rel, digest in hashed.items():
+            if digests[os.path.join(path, rel)] != digest:
+                return f"{rel} is damaged (its bytes differ from those written: blake2b mismatch)"
     return None
 
 
@@ -344,47 +384,89 @@ def prune(run_dir, keep):
             shutil.rmtree(state)
 
 
-def restore(accelerator, resume_from, run_dir, fresh):
+def restore(accelerator, resume_from, run_dir, fresh, prepared):
     """The TrainState to continue from: the checkpoint's that `resume_from` names, its model,
-    optimizer, lr schedule and RNG states loaded into the prepared objects and its logging sums into
-    fresh.tracker; or `fresh` (this run's state at step 0) to start afresh. `latest` tries run_dir's
-    checkpoints newest first and skips incomplete or unreadable ones with a warning; an explicit path
-    must be complete. A checkpoint this run cannot continue exactly is refused
-    (TrainState.check_resumable)."""
-    if not resume_from:
+    optimizer, lr schedule and RNG states loaded into `prepared` (model, optimizer, scheduler as
+    accelerate prepared them; converted when the checkpoint comes from the other kind of launch,
+    see portable.py) and its logging sums into fresh.tracker; or `fresh` (this run's state at step
+    0) to start afresh.
+
+    `latest` takes run_dir's newest checkpoint whose files are all there and match their hashes,
+    skipping damaged or incomplete ones with a warning; an explicit path must be intact. A run never
+    starts afresh over checkpoints unless told to (resume_from `none`); an intact checkpoint that
+    fails to load, one this run cannot continue (TrainState.check_resumable), or a run folder whose
+    checkpoints are all damaged stop the run with one line."""
+    if resume_from in ("", "none"):
+        found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "step_*"))
+                       + glob.glob(os.path.join(run_dir, "epoch_*")))
+        if resume_from == "" and found:
+            raise UserError(f"{run_dir} already holds checkpoints ({', '.join(found[:4])}{', ...' * (len(found) > 4)}) "
+                            'and resume_from is empty: set "resume_from": "latest" to continue that run, "none" to '
+                            "train afresh over it, or choose a new experiment_id")
         return fresh
     latest = resume_from == "latest"
     if latest:
         paths = [path for _, path in candidates(run_dir)]
+        if not paths:
+            accelerator.print(f"resume_from latest: no checkpoint in {run_dir} yet; starting afresh")
+            return fresh
     else:
         path = resume_from.rstrip("/")
         paths = [os.path.dirname(path) if os.path.basename(path) == STATE_DIR else path]
+    skipped = []
     for path in paths:
-        problem = problem_with(path)
-        if problem is None:
-            try:
-                saved = TrainState.from_json(read_trainer_state(path))
-            except Exception as err:  # noqa: BLE001 - any unreadable trainer state is skipped like a corrupt file
-                problem = _unreadable(err)
-        if problem is None:
-            fresh.check_resumable(saved, path, accelerator)  # the same file on every process: all stop together
-            try:
-                state_dir = os.path.join(path, STATE_DIR)
+        problem = problem_with(path, verify=True) if accelerator.is_main_process else None
+        if any_process(accelerator, problem is not None):
+            _stop_unless(latest, accelerator, f"resume_from {resume_from}: cannot resume from it: {problem}")
+            warn(accelerator, f"skipping checkpoint {path}: {problem}")
+            skipped.append(f"{os.path.basename(path)}: {problem}")
+            continue
+        return _load(accelerator, path, fresh, prepared)
+    _stop_unless(False, accelerator, f"resume_from latest: no checkpoint in {run_dir} is intact "
+                                     f"({'; '.join(skipped)}); restore them from a copy, or start afresh (resume_from "
+                                     "none, or a new experiment_id)")
+
+
+def _stop_unless(go_on, accelerator, line):
+    """Unless go_on: stop every process, the main one with `line`."""
+    if go_on:
+        return
+    if accelerator.is_main_process:
+        raise UserError(line)
+    raise SystemExit(2)
+
+
+def _load(accelerator, path, fresh, prepared):
+    """Checkpoint `path` (intact: its hashes checked) loaded into the prepared objects: its TrainState."""
+    state_dir = os.path.join(path, STATE_DIR)
+    written, here = portable.written_by(state_dir), portable.launch_kind(accelerator)
+    problem = None
+    try:
+        saved = TrainState.from_json(read_trainer_state(path))
+    except Exception as err:  # noqa: BLE001 - any unreadable trainer state, reported as such
+        problem = _unreadable(err)
+    if problem is None:
+        fresh.check_resumable(saved, path, accelerator)  # the same file on every process: all stop together
+        try:
+            if written == here:
                 accelerator.load_state(state_dir)
-                set_rng_state(torch.load(_rng_file(state_dir, accelerator.process_index), weights_only=False))
-                state = TrainState.from_json(read_trainer_state(path), fresh.tracker, accelerator)
-            except Exception as err:  # noqa: BLE001 - a corrupt file can raise almost anything while unpickling
-                problem = _unreadable(err)
-        if not any_process(accelerator, problem is not None):
-            state.saved_step, state.saved_path = state.step, path
-            accelerator.print(f"resuming from {path} (step {state.step})")
-            return state
-        problem = problem or "failed to load on another process"
-        if not latest:
-            raise UserError(f"resume_from {resume_from}: cannot resume from it: {problem}")
-        warn(accelerator, f"skipping checkpoint {path}: {problem}")
-    accelerator.print(f"resume_from latest: no complete checkpoint in {run_dir}; starting afresh")
-    return fresh
+            else:
+                portable.load(state_dir, accelerator, *prepared)
+            set_rng_state(torch.load(_rng_file(state_dir, accelerator.process_index), weights_only=False))
+            state = TrainState.from_json(read_trainer_state(path), fresh.tracker, accelerator)
+        except Exception as err:  # noqa: BLE001 - a file can fail to load in almost any way while unpickling
+            problem = _unreadable(err)
+    if any_process(accelerator, problem is not None):
+        problem = problem or "failed on another process"
+        _stop_unless(False, accelerator, f"cannot resume from checkpoint {path}: {problem}; its files are as they "
+                                         "were written (hashes checked), so this is no damage: resume from another "
+                                         "checkpoint (resume_from PATH) or start afresh (resume_from none)")
+    if written != here:
+        accelerator.print(f"{path} was written by a {portable.describe(written, saved.world_size)}: its weights and "
+                          f"optimizer state converted for this {portable.describe(here, accelerator.num_processes)}")
+    state.saved_step, state.saved_path = state.step, path
+    accelerator.print(f"resuming from {path} (step {state.step})")
+    return state
 
 
 def _unreadable(err):

@@ -67,11 +67,18 @@ CONFIG_GROUPS = (
 )
 
 
-def _opt(default, help, resume_safe=False, group="project", see=None, **kw):
-    """A config field. `resume_safe`: changing it between a checkpoint and its resume leaves the training
-    itself as it was (where outputs go, how often to log, validate and save), so it draws no warning.
-    `group` (a name of CONFIG_GROUPS) and `see` (a page of docs/) place the key in docs/config.md."""
-    metadata = {"help": help, "resume_safe": resume_safe, "group": group, "see": see}
+RESUME_RULES = {
+    "free": "decides where outputs go or how often to log, validate and save, not the training: changed freely",
+    "follows": "takes effect from the resumed step (the lr schedule is recomputed with it), with a warning",
+    "fixed": "decides the weights restored, the data split or its order: a resume with it changed is refused",
+}
+
+
+def _opt(default, help, on_resume="follows", group="project", see=None, **kw):
+    """A config field. `on_resume`: what a change between a checkpoint and its resume does (a key of
+    RESUME_RULES). `group` (a name of CONFIG_GROUPS) and `see` (a page of docs/) place the key in
+    docs/config.md."""
+    metadata = {"help": help, "on_resume": on_resume, "group": group, "see": see}
     return field(default=default, metadata=metadata, **kw)
 
 
@@ -88,21 +95,22 @@ class Config:
                                    "DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT); `decoder` or `encoder` (the "
                                    "published encoder branch's key) only confirm it: a value that disagrees stops the "
                                    "run.",
-                           group="published", see="backbones.md")
+                           group="published", see="backbones.md", on_resume="fixed")
     experiment_id: str = _opt("4b+lr.8e-6+bs.16x32+context.1024+2epochs",
-                              "Run name: sub-folder of output_dir and tb_dir.", resume_safe=True,
+                              "Run name: sub-folder of output_dir and tb_dir.", on_resume="free",
                               group="published")
     output_dir: str = _opt("output", "Where checkpoints go (`output_dir/experiment_id/step_N`, `epoch_N`).",
-                           resume_safe=True, group="published")
-    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).", resume_safe=True,
+                           on_resume="free", group="published")
+    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).", on_resume="free",
                        group="published")
-    cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.", resume_safe=True,
+    cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.", on_resume="free",
                           group="published")
-    train_batch_size: int = _opt(16, "Queries per batch per process (micro batch).", group="published")
+    train_batch_size: int = _opt(16, "Queries per batch per process (micro batch).", group="published",
+                                 on_resume="fixed")
     checkpointing_steps: int = _opt(5000, "Save `step_N` every this many steps (0: only at epoch ends).",
-                                    resume_safe=True, group="published")
+                                    on_resume="free", group="published")
     validation_steps: int = _opt(5000, "Validate every this many steps (0: only at epoch ends).",
-                                 resume_safe=True, group="published")
+                                 on_resume="free", group="published")
     max_seq_length: int = _opt(1024, "Longest sequence in tokens, the eos (decoders) or the special tokens "
                                      "(encoders) included.", group="published")
     learning_rate: float = _opt(8e-6, "Peak learning rate.", group="published")
@@ -111,7 +119,7 @@ class Config:
     weight_decay: float = _opt(0.01, "AdamW weight decay.", group="published")
     warmup_steps: int = _opt(500, "Linear warmup steps before the cosine decay.", group="published")
     train_epochs: int = _opt(2, "Passes over the training data.", group="published")
-    log_interval: int = _opt(100, "Log training losses and lr every this many steps.", resume_safe=True,
+    log_interval: int = _opt(100, "Log training losses and lr every this many steps.", on_resume="free",
                              group="published")
     num_hard_neg: int = _opt(7, "Hard negatives per query for retrieval and clustering (classification uses 1).",
                              group="published")
@@ -124,10 +132,10 @@ class Config:
                                              "columns for the whole batch (k = 1: always negative_1).")
     validation_negatives: str = _opt("first", "Validation batches' hard negatives: `first`, each row's first k; "
                                               "`random` (published), drawn like training's, the same at every "
-                                              "validation.")
+                                              "validation.", on_resume="free")
     dataset_draw: str = _opt("seeded", "The order of the datasets' batches in an epoch: `seeded`, drawn by "
                                        "(seed, epoch); `published`, the published MultiLoader's random.Random(epoch) "
-                                       "stream, whatever the seed.")
+                                       "stream, whatever the seed.", on_resume="fixed")
     inbatch_gradient: str = _opt("all", "Which positives of the global batch the in-batch loss sends gradient to: "
                                         "`all` (the gradient of the global-batch loss), `own` (this process's "
                                         "only), `none` (published: only the queries learn from it).")
@@ -144,7 +152,7 @@ class Config:
     log_keys: str = _opt("grouped", "TensorBoard names of the losses: `grouped`, train/DATASET/hard, "
                                     "valid/TASK_TYPE/inbatch, ... (each loss term apart); `published`, "
                                     "DATASET/training_loss_hard, Avg/TASK_TYPE/valid_loss_in_batch, ... (training's "
-                                    "Matryoshka terms inside the loss they cut).")
+                                    "Matryoshka terms inside the loss they cut).", on_resume="free")
     attention_mask_from: str = _opt("lengths", "`lengths`: mask from sequence lengths; `pad_token_id`: published "
                                                "rule input_ids != pad id, which masks eos when pad == eos.")
     dataset_types_file: str = _opt("configs/dataset_types.json",
@@ -155,13 +163,13 @@ class Config:
                                 "the appended eos; published) and `mean` for encoders (the mean over its tokens, "
                                 "special tokens included; the published encoder branch); `mean` for a decoder too; "
                                 "`cls`: an encoder's first token (refused for decoders). Checkpoints record it for "
-                                "sentence-transformers.", see="backbones.md")
+                                "sentence-transformers.", see="backbones.md", on_resume="fixed")
     attn_implementation: str = _opt("auto", "`auto`: flash_attention_2 if installed on a GPU; else, packed: "
                                             "flex_attention on a GPU, `sdpa_varlen` (ours) on the CPU; padded: sdpa. "
                                             "Or any transformers attn_implementation.")
     dtype: str = _opt("auto", "Backbone weights: `auto` is bfloat16 under DeepSpeed with bf16 (which keeps float32 "
                               "master weights), else float32 with accelerate's mixed precision; `bfloat16` or "
-                              "`float32` force one (published: bfloat16).")
+                              "`float32` force one (published: bfloat16).", on_resume="fixed")
     batch_layout: str = _opt("packed", "`packed`: a batch's sequences in one row with per-sequence boundaries, no "
                                        "padding; `grouped`: queries and documents padded as two groups; `padded`: "
                                        "all padded to the longest (published).",
@@ -174,14 +182,15 @@ class Config:
     adam_betas: list = _opt(None, "AdamW betas.")
     adamw_implementation: str = _opt("fused", "`fused`: torch's one-kernel AdamW (the same update up to rounding; on "
                                               "the CPU about 12x faster than the per-tensor loop torch picks there); "
-                                              "`torch_default` (published): torch's own choice (foreach on a GPU).")
+                                              "`torch_default` (published): torch's own choice (foreach on a GPU).",
+                                        on_resume="fixed")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (DeepSpeed takes it from the accelerate config).")
     merge_checkpoints: bool = _opt(False, "F2LLM-v2's extra checkpoints for merging: step_5, and every 500 steps in "
                                           "the last 2,500 (with checkpointing_steps on). See merge_checkpoints.py.",
-                                   group="v2")
-    validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.")
+                                   group="v2", on_resume="free")
+    validation_fraction: float = _opt(0.01, "Share of each dataset held out for validation.", on_resume="fixed")
     seed: int = _opt(0, "Seed of the validation split, shuffling, negative sampling and the dataset draw "
-                        "(0 <= seed < 2**32).")
+                        "(0 <= seed < 2**32).", on_resume="fixed")
     lr_schedule_steps: str = _opt("optimizer", "`optimizer`: warmup over warmup_steps optimizer steps, decay over "
                                               "the run; `published_v1`: as the published v1 code, whose schedule "
                                               "advances once per process per step over the unsharded step count "
@@ -190,14 +199,16 @@ class Config:
     scheduler_type: str = _opt("cosine", "`cosine`: linear warmup, then cosine decay to 0 over the run (clamped at "
                                          "min_lr); `constant_with_warmup` (F2LLM-v2): linear warmup, then constant.",
                                group="v2")
-    resume_from: str = _opt("", "`latest`: continue from the newest complete checkpoint in output_dir/experiment_id "
-                                "(or start afresh if there is none); a `step_N` / `epoch_N` path: from that one; "
-                                "empty: start afresh.", resume_safe=True, see="long-runs.md#resume")
+    resume_from: str = _opt("", "`latest`: continue from the newest intact checkpoint in output_dir/experiment_id "
+                                "(or start afresh if there is none yet); a `step_N` / `epoch_N` path: from that one; "
+                                "empty: start afresh, refused when the folder holds checkpoints already; `none`: "
+                                "start afresh over them.", on_resume="free", see="long-runs.md#resume")
     save_total_limit: int = _opt(2, "How many of the newest checkpoints keep their full training state (optimizer, "
                                     "RNG, data position); older ones keep only their weights. 0: all keep it.",
-                                 resume_safe=True, see="long-runs.md#pruning")
+                                 on_resume="free", see="long-runs.md#pruning")
     max_bad_steps: int = _opt(10, "Stop (with a checkpoint) after this many steps in a row with a non-finite loss "
-                                  "or gradient; such a step is skipped.", see="long-runs.md#non-finite-losses")
+                                  "or gradient; such a step is skipped.", see="long-runs.md#non-finite-losses",
+                              on_resume="free")
 
     num_hard_neg_clustering: int = _opt(-1, "Hard negatives per query for clustering datasets; -1: num_hard_neg "
                                             "(published v1). F2LLM-v2 uses 9.", group="v2")
@@ -213,13 +224,14 @@ class Config:
                             "0.05, \"target_modules\": null} (missing keys take these values; target_modules "
                             "null: every linear layer of the backbone's blocks, e.g. Qwen's q_proj ... down_proj). "
                             "Merged into the saved weights. null: off.",
-                        group="v2")
+                        group="v2", on_resume="fixed")
     prompts: dict = _opt(None, "Instructions recorded in each checkpoint for sentence-transformers and MTEB, e.g. "
                                "{\"query\": \"Instruct: ...\\nQuery: \"}; keys query and document. Training data "
-                               "carries its own.", see="evaluation.md#using-a-checkpoint")
+                               "carries its own.", see="evaluation.md#using-a-checkpoint", on_resume="free")
     eval_queries: int = _opt(1000, "Retrieval metrics at each validation: up to this many validation queries per "
                                    "retrieval dataset, each ranked against the positives and negatives of those "
-                                   "rows. 0: off.", see="evaluation.md#retrieval-metrics-during-training")
+                                   "rows. 0: off.", see="evaluation.md#retrieval-metrics-during-training",
+                             on_resume="free")
 
     def __post_init__(self):
         if self.adam_betas is None:
@@ -240,9 +252,11 @@ def config_keys():
     return [f.name for f in dataclasses.fields(Config)]
 
 
-def resume_safe_keys():
-    """The keys a resumed run may change without changing the training (see _opt)."""
-    return {f.name for f in dataclasses.fields(Config) if f.metadata.get("resume_safe")}
+def resume_rule(key):
+    """What changing `key` between a checkpoint and its resume does: "free", "follows" or "fixed"
+    (RESUME_RULES); "follows" for keys of earlier versions."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    return fields[key].metadata.get("on_resume", "follows") if key in fields else "follows"
 
 
 def config_reference():
@@ -250,7 +264,7 @@ def config_reference():
     of CONFIG_GROUPS (each in field order)."""
     defaults = Config(model_path="", train_data_path="")
     fields = dataclasses.fields(Config)
-    safe = ", ".join(f"`{f.name}`" for f in fields if f.metadata.get("resume_safe"))
+    ruled = {rule: ", ".join(f"`{f.name}`" for f in fields if resume_rule(f.name) == rule) for rule in RESUME_RULES}
     ignored = ", ".join(f"`{key}`" for key in IGNORED_KEYS)
 
     def paragraph(text):
@@ -267,10 +281,13 @@ def config_reference():
                   "placeholder of the published code, is accepted and ignored: the launch decides the number of "
                   "processes."),
         "",
-        paragraph(f"Between a checkpoint and its resume, {safe} may change without a warning: they decide where "
-                  "outputs go and how often to log, validate and save, not the training. A change to any other key "
-                  "is listed in a warning; the number of processes, the data and `train_batch_size` must stay the "
-                  "same (an error otherwise; see [long-runs.md](long-runs.md#resume))."),
+        paragraph(f"Between a checkpoint and its resume, {ruled['free']} may change freely: they decide where "
+                  f"outputs go and how often to log, validate and save, not the training. {ruled['fixed']} may not "
+                  "(they decide the weights restored, the data split or its order): a resume with one of them "
+                  "changed is refused with one line. Every other key takes effect from the resumed step (the lr "
+                  "schedule is recomputed with the new learning_rate, warmup_steps, min_lr, train_steps; AdamW takes "
+                  "the new weight_decay and betas), listed in a warning. The number of processes and the data must "
+                  "stay the same (see [long-runs.md](long-runs.md#resume))."),
     ]
     unplaced = [f.name for f in fields if f.metadata["group"] not in {group for group, _, _ in CONFIG_GROUPS}]
     if unplaced:

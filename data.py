@@ -26,6 +26,8 @@ import json
 import os
 import random
 import re
+import sys
+import tempfile
 from collections import Counter
 from functools import partial
 
@@ -151,12 +153,11 @@ def token_columns(path, needed_negatives, key="num_hard_neg"):
     else:
         raise UserError(f"{path}: no column 'passage_input_ids' (v1 layout) or 'passage_id' (v2 layout); tokenize "
                         "the raw data with tokenize_data_qwen.py")
-    n = 0
-    while f"negative_{n + 1}{suffix}" in names:
-        n += 1
+    n = negative_count(path, names, suffix)
     if n < needed_negatives:
         fix = f"lower {key} or add negatives" if key else "add a negative_1 column (the other label)"
-        raise UserError(f"{path}: {n} hard negatives per row (negative_1 ... negative_{n}), fewer than the "
+        have = f"negative_1 ... negative_{n}" if n else f"no negative_1{suffix} column"
+        raise UserError(f"{path}: {n} hard negatives per row ({have}), fewer than the "
                         f"{needed_negatives} the config asks for; {fix}")
     columns = ["query_input_ids", f"passage{suffix}"] + [f"negative_{i}{suffix}" for i in range(1, n + 1)]
     if is_text(schema.field("passage_input_ids").type if suffix == "_input_ids" else pa.null()):
@@ -172,6 +173,26 @@ def token_columns(path, needed_negatives, key="num_hard_neg"):
     if suffix == "_id":
         check_corpus_columns(path)
     return columns
+
+
+def negative_count(path, names, suffix):
+    """How many negative columns `negative_{i}{suffix}` a file has, numbered 1 ... n. A gap or a leading
+    zero is an error: counting up to the first gap would drop the columns after it without a word."""
+    numbers = []
+    for name in names:
+        if m := re.fullmatch(rf"negative_(\d+){re.escape(suffix)}", name):
+            if m.group(1) != str(int(m.group(1))):
+                raise UserError(f"{path}: column '{name}': name the negatives negative_1{suffix} ... "
+                                f"negative_n{suffix}, without leading zeros")
+            numbers.append(int(m.group(1)))
+    numbers.sort()
+    for i, number in enumerate(numbers, start=1):
+        if number != i:
+            raise UserError(f"{path}: no column 'negative_{i}{suffix}', but there is 'negative_{number}{suffix}': "
+                            f"the negative columns must be numbered from 1 without gaps (negative_1{suffix}, "
+                            f"negative_2{suffix}, ...); rename them, or tokenize the raw data again with "
+                            "tokenize_data_qwen.py")
+    return len(numbers)
 
 
 def is_text(typ):
@@ -329,7 +350,7 @@ def check_texts(table, columns, path):
 
 def check_token_values(table, columns, path):
     """Every token list present and non-empty, with no null id: cheap (offsets and validity bitmaps
-    only), unlike the id range, which collate checks batch by batch."""
+    only); the id range is check_token_range's."""
     for col in columns:
         lists = table.column(col)
         if lists.null_count:
@@ -342,6 +363,79 @@ def check_token_values(table, columns, path):
                             f"{rows_shown(np.flatnonzero(lengths == 0))}); every text needs at least its eos token")
         if pc.list_flatten(lists).null_count:
             raise UserError(f"{path}: column '{col}' has null token ids inside its lists; re-tokenize the file")
+
+
+# collate casts token ids to int32, the widest a token id needs
+INT32_LIMIT = 2**31
+
+
+def check_token_range(table, columns, path, vocab_size):
+    """Every token id within [0, vocab_size) (vocab_size None: within int32), at preparation: collate's
+    check sees only the ids it keeps, so an id past max_seq_length, in a negative never drawn or in a
+    validation split never run would go unseen, and any other stops a run hours in. One min_max per
+    column over the flat ids; the rows are looked for only when it fails."""
+    limit = vocab_size or INT32_LIMIT
+    for col in columns:
+        lists = table.column(col)
+        lo, hi = (v.as_py() for v in pc.min_max(pc.list_flatten(lists)).values())
+        if lo is None or (lo >= 0 and hi < limit):
+            continue
+        rows, first, offset = FirstRows(), None, 0
+        for chunk in lists.chunks:
+            ids = np.asarray(pc.list_flatten(chunk), dtype=np.int64)
+            bad = (ids < 0) | (ids >= limit)
+            if bad.any():
+                parents = np.asarray(pc.list_parent_indices(chunk), dtype=np.int64)[bad]
+                first = int(ids[bad][0]) if first is None else first
+                rows.add(offset + np.unique(parents))
+            offset += len(chunk)
+        where = f"row {rows.first[0]}" if rows.count == 1 else f"{rows.count} rows: {rows_shown(rows.first)}"
+        if vocab_size:
+            raise UserError(f"{path}: column '{col}' holds token id {first} ({where}), outside the vocabulary of "
+                            f"model_path (vocabulary size {vocab_size}, ids 0 ... {vocab_size - 1}): the data was "
+                            "not tokenized with this model's tokenizer; tokenize the raw data again with "
+                            "tokenize_data_qwen.py --model_path set to this model_path")
+        raise UserError(f"{path}: column '{col}' holds token id {first} ({where}), which no tokenizer gives (ids "
+                        f"are 0 ... {INT32_LIMIT - 1}); tokenize the raw data again with tokenize_data_qwen.py "
+                        "--model_path set to this model_path")
+
+
+def long_sequences(table, columns, max_seq_length):
+    """[(column, how many of its token lists are longer than max_seq_length, the first such row)] of
+    the columns that have any; from the list offsets only."""
+    out = []
+    for col in columns:
+        longer = np.asarray(pc.greater(pc.list_value_length(table.column(col)), max_seq_length))
+        if longer.any():
+            out.append((col, int(longer.sum()), int(longer.argmax())))
+    return out
+
+
+def warn_long_sequences(path, found, num_rows, max_seq_length):
+    """One warning line for a file's long_sequences: not an error, since data tokenized at a larger
+    length than the run's is a legitimate choice, but a cut that was perhaps not meant."""
+    if not found:
+        return
+    shown = "; ".join(f"column '{col}' {count} of {num_rows} (first row {row})" for col, count, row in found[:3])
+    more = f"; and {len(found) - 3} more column(s)" if len(found) > 3 else ""
+    print(f"warning: {path}: sequences longer than max_seq_length {max_seq_length}: {shown}{more}; they are "
+          f"cut to {max_seq_length} tokens, keeping the closing token (tokenize at --max_seq_length "
+          f"{max_seq_length}, or raise max_seq_length, to train on the whole texts)", file=sys.stderr, flush=True)
+
+
+def first_process():
+    """Whether this is a launch's first process (or no launch): the checks that read every token id
+    run there only, once per launch rather than once per process; the others wait for it."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_token_lists(table, columns, path, cfg, vocab_size):
+    """check_token_values, check_token_range, and the warning for sequences that training will cut."""
+    check_token_values(table, columns, path)
+    if not first_process():
+        return
+    check_token_range(table, columns, path, vocab_size)
+    warn_long_sequences(path, long_sequences(table, columns, cfg.max_seq_length), table.num_rows, cfg.max_seq_length)
 
 
 def read_dataset(path, cache_dir):
@@ -358,13 +452,43 @@ def read_dataset(path, cache_dir):
     # does not pre-buffer).
     options = ({"fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False)}
                if "fragment_scan_options" in {f.name for f in dataclasses.fields(ParquetConfig)} else {})
+    check_cache_dir(cache_dir)
     try:
         return datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cache_dir, **options)
     except Exception as err:  # a corrupt page surfaces here, under several exception types
         cause = err.__cause__ or err
+        if in_cache_dir(cause, cache_dir):  # a full disk, say: the data file is not to blame
+            raise UserError(f"cache_dir {cache_dir}: cannot write the split cache ({cause}); free space there or "
+                            "set cache_dir to a writable folder") from None
         label = path if isinstance(path, str) else " + ".join(path)
         raise UserError(f"{label}: cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
                         "re-tokenize or re-download it")
+
+
+def check_cache_dir(cache_dir):
+    """cache_dir is a folder this process can write (made if missing): a probe file rather than
+    os.access, which says yes to root on a read-only folder. Otherwise `datasets` fails deep inside
+    with an error that reads like the data file's."""
+    if cache_dir is None:
+        return
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=cache_dir, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        why = "a file" if os.path.isfile(cache_dir) else err.strerror or err
+        raise UserError(f"cache_dir {cache_dir} is not a writable folder ({why}): make it writable, "
+                        "or set cache_dir to a folder that this user can write") from None
+
+
+def in_cache_dir(err, cache_dir):
+    """Whether err is an OSError on a path under cache_dir."""
+    name = getattr(err, "filename", None) if isinstance(err, OSError) else None
+    if not cache_dir or not isinstance(name, str):
+        return False
+    root = os.path.abspath(cache_dir)
+    return os.path.commonpath([root, os.path.abspath(name)]) == root
 
 
 def check_ids(table, columns, num_docs, path):
@@ -408,16 +532,32 @@ def load_splits(path, columns, cfg):
     if is_text(ds.data.schema.field(columns[1]).type):
         twin, columns, documents = as_v2_ids(path, ds.data.table, columns, cfg.cache_dir, cached=True)
         ds = read_dataset(twin, cfg.cache_dir)
+    from model import config_vocab_size  # here: model imports this module
+
+    vocab_size = config_vocab_size(cfg.model_path)
     id_columns = [c for c in columns if c.endswith("_id")]
-    check_token_values(ds.data, [c for c in columns if c.endswith("_input_ids")], path)
+    check_token_lists(ds.data, [c for c in columns if c.endswith("_input_ids")], path, cfg, vocab_size)
     if id_columns:
         if documents is None:
             documents = load_corpus(corpus_path(path), cfg)
+            check_documents(documents, corpus_path(path), cfg, vocab_size)
+        else:
+            published_corpus(tuple(published_corpus_files(os.path.dirname(path))), cfg.cache_dir).check(cfg, vocab_size)
         check_ids(ds.data, id_columns, len(documents), path)
     split = ds.select_columns(columns).train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
     if documents is None:
         return split["train"], split["test"]
     return CorpusRows(split["train"], documents), CorpusRows(split["test"], documents)
+
+
+def check_documents(documents, path, cfg, vocab_size):
+    """check_token_lists on a corpus's `input_ids` (a ChunkedArray)."""
+    if not first_process():
+        return
+    table = pa.table({"input_ids": documents})
+    check_token_range(table, ["input_ids"], path, vocab_size)
+    warn_long_sequences(path, long_sequences(table, ["input_ids"], cfg.max_seq_length), table.num_rows,
+                        cfg.max_seq_length)
 
 
 @functools.lru_cache(maxsize=1)
@@ -449,7 +589,13 @@ class PublishedCorpus:
         table = read_dataset(self.paths, cache_dir).data.table
         check_token_values(table, ["input_ids"], self.label)
         self.documents, self.doc_ids = table.column("input_ids"), table.column("doc_id")
-        self.groups = None
+        self.groups, self.checked = None, set()
+
+    def check(self, cfg, vocab_size):
+        """check_documents, once per vocabulary and length: the corpus is shared by the folder's datasets."""
+        if (vocab_size, cfg.max_seq_length) not in self.checked:
+            check_documents(self.documents, self.label, cfg, vocab_size)
+            self.checked.add((vocab_size, cfg.max_seq_length))
 
     def build_groups(self):
         """The corpus rows sorted by id stem: (stems, row order, start of each stem's rows)."""

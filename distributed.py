@@ -9,9 +9,12 @@ initialisation under DeepSpeed (`cpu=True` would make accelerate drop DeepSpeed)
 accelerate's multi-CPU path otherwise. Launches that still disagree with accelerate (a launcher
 that started fewer processes than were asked for) stop with one line.
 """
+import ctypes
+import ctypes.util
 import datetime
 import gc
 import os
+import signal
 import sys
 
 import torch
@@ -19,6 +22,12 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs
 
 from errors import UserError
+
+# This process's parent when it started (as near to its start as this module is imported): a launcher
+# that dies before die_with_launcher asks for its signal shows as a changed parent.
+STARTING_PARENT = os.getppid()
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # The world size each launcher puts in its workers' environment (torchrun and DeepSpeed's
 # launcher: WORLD_SIZE; MPI launchers: the others).
@@ -43,6 +52,8 @@ def launched_world_size():
 def make_accelerator():
     """The Accelerator for this launch, with every process's true rank and world size (or a UserError)."""
     check_launcher()
+    die_with_launcher()
+    join_restarted_launch()
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
     if torch.cuda.is_available() or not launched:
         accelerator = Accelerator()
@@ -52,6 +63,50 @@ def make_accelerator():
         accelerator = Accelerator(cpu=True)
     check_world_size(accelerator.num_processes)
     return accelerator
+
+
+def die_with_launcher():
+    """A worker of a launcher (torchrun / accelerate launch: LOCAL_RANK or TORCHELASTIC_RUN_ID set)
+    gets SIGTERM from Linux when its launcher dies, and so stops as on a preemption notice (a
+    checkpoint once training, see run.StopSignal). torch elastic starts each worker in a session of
+    its own, so a SIGKILL to the launcher or its process group reaches no worker, and orphaned
+    workers would train on to the end, unseen. Not for a plain `python run.py`: its parent is a
+    shell, which may exit under nohup while the run should go on."""
+    if not sys.platform.startswith("linux") or not ({"LOCAL_RANK", "TORCHELASTIC_RUN_ID"} & set(os.environ)):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    # The kernel signals when the thread that started us exits; torch elastic starts workers from
+    # its main thread, whose end is the launcher's.
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        warn_once(f"cannot ask to be stopped with the launcher (prctl: {os.strerror(ctypes.get_errno())})")
+        return
+    if os.getppid() != STARTING_PARENT:  # the launcher died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def join_restarted_launch():
+    """The process group of workers that torch elastic restarted (`--max_restarts N`), formed here,
+    before accelerate would form it. Its static rendezvous (accelerate's and torchrun's default)
+    keeps one store for every attempt, and the process group's keys in it carry no attempt: each
+    new worker read the dead workers' addresses and failed to connect (Gloo connectFullMesh,
+    "Connection refused"), so no restart ever trained. Keys under this attempt's number are fresh."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or attempt == 0:
+        return
+    timeout = torch.distributed.constants.default_pg_timeout
+    world = int(os.environ["WORLD_SIZE"])
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                       is_master=False, timeout=timeout)
+    # The backend accelerate picks, and make_accelerator gives a launch without CUDA.
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout,
+                                         store=torch.distributed.PrefixStore(f"attempt_{attempt}/", store),
+                                         rank=int(os.environ["RANK"]), world_size=world)
+
+
+def warn_once(message):
+    """A warning line on stderr from the first process only, before an Accelerator exists."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def check_launcher():

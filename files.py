@@ -13,10 +13,12 @@ rule of the data format, not of files: data.py checks it (text_columns, check_te
 rules for the tokenized columns.
 """
 import contextlib
+import hashlib
 import json
 import os
 import re
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -184,3 +186,33 @@ def read_input(path):
     dataset = open_input(path)
     with reading(path):
         return dataset.to_table()
+
+
+def file_digest(path, chunk=16 * 2**20):
+    """blake2b (128 bits) of a file's bytes: hashlib releases the GIL on each chunk, so threads hash
+    several files at disk speed."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(paths, threads=8):
+    """{path: file_digest(path)}, hashed by a few threads at once."""
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        return dict(zip(paths, pool.map(file_digest, paths)))
+
+
+def sampled_digest(path, blocks=16, block=64 * 2**10):
+    """A cheap fingerprint of a large file: blake2b of its size, its last 1 MB (a parquet file's
+    footer: row counts, column sizes, statistics) and `blocks` blocks spread over the rest. Any
+    change of size or footer, and most edits, change it; a full hash would read the whole data at
+    every start."""
+    size = os.path.getsize(path)
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        for offset in [size * i // blocks for i in range(blocks)] + [max(0, size - 2**20)]:
+            f.seek(offset)
+            digest.update(f.read(block if offset < size - 2**20 else 2**20))
+    return digest.hexdigest()

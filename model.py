@@ -303,6 +303,18 @@ def check_weight_files(path, setting="model_path"):
                         "copy the backbone's weight files into it")
 
 
+def config_vocab_size(path):
+    """The token ids the backbone at `path` embeds: its config.json's vocab_size (the embedding's rows,
+    which may exceed the tokenizer's length); None where the folder does not say."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") if isinstance(config, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def check_model_folder(path, setting="model_path", model_type="auto"):
     """The checks a backbone folder passes before its weights load (they read config.json only);
     returns its Family."""
@@ -645,16 +657,35 @@ def end_token_id(tokenizer, special_tokens=False):
     return last if last in tokenizer.all_special_ids else None
 
 
+# Files that hold a tokenizer's vocabulary: a fast tokenizer's tokenizer.json, or a slow one's files.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(path, setting="model_path"):
+    """Fail unless the folder holds a vocabulary: without one, transformers 5 builds an empty tokenizer
+    from config.json alone (every text becomes the eos token by itself), and an empty folder gives a
+    message cut off at "from one of:"."""
+    names = os.listdir(path)
+    if not any(name in TOKENIZER_FILES or name.endswith((".model", ".tiktoken")) for name in names):
+        raise UserError(f"cannot load a tokenizer from {setting} {path}: it holds no tokenizer files (none of "
+                        f"{', '.join(TOKENIZER_FILES)}); copy the backbone's tokenizer files (tokenizer.json and "
+                        "tokenizer_config.json) into it")
+
+
 def load_tokenizer(model_path, setting="model_path", special_tokens=False):
     """The backbone's tokenizer, with what its texts need. Decoders (special_tokens False): an eos
     token, appended to every text. Encoders: a closing special token ([SEP], </s>). A missing pad
     token falls back to eos (or the closing token), which is safe because the attention mask comes
     from lengths. `setting` names the option the path came from, for the error lines."""
     require_folder(model_path, setting)
+    check_tokenizer_files(model_path, setting)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {model_path}: {str(err).splitlines()[0]}")
+    except Exception as err:  # a broken tokenizer file raises OSError, ValueError, KeyError, tokenizers' Exception
+        # transformers' messages run over several lines, the first cut at a colon
+        raise UserError(f"cannot load a tokenizer from {setting} {model_path} ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())}); copy the backbone's tokenizer files into it again") from None
     end = end_token_id(tokenizer, special_tokens)
     if end is None and special_tokens:
         raise UserError(f"the tokenizer in {model_path} puts no special token after a text (as BERT's [SEP]): an "

@@ -13,6 +13,7 @@ loop), then the pieces the loop names: the step, validation, checkpoints, epoch 
 """
 import argparse
 import dataclasses
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -34,9 +35,10 @@ import checkpoint
 import tokenize_data_qwen
 from checkpoint import TrainState
 from config import Config, load_config, load_dataset_types
-from data import MultiDatasetLoader, check_datasets, holds_raw_files, load_splits, make_loader
+from data import MultiDatasetLoader, check_datasets, corpus_path, holds_raw_files, load_splits, make_loader
 from distributed import any_process, close, make_accelerator, warn
 from errors import UserError, exit_on_user_error
+from files import sampled_digest
 from grad_cache import cached_backward
 from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
@@ -109,6 +111,7 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
     checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator),  # all fail at once on bad input
                              special_tokens=family.special_tokens)
     checkpoint.RunLock(accelerator, cfg.run_dir, break_lock)  # before any write; checks it is writable
+    check_writable(cfg, accelerator)
     set_seed(cfg.seed)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
@@ -135,8 +138,11 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
 
     tracker = LossTracker(splits, task_of, loss_kinds(cfg, distill=teacher is not None), cfg.log_keys)
     fresh = TrainState(world_size=accelerator.num_processes, config=dataclasses.asdict(cfg), tracker=tracker,
-                       batches_per_epoch={name: len(b) for name, b in train_loader.loaders.items()})
-    state = checkpoint.restore(accelerator, cfg.resume_from, cfg.run_dir, fresh)
+                       batches_per_epoch={name: len(b) for name, b in train_loader.loaders.items()},
+                       data=data_digests(checked))
+    state = checkpoint.restore(accelerator, cfg.resume_from, cfg.run_dir, fresh, (model, optimizer, scheduler))
+    if state is not fresh:
+        follow_config(scheduler, cfg)
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, teacher, train_loader, valid_loaders,
                eval_sets, task_of, total_steps, state)
 
@@ -148,7 +154,7 @@ def fit(cfg, dataset_types, accelerator, break_lock=False):
     if state.step >= total:
         accelerator.print(f"the run had already finished ({state.step} of {total} steps); nothing to do")
         return
-    run.writer = open_writer(cfg, accelerator)
+    run.writer = open_writer(cfg, accelerator, state.step)
     accelerator.print(f"{len(run.task_of)} datasets, {state.steps_per_epoch} batches per epoch per process, "
                       f"{total} steps, {accelerator.num_processes} process(es)")
     stop, throughput = StopSignal(), Throughput()
@@ -405,14 +411,44 @@ def checkpoint_due(step, total_steps, cfg):
     return bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
 
 
-def open_writer(cfg, accelerator):
-    """args.json and the TensorBoard writer, on the main process only (None elsewhere)."""
+def check_writable(cfg, accelerator):
+    """One line now, before the data and the model load, if the main process (the one that writes
+    TensorBoard logs) could not create tb_dir/experiment_id or files in it; the other processes stop
+    with it. Nothing is created: a run stopped by another check leaves no folder behind."""
+    problem = None
+    if accelerator.is_main_process:
+        path = os.path.abspath(os.path.join(cfg.tb_dir, cfg.experiment_id))
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            problem = errno.ENOTDIR
+        elif os.statvfs(path).f_flag & os.ST_RDONLY:
+            problem = errno.EROFS
+        elif not os.access(path, os.W_OK | os.X_OK):
+            problem = errno.EACCES
+        if problem:
+            problem = (f"cannot write TensorBoard logs into tb_dir {cfg.tb_dir}: {os.strerror(problem)} ({path}); "
+                       "set tb_dir to a writable folder")
+    if any_process(accelerator, problem is not None):
+        if problem:
+            raise UserError(problem)
+        raise SystemExit(2)
+
+
+def open_writer(cfg, accelerator, step=None):
+    """args.json and the TensorBoard writer, on the main process only (None elsewhere). `step`: the
+    step this launch starts from (a resumed checkpoint's, or 0)."""
     if not accelerator.is_main_process:
         return None
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
-    return SummaryWriter(os.path.join(cfg.tb_dir, cfg.experiment_id))
+    # A launch that died after its last checkpoint logged steps this one redoes. The writer's
+    # SessionLog START makes TensorBoard drop every point of earlier launches from step + 1 on;
+    # without it both copies show (each event file starts with file_version 2, which turns off
+    # TensorBoard's guess from steps going backwards).
+    purge = None if step is None else step + 1
+    return SummaryWriter(os.path.join(cfg.tb_dir, cfg.experiment_id), purge_step=purge)
 
 
 def log(writer, metrics, step):
@@ -438,6 +474,16 @@ def prepare(cfg, checked):
     """{name: (task type, train split, validation split)}, built (or read from cache) for the
     datasets that check_datasets returned."""
     return {name: (task, *load_splits(path, columns, cfg)) for name, path, task, columns in checked}
+
+
+def data_digests(checked):
+    """{dataset: fingerprint of its files} (files.sampled_digest of the file, and of a v2 layout's
+    corpus), which a resume must find unchanged."""
+    out = {}
+    for name, path, _, _ in checked:
+        paths = [path] + [p for p in [corpus_path(path)] if os.path.isfile(p) and p != path]
+        out[name] = "+".join(sampled_digest(p) for p in paths)
+    return out
 
 
 def raw_data_cache(cfg):
@@ -613,6 +659,18 @@ def lr_factor(step, warmup, total, cosine):
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def follow_config(scheduler, cfg):
+    """After a resume, AdamW's settings from this run's config, not the checkpoint's (which
+    load_state_dict brought back with the moments): learning_rate and the schedule recomputed at the
+    resumed step (warmup, decay and the step count are this config's already: the schedule's
+    function is built from it), min_lr, weight_decay, betas."""
+    scheduler.base_lrs = [cfg.learning_rate] * len(scheduler.optimizer.param_groups)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=cfg.learning_rate, lr=cfg.learning_rate * factor(scheduler.last_epoch),
+                     weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    clamp_lr(scheduler.optimizer, cfg.min_lr)
 
 
 def clamp_lr(optimizer, min_lr):

@@ -110,7 +110,7 @@ def test_a_lock_is_stale_only_when_its_process_is_known_to_be_gone():
 def test_stale_and_foreign_locks_and_leftovers_of_a_killed_save(tiny, tokenized, tmp_path):
     """A lock from another host is not taken over, unless --break_lock; a half-written
     `.step_N.partial` is removed and a `.step_N.old` whose replacement never came is put back."""
-    config, values = make_config(tmp_path, tiny, tokenized, "stale", train_steps=1)
+    config, values = make_config(tmp_path, tiny, tokenized, "stale", train_steps=1, resume_from="none")
     write_lock(values, host="another-host", pid=1)
     proc = call_main(run.main, ["--config", config])
     assert_user_error(proc, "is in use by pid 1 on another-host", "--break_lock")
