@@ -152,8 +152,8 @@ def test_sentence_transformers_files(export, tmp_path):
     assert pooling["pooling_mode_lasttoken"] and pooling["word_embedding_dimension"] == 32
     if export["style"] == "post":  # the real checkpoint: still resumable, its manifest covers the new files
         assert checkpoint.problem_with(export["path"]) is None
-        with open(os.path.join(export["path"], checkpoint.STATE_DIR, checkpoint.MANIFEST)) as f:
-            assert {"modules.json", "sentence_bert_config.json", "1_Pooling/config.json"} <= set(json.load(f))
+        assert {"modules.json", "sentence_bert_config.json", "1_Pooling/config.json"} <= set(
+            checkpoint.read_manifest(export["path"]))
     # without prompts in the config, none are recorded
     model.save_inference_model(export["backbone"], export["tokenizer"], str(tmp_path), max_seq_length=8)
     with open(tmp_path / "config_sentence_transformers.json") as f:
