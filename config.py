@@ -36,6 +36,7 @@ CHOICES = {
     "adamw_implementation": ("fused", "torch_default"),
     "model_type": ("auto", "decoder", "encoder"),
     "pooling": POOLINGS,
+    "loss_dtype": ("float32", "embeddings"),
 }
 # Keys of earlier versions of this project: what replaced them.
 REPLACED_KEYS = {"gather_with_grad": "inbatch_gradient (true: \"all\", false: \"own\")"}
@@ -130,6 +131,9 @@ class Config:
     negative_sampling: str = _opt("per_row", "How a training batch's hard negatives are drawn from each row's: "
                                              "`per_row`, each row on its own; `per_batch` (published), one draw of "
                                              "columns for the whole batch (k = 1: always negative_1).")
+    negative_columns: int = _opt(None, "Training draws hard negatives from each row's first this many negative "
+                                       "columns only (published: 24, its `random.sample(range(24), k)`); null: "
+                                       "from all of them.")
     validation_negatives: str = _opt("first", "Validation batches' hard negatives: `first`, each row's first k; "
                                               "`random` (published), drawn like training's, the same at every "
                                               "validation.", on_resume="free")
@@ -145,6 +149,10 @@ class Config:
                                           "transformers' MultipleNegativesRankingLoss), a candidate with the "
                                           "positive's text not counted as a negative; other task types keep the "
                                           "hard-negative loss.", see="beyond-the-recipe.md")
+    loss_dtype: str = _opt("float32", "The softmax cross-entropy of the contrastive losses (and the distillation "
+                                      "loss) in `float32`, whatever the embeddings' dtype; `embeddings` (published): "
+                                      "in the embeddings' dtype, so in bf16 in a bf16 run (loss and gradient then "
+                                      "differ by up to about 1%).")
     false_negative_margin: float = _opt(None, "If set (e.g. 0.1), every contrastive term drops the candidates whose "
                                               "cosine similarity to the query exceeds the positive's by more than "
                                               "this (likely unlabeled positives). null: off (published).",
@@ -406,6 +414,10 @@ def _validate(cfg, path):
         bad("eval_queries", "must be 0 (off) or more")
     if cfg.mrl_dims is not None and (not cfg.mrl_dims or not all(_type_ok(m, int) and m > 0 for m in cfg.mrl_dims)):
         bad("mrl_dims", "must be a list of positive integers, e.g. [64, 128, 256], or null")
+    if cfg.negative_columns is not None and cfg.negative_columns < max(cfg.num_hard_neg, cfg.num_hard_neg_clustering):
+        bad("negative_columns", f"({cfg.negative_columns}) must be null (all) or at least the negatives a batch draws "
+                                f"(num_hard_neg {cfg.num_hard_neg}, num_hard_neg_clustering "
+                                f"{cfg.num_hard_neg_clustering})")
     if cfg.false_negative_margin is not None and not cfg.false_negative_margin >= 0:
         bad("false_negative_margin", "must be 0 or more (a cosine similarity margin, e.g. 0.1), or null (off)")
     if cfg.kd_weight < 0:

@@ -763,14 +763,15 @@ def sequence_keys(input_ids, lengths):
 
 
 def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None, per_batch_negatives=False,
-            doc_keys=False):
+            doc_keys=False, negative_columns=None):
     """An Arrow table of one dataset's rows -> {input_ids [T], lengths [n], num_queries, num_neg}, and
     with `doc_keys` the sequences' sequence_keys as doc_keys [n] (the joint loss's same-text test).
 
     The n = bs x (2 + num_neg) sequences, in the order bs queries, bs positives, then each query's
     negatives in turn, are concatenated into flat `input_ids`; each is cut to max_seq_length with
-    its last token forced to eos. Vectorized: no per-token Python work. An id outside
-    [0, vocab_size) is an error (a file tokenized with another tokenizer, or corrupt).
+    its last token forced to eos. Negatives are drawn from a row's first `negative_columns` columns
+    (None: all). Vectorized: no per-token Python work. An id outside [0, vocab_size) is an error (a
+    file tokenized with another tokenizer, or corrupt).
     """
     bs = table.num_rows
     negative_cols = sorted((c for c in table.column_names if c.startswith("negative_")),
@@ -779,7 +780,8 @@ def collate(table, *, num_neg, max_seq_length, eos_id, rng=None, vocab_size=None
     # All candidate sequences column by column: sequence (c, r) sits at c * bs + r.
     candidates = pa.concat_arrays([table.column(c).combine_chunks().cast(pa.list_(pa.int32())) for c in columns])
     rows = np.arange(bs)
-    picks = pick_negatives(bs, len(negative_cols), num_neg, rng, per_batch_negatives)
+    picks = pick_negatives(bs, min(len(negative_cols), negative_columns or len(negative_cols)), num_neg, rng,
+                           per_batch_negatives)
     order = np.concatenate([rows, bs + rows, ((2 + picks) * bs + rows[:, None]).ravel()])
     sequences = candidates.take(pa.array(order))
     full = np.asarray(pc.list_value_length(sequences), dtype=np.int64)
@@ -807,20 +809,23 @@ class DatasetBatches:
     continues exactly where it stopped at no cost. Training: rows shuffled by (seed, stream, epoch),
     negatives sampled by (seed, stream, epoch, batch); validation: rows in order with their first
     negatives, or with random_validation_negatives negatives sampled by (seed, stream, batch). The
-    epoch's batches are dealt round-robin to the `world` processes and the last ones are repeated
-    from the start, so that every process runs the same number of steps (one process with a batch
-    fewer would leave the others waiting in a collective forever).
+    epoch's batches are dealt round-robin to the `world` processes; with several, a last partial
+    batch is filled up, and batches added until every process has as many, from the rows at the
+    start of the epoch, as accelerate's even_batches does for the published loaders (rows_in): every
+    batch is full and every process runs the same number of steps (one process with a batch fewer
+    would leave the others waiting in a collective forever).
     """
 
     def __init__(self, split, *, batch_size, num_neg, max_seq_length, eos_id, train, seed=0, stream=0,
                  rank=0, world=1, name="", vocab_size=None, per_batch_negatives=False,
-                 random_validation_negatives=False, doc_keys=False):
+                 random_validation_negatives=False, doc_keys=False, negative_columns=None):
         self.rows, self.name = rows_of(split), name
         self.batch_size, self.train, self.rank, self.world = batch_size, train, rank, world
         self.random_validation_negatives = random_validation_negatives
         self.entropy = [seed, stream]
         self.collate = partial(collate, num_neg=num_neg, max_seq_length=max_seq_length, eos_id=eos_id,
-                               vocab_size=vocab_size, per_batch_negatives=per_batch_negatives, doc_keys=doc_keys)
+                               vocab_size=vocab_size, per_batch_negatives=per_batch_negatives, doc_keys=doc_keys,
+                               negative_columns=negative_columns)
         self.num_batches = -(-len(self.rows) // batch_size)
         self.epoch, self.order = 0, None
 
@@ -836,16 +841,32 @@ class DatasetBatches:
             n = len(self.rows)
             self.order = (np.random.default_rng([*self.entropy, self.epoch, 0]).permutation(n) if self.train
                           else np.arange(n))
-        g = (j * self.world + self.rank) % self.num_batches  # its index among all processes' batches
+        g = j * self.world + self.rank  # its index among all processes' batches
         if self.train:
             rng = np.random.default_rng([*self.entropy, self.epoch, 1, g])
         else:  # the same negatives at every validation, so that successive losses compare
             rng = np.random.default_rng([*self.entropy, 2, g]) if self.random_validation_negatives else None
         try:
-            return self.collate(self.rows.__getitems__(self.order[g * self.batch_size: (g + 1) * self.batch_size]),
-                                rng=rng)
+            return self.collate(self.rows.__getitems__(self.rows_in(g)), rng=rng)
         except UserError as err:
             raise UserError(f"{self.name}: {err}") from None
+
+    def rows_in(self, g):
+        """The rows (positions in the epoch's order) of global batch g. With one process the last
+        batch may be partial. With several, accelerate's BatchSamplerShard (even_batches): the rows of
+        the first `world` batches, repeated to at least world x batch_size, fill the last batch up to
+        full size and then make the added batches, in order."""
+        bs = self.batch_size
+        rows = self.order[g * bs: (g + 1) * bs]
+        if self.world == 1 or len(rows) == bs:
+            return rows
+        start = self.order[: self.world * bs]
+        start = np.tile(start, -(-self.world * bs // len(start)))
+        short = (-len(self.order)) % bs  # the last batch's missing rows
+        if g == self.num_batches - 1:
+            return np.concatenate([rows, start[:short]])
+        offset = short + (g - self.num_batches) * bs
+        return start[offset: offset + bs]
 
     def iter_from(self, start):
         return (self.batch(j) for j in range(start, len(self)))
@@ -938,4 +959,4 @@ def make_loader(split, task, cfg, eos_id, *, train, stream=0, rank=0, world=1, n
                           stream=stream, rank=rank, world=world, name=name, vocab_size=vocab_size,
                           per_batch_negatives=cfg.negative_sampling == "per_batch",
                           random_validation_negatives=cfg.validation_negatives == "random",
-                          doc_keys=cfg.contrastive_loss == "joint")
+                          doc_keys=cfg.contrastive_loss == "joint", negative_columns=cfg.negative_columns)

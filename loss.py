@@ -92,8 +92,12 @@ def drop_false_negatives(scores, labels, margin=None, same=None):
 
 
 def _cross_entropy(scores, labels, temperature, margin=None, same=None):
-    # the logits in the embeddings' dtype, then float32 for the softmax, as the published code
-    return F.cross_entropy((drop_false_negatives(scores, labels, margin, same) / temperature).float(), labels)
+    # In the scores' dtype (f2llm_losses decides it). Below float32, the published operations (per-row
+    # losses, then their mean), whose roundings the bf16 results depend on.
+    logits = drop_false_negatives(scores, labels, margin, same) / temperature
+    if logits.dtype == torch.float32:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="none").mean()
 
 
 def inbatch_loss(query, passage, temperature=0.05, gradient="all", margin=None):
@@ -122,7 +126,10 @@ def hard_loss(query, passage, negatives, temperature=0.05, margin=None):
     candidates = F.normalize(passage, dim=-1).unsqueeze(1)
     if negatives is not None:
         candidates = torch.cat([candidates, F.normalize(negatives, dim=-1)], dim=1)
-    scores = torch.einsum("bd,bkd->bk", query, candidates)
+    if query.dtype == torch.float32:
+        scores = torch.einsum("bd,bkd->bk", query, candidates)
+    else:  # the published products, each rounded to bf16 before the sum, as its bf16 results are
+        scores = (query.unsqueeze(1) * candidates).sum(-1)
     labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
     return _cross_entropy(scores, labels, temperature, margin)
 
@@ -176,14 +183,14 @@ def kd_loss(student, teacher, num_queries):
     """F2LLM-v2's distillation loss: the mean squared error between the student's raw (unnormalised)
     embeddings and the teacher's cut to the student's size, taken over the queries, the positives
     and the negatives separately and summed, as the published code's three F.mse_loss calls."""
-    teacher = teacher[:, : student.shape[1]]
+    teacher = teacher[:, : student.shape[1]].to(student.dtype)
     groups = (slice(0, num_queries), slice(num_queries, 2 * num_queries), slice(2 * num_queries, None))
-    return sum(F.mse_loss(student[g].float(), teacher[g].float()) for g in groups if len(student[g]))
+    return sum(F.mse_loss(student[g], teacher[g]) for g in groups if len(student[g]))
 
 
 def f2llm_losses(embeddings, num_queries, num_neg, task_type, *, temperature=0.05, inbatch_gradient="all",
                  contrastive_loss="f2llm", false_negative_margin=None, mrl_dims=(), teacher=None, kd_weight=1.0,
-                 keys=None):
+                 keys=None, loss_dtype="float32"):
     """The losses for one homogeneous batch; the keywords are the Config keys of the same names.
 
     `contrastive_loss` "f2llm", the recipe: {"hard": ..., "inbatch": ... (retrieval only)}; "joint":
@@ -195,7 +202,13 @@ def f2llm_losses(embeddings, num_queries, num_neg, task_type, *, temperature=0.0
     mrl_dims from the largest down, term n scaled by matryoshka_weight; the published code logs each
     inside its loss) and "kd" (kd_weight x kd_loss) when the teacher's embeddings of the same
     sequences are given. `false_negative_margin`: false-negative masking in every term
-    (drop_false_negatives). The total loss is the sum of the values."""
+    (drop_false_negatives). `loss_dtype` "float32": every loss computed in float32 from the
+    embeddings, whatever their dtype; "embeddings": in their dtype, as the published code (bf16 in
+    its bf16 runs, where loss and gradient are up to about 1% off). The total loss is the sum of the
+    values."""
+    if loss_dtype == "float32":
+        embeddings = embeddings.float()
+        teacher = None if teacher is None else teacher.float()
     margin = false_negative_margin
     query, passage, negatives = split_embeddings(embeddings, num_queries, num_neg)
     retrieval = task_type == "retrieval"

@@ -116,7 +116,7 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
     with accelerator.main_process_first():  # one process builds the split cache, the others read it
-        splits = dict(sorted(prepare(cfg, checked).items()))
+        splits = prepare(cfg, checked)  # in file-name order, which orders the draw as the published code's
     task_of = {name: task for name, (task, _, _) in splits.items()}
     eval_sets = {name: retrieval_set(valid, cfg.eval_queries) for name, (task, _, valid) in splits.items()
                  if task == "retrieval" and cfg.eval_queries}
@@ -394,7 +394,8 @@ def batch_losses(embeddings, batch, task, cfg):
     return f2llm_losses(embeddings, batch["num_queries"], batch["num_neg"], task, temperature=cfg.temperature,
                         inbatch_gradient=cfg.inbatch_gradient, contrastive_loss=cfg.contrastive_loss,
                         false_negative_margin=cfg.false_negative_margin, mrl_dims=mrl_dims,
-                        teacher=batch.get("teacher"), kd_weight=cfg.kd_weight, keys=batch.get("doc_keys"))
+                        teacher=batch.get("teacher"), kd_weight=cfg.kd_weight, keys=batch.get("doc_keys"),
+                        loss_dtype=cfg.loss_dtype)
 
 
 def to_device(batch, device):

@@ -580,19 +580,17 @@ def test_dataset_batches_shard_an_epoch_over_processes(num_rows, world):
             shard.set_epoch(epoch)
             per_rank.append(list(shard))
             assert len(shard) == len(per_rank[-1]) == ceil(num_batches, world), "every process: the same count"
-        # Round robin: step j of process `rank` is global batch j * world + rank; past the end, from the start.
+        # Round robin: step j of process `rank` is global batch j * world + rank. As accelerate's
+        # even_batches: every batch full, the last partial one and the added ones filled with the
+        # rows of the epoch's first `world` batches, in order.
         dealt = [per_rank[rank][j] for j in range(len(per_rank[0])) for rank in range(world)]
-        padding = len(dealt) - num_batches
-        assert padding == (-num_batches) % world
-        assert same_batches(dealt[:num_batches], epoch_order)
-        assert same_batches(dealt[num_batches:], epoch_order[:padding]), "the extra batches repeat the first ones"
-        covered = collections.Counter(r for b in dealt for r in row_ids(b))
-        assert set(covered) == set(range(num_rows)), "every row at least once an epoch"
-        if padding == 0:
-            assert set(covered.values()) == {1}, "every row exactly once"
-        else:
-            again = {r for b in epoch_order[:padding] for r in row_ids(b)}
-            assert {r for r, c in covered.items() if c > 1} == again
+        assert len(dealt) == num_batches + (-num_batches) % world
+        assert {b["num_queries"] for b in dealt} == {bs}
+        assert same_batches(dealt[: num_batches - 1], epoch_order[:-1])
+        rows = [r for b in epoch_order for r in row_ids(b)]
+        start = rows[: world * bs]
+        fill = (start * (world * bs // len(start) + 1))[: len(dealt) * bs - num_rows]
+        assert [r for b in dealt for r in row_ids(b)] == rows + fill
 
 
 def test_dataset_batches_with_fewer_rows_than_processes_times_batch_size():
@@ -601,11 +599,13 @@ def test_dataset_batches_with_fewer_rows_than_processes_times_batch_size():
         epoch_order = list(batches_of(split, bs=4))
         shards = [list(batches_of(split, bs=4, rank=rank, world=world)) for rank in range(world)]
         assert all(len(s) == 1 for s in shards), (num_rows, world)
-        for rank, (b,) in enumerate(shards):
-            assert same_batch(b, epoch_order[rank % len(epoch_order)])
+        rows = [r for b in epoch_order for r in row_ids(b)]
+        cycled = rows * (4 * world)
+        for rank, (b,) in enumerate(shards):  # the rows, repeated as often as needed, dealt 4 at a time
+            assert b["num_queries"] == 4 and row_ids(b) == cycled[4 * rank: 4 * rank + 4], (num_rows, world, rank)
         assert {r for (b,) in shards for r in row_ids(b)} == set(range(num_rows))
     (only,) = batches_of(in_memory_split(3), bs=4, world=2, rank=1)
-    assert only["num_queries"] == 3 and sorted(row_ids(only)) == [0, 1, 2]
+    assert only["num_queries"] == 4 and sorted(set(row_ids(only))) == [0, 1, 2]
 
 
 def test_dataset_batches_are_a_pure_function_of_epoch_and_index():
@@ -711,9 +711,12 @@ def test_negatives_depend_on_the_global_batch_index_not_the_rank():
                 shard = batches_of(split, seed=9, stream=4, rank=rank, world=world)
                 shard.set_epoch(epoch)
                 for j, b in enumerate(shard):
-                    g = (j * world + rank) % len(global_batches)
-                    assert row_ids(b) == row_ids(global_batches[g])
-                    assert negative_picks(b) == negative_picks(global_batches[g]), (epoch, world, rank, j)
+                    g = j * world + rank
+                    if g >= len(global_batches):  # added by even_batches from the epoch's first rows
+                        continue
+                    n = global_batches[g]["num_queries"]  # the last one, filled up, starts as the partial one
+                    assert row_ids(b)[:n] == row_ids(global_batches[g])
+                    assert negative_picks(b)[:n] == negative_picks(global_batches[g]), (epoch, world, rank, j)
         picks = [p for b in global_batches for p in negative_picks(b)]
         assert any(p != [1, 2, 3] for p in picks), "training samples its negatives"
         assert len({tuple(p) for p in picks}) > 10, "drawn afresh for each row, not one choice per batch"
@@ -761,10 +764,12 @@ def test_validation_batches_are_in_order_with_the_first_negatives_every_epoch():
                     if first is None:
                         first = batches
                     assert same_batches(batches, first), (world, rank, epoch, stream)
-            # Global batch g holds rows 4g .. 4g+3 in order; round robin over the processes.
+            # Global batch g holds rows 4g .. 4g+3 in order, round robin over the processes; with several,
+            # the rows go on from the start past row 13 (accelerate's even_batches: every batch full).
+            rows = list(range(14)) + list(range(14)) if world > 1 else list(range(14))
             for j, b in enumerate(first):
-                g = (j * world + rank) % 4
-                assert row_ids(b) == list(range(4 * g, min(4 * g + 4, 14)))
+                g = j * world + rank
+                assert row_ids(b) == rows[4 * g: 4 * g + 4]
                 assert negative_picks(b) == [[1, 2, 3]] * len(row_ids(b))
             assert len(first) == ceil(4, world)
 
