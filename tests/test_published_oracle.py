@@ -3,9 +3,8 @@ against the published rule written out here: the datasets' order (sorted file na
 layouts), every batch full with 2 processes (accelerate's even_batches), the cross-entropy in the
 embeddings' dtype (bf16) with the presets and in float32 by default, and negatives from the first
 24 columns with the presets."""
-import os
 import json
-import random
+import os
 
 import datasets
 import numpy as np
@@ -15,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate.data_loader import BatchSamplerShard
+from conftest import REPO_DIR, call_main, curves, ddp_launch, make_config, run_cli, write_published_v2
+from test_data import published_multiloader_order
 from torch.utils.data import BatchSampler
 
 import data
 import run
 from config import load_config
-from conftest import REPO_DIR, call_main, curves, ddp_launch, make_config, run_cli, write_published_v2
 from loss import f2llm_losses
 
 NAMES = ["fever", "fever_nl", "paq", "paq_part2", "C", "C#", "C++"]
@@ -29,21 +29,6 @@ NAMES = ["fever", "fever_nl", "paq", "paq_part2", "C", "C#", "C++"]
 def published_order(folder, suffix):
     """The published run.py's dataset order: its files in sorted(os.listdir) order."""
     return [f[: -len(suffix)] for f in sorted(os.listdir(folder)) if f.endswith(suffix)]
-
-
-def published_draw(names, batches, epoch):
-    """The published MultiLoader's draws of one epoch: random.Random(epoch), rng.choices over the
-    datasets in its order weighted by batch count, an exhausted one removed when drawn."""
-    rng, left, weights, names, order = random.Random(epoch), dict(zip(names, batches)), list(batches), list(names), []
-    while names:
-        name = rng.choices(names, weights=weights)[0]
-        if left[name]:
-            order.append(name)
-            left[name] -= 1
-        else:
-            weights.pop(names.index(name))
-            names.remove(name)
-    return order
 
 
 def dataset_sizes(tiny, folder, layout):
@@ -76,7 +61,7 @@ def test_published_draw_follows_the_sorted_file_names(tiny, tmp_path, layout, su
     assert names != sorted(names)  # the case that tells the two orders apart
     bs = 4
     batches = [-(-(n - -(-n // 100)) // bs) for n in (20 + 5 * NAMES.index(name) for name in names)]  # 1% held out
-    expected = published_draw(names, batches, epoch=0)[:30]
+    expected = published_multiloader_order(dict(zip(names, batches)), epoch=0)[:30]
     config, values = make_config(tmp_path, tiny, folder, "draw", train_batch_size=bs, train_steps=30,
                                  dataset_draw="published", num_hard_neg=2,
                                  dataset_types={name: "retrieval" for name in NAMES})
