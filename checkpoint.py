@@ -109,22 +109,26 @@ class TrainState:
             raise UserError(f"resume_from: checkpoint {path} was written by a {launch}, this launch has "
                             f"{self.world_size} process(es): each process's data position and random state belong to "
                             f"the launch that saved them; launch with {saved.world_size} process(es) to continue it")
-        if saved.batches_per_epoch != self.batches_per_epoch:
-            raise UserError("resume_from: the training data or train_batch_size changed since the checkpoint "
-                            f"(batches per dataset then {saved.batches_per_epoch}, now {self.batches_per_epoch}); "
-                            "resume with the same data, or start afresh")
-        if saved.data is not None and self.data is not None and saved.data != self.data:
-            changed = sorted(name for name in set(saved.data) | set(self.data)
-                             if saved.data.get(name) != self.data.get(name))
-            raise UserError(f"resume_from: the training data changed since checkpoint {path} (dataset(s) "
-                            f"{', '.join(changed)}: another file content with the same number of batches); resume with "
-                            "the data it was trained on, or start afresh (resume_from none, or a new experiment_id)")
         changed = {k: (v, self.config[k]) for k, v in saved.config.items() if k in self.config and self.config[k] != v}
         fixed = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items() if resume_rule(k) == "fixed"]
         if fixed:
             raise UserError(f"resume_from: {', '.join(fixed)} changed since checkpoint {path}, and a resumed run "
                             "cannot take that change (it decides the weights restored, the data split or its order); "
                             "set it back, or start afresh (resume_from none, or a new experiment_id)")
+        if saved.batches_per_epoch != self.batches_per_epoch:
+            older = "min_eval_queries" not in saved.config and self.config.get("min_eval_queries")
+            raise UserError("resume_from: the training data or train_batch_size changed since the checkpoint "
+                            f"(batches per dataset then {saved.batches_per_epoch}, now {self.batches_per_epoch}); "
+                            + ('the checkpoint predates min_eval_queries, which holds out more rows of small retrieval '
+                               'datasets: set "min_eval_queries": 0 to resume it' if older else
+                               "resume with the same data, or start afresh"))
+        if saved.data is not None and self.data is not None and saved.data != self.data:
+            changed_data = sorted(name for name in set(saved.data) | set(self.data)
+                                  if saved.data.get(name) != self.data.get(name))
+            raise UserError(f"resume_from: the training data changed since checkpoint {path} (dataset(s) "
+                            f"{', '.join(changed_data)}: another file content with the same number of batches); "
+                            "resume with the data it was trained on, or start afresh (resume_from none, or a new "
+                            "experiment_id)")
         follows = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items() if resume_rule(k) == "follows"]
         if follows:
             warn(accelerator, f"resuming at step {saved.step} with changed settings, in effect from step "

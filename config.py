@@ -3,12 +3,17 @@
 Defaults are the published values of F2LLM's `configs/config.json` (the 4B run); options this
 project adds carry a default that improves on the published code, and the published behaviour
 is one switch away (see docs/differences.md). The fields' metadata (help, group, see) is the config
-reference: `config_reference()` writes docs/config.md from it (`python docs/make_config_reference.py`).
+reference: `config_reference()` writes docs/config.md from it (`python docs/make_config_reference.py`),
+and `run_parser()` makes run.py's command line from it (`--KEY VALUE` for every key, and `--help`,
+which run.py prints before it imports torch: this module imports nothing heavy).
 """
+import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 import typing
@@ -122,8 +127,9 @@ class Config:
     train_epochs: int = _opt(2, "Passes over the training data.", group="published")
     log_interval: int = _opt(100, "Log training losses and lr every this many steps.", on_resume="free",
                              group="published")
-    num_hard_neg: int = _opt(7, "Hard negatives per query for retrieval and clustering (classification uses 1).",
-                             group="published")
+    num_hard_neg: int = _opt(7, "Hard negatives per query for retrieval and clustering (classification uses 1). 0: "
+                                "retrieval trains on the (query, positive) pairs alone, the batch's other "
+                                "positives as negatives (in-batch negatives).", group="published")
     train_steps: int = _opt(-1, "Total optimizer steps; -1 means batches per epoch x train_epochs.", group="published")
     # Options this project adds.
     temperature: float = _opt(0.05, "Softmax temperature of both contrastive losses (cosine similarity); at least "
@@ -240,6 +246,11 @@ class Config:
                                    "retrieval dataset, each ranked against the positives and negatives of those "
                                    "rows. 0: off.", see="evaluation.md#retrieval-metrics-during-training",
                              on_resume="free")
+    min_eval_queries: int = _opt(50, "Validation split of each retrieval dataset: at least this many rows (at most "
+                                     "half the dataset), whatever validation_fraction gives, so that the retrieval "
+                                     "metrics rest on enough queries; a warning names a dataset whose metrics rest "
+                                     "on fewer. 0: validation_fraction alone (published).",
+                                 see="evaluation.md#retrieval-metrics-during-training", on_resume="fixed")
 
     def __post_init__(self):
         if self.adam_betas is None:
@@ -285,9 +296,17 @@ def config_reference():
         "edit them there, then rerun it. -->",
         "",
         paragraph("`run.py --config FILE.json` takes these keys; every published key is accepted unchanged, and an "
-                  f"unknown key is an error. Defaults are the published values (the 4B run). {ignored}, a "
-                  "placeholder of the published code, is accepted and ignored: the launch decides the number of "
-                  "processes."),
+                  "unknown key is an error that names the nearest valid one. Defaults are the published values (the "
+                  f"4B run). {ignored}, a placeholder of the published code, is accepted and ignored: the launch "
+                  "decides the number of processes."),
+        "",
+        paragraph("Any key can also be given on the command line after the file, `--KEY VALUE` (`python run.py "
+                  "--config FILE.json --learning_rate 1e-4 --train_batch_size 8`, also after `run.py` under "
+                  "`accelerate launch`): the command line wins over the file, its values are checked as the file's "
+                  "and recorded in `output_dir/experiment_id/args.json`. Numbers and strings are given as such, "
+                  "booleans as `true` / `false`, lists and objects as JSON text (`--adam_betas '[0.9, 0.98]'`, "
+                  "`--lora '{\"r\": 8}'`), and `null` or `none` gives null to a key whose default is null. "
+                  "`python run.py --help` lists every key with the first sentence of its meaning."),
         "",
         paragraph(f"Between a checkpoint and its resume, {ruled['free']} may change freely: they decide where "
                   f"outputs go and how often to log, validate and save, not the training. {ruled['fixed']} may not "
@@ -309,7 +328,13 @@ def config_reference():
                 page = f.metadata["see"].split("#")[0]
                 meaning += f" See [{page}]({f.metadata['see']})."
             lines.append(f"| `{f.name}` | {default} | {meaning} |")
-    lines += ["", paragraph("[`configs/demo.json`](../configs/demo.json) is a small example (the demo's); "
+    lines += ["", paragraph("[`configs/own_data.json`](../configs/own_data.json) is a starting point for thousands "
+                            "of (query, positive) pairs, with or without mined negatives, on one GPU or a CPU (a "
+                            "0.6B backbone at learning_rate 1e-4, 3 hard negatives, short warmup, a checkpoint and "
+                            "a validation every 50 steps, resume_from latest): set model_path, train_data_path and "
+                            "dataset_types (your files' names), or give them on the command line; num_hard_neg 0 "
+                            "trains on the pairs alone."),
+              "", paragraph("[`configs/demo.json`](../configs/demo.json) is a small example (the demo's); "
                             "[`configs/accelerate_cpu.yaml`](../configs/accelerate_cpu.yaml) runs one CPU process "
                             "without mixed precision."), ""]
     return "\n".join(lines)
@@ -360,9 +385,17 @@ def _not_finite(value, where):
     return None
 
 
-def _validate(cfg, path):
+def _origin(path, overrides):
+    """Where a key's value came from, as an error line names it: `FILE: key 'K'`, or `command line: --K`
+    for a key that the command line overrode."""
+    return lambda key: f"command line: --{key}" if key in overrides else f"{path}: key '{key}'"
+
+
+def _validate(cfg, path, overrides=()):
+    origin = _origin(path, overrides)
+
     def bad(key, why):
-        raise UserError(f"{path}: key '{key}' {why}")
+        raise UserError(f"{origin(key)} {why}")
 
     for key in ("train_batch_size", "max_seq_length", "train_epochs", "log_interval"):
         if getattr(cfg, key) < 1:
@@ -412,6 +445,8 @@ def _validate(cfg, path):
         bad("num_hard_neg_clustering", "must be -1 (same as num_hard_neg) or 0 or more")
     if cfg.eval_queries < 0:
         bad("eval_queries", "must be 0 (off) or more")
+    if cfg.min_eval_queries < 0:
+        bad("min_eval_queries", "must be 0 (validation_fraction alone) or more")
     if cfg.mrl_dims is not None and (not cfg.mrl_dims or not all(_type_ok(m, int) and m > 0 for m in cfg.mrl_dims)):
         bad("mrl_dims", "must be a list of positive integers, e.g. [64, 128, 256], or null")
     if cfg.negative_columns is not None and cfg.negative_columns < max(cfg.num_hard_neg, cfg.num_hard_neg_clustering):
@@ -442,8 +477,19 @@ def _validate(cfg, path):
             bad("dataset_types", f"gives dataset '{name}' the type '{task}'; use one of {', '.join(TASK_TYPES)}")
 
 
-def load_config(path):
-    """Read a JSON config file into a Config; unknown keys, wrong types and bad values are UserErrors."""
+def unknown_key(key, known):
+    """The error text of an unknown key: the closest known one, or (none close) every known key."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.72)  # not lr -> lora, save_steps -> train_steps
+    if close:
+        return f"unknown key '{key}'; did you mean '{close[0]}'?"
+    return f"unknown key '{key}'; valid keys: {', '.join(known)} (see docs/config.md)"
+
+
+def load_config(path, overrides=None):
+    """Read a JSON config file into a Config; unknown keys, wrong types and bad values are UserErrors.
+    `overrides` ({key: value}, the command line's, see parse_override) replace the file's values before
+    any check, so they are checked exactly as the file's keys; errors name them `command line: --KEY`."""
+    overrides = dict(overrides or {})
     if not os.path.isfile(path):
         raise UserError(f"config file {path} not found: pass --config with a JSON file like configs/config.json")
     try:
@@ -457,26 +503,168 @@ def load_config(path):
         raise UserError(f"{path}: must hold one JSON object of config keys")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
-    raw = {key: value for key, value in raw.items() if key not in IGNORED_KEYS}
+    raw = {key: value for key, value in {**raw, **overrides}.items() if key not in IGNORED_KEYS}
+    origin = _origin(path, overrides)
     for key, value in raw.items():
         if key in REPLACED_KEYS:
-            raise UserError(f"{path}: key '{key}' was replaced by {REPLACED_KEYS[key]}")
+            raise UserError(f"{origin(key)} was replaced by {REPLACED_KEYS[key]}")
         if key not in fields:
-            raise UserError(f"{path}: unknown key '{key}'; valid keys: {', '.join(fields)}")
+            raise UserError(f"{'command line' if key in overrides else path}: {unknown_key(key, list(fields))}")
         if found := _not_finite(value, key):
             where, what = found
             held = "is" if where == key else f"has {where} ="
-            raise UserError(f"{path}: key '{key}' {held} {what}; give a finite number")
+            raise UserError(f"{origin(key)} {held} {what}; give a finite number")
         if value is None and fields[key].default is None:
             continue
         if not _type_ok(value, hints[key]):
-            raise UserError(f"{path}: key '{key}' must be of type {hints[key].__name__}, got {json.dumps(value)}")
+            raise UserError(f"{origin(key)} must be of type {hints[key].__name__}, got {json.dumps(value)}")
     missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in raw]
     if missing:
-        raise UserError(f"{path}: missing required key(s) {', '.join(missing)}")
+        raise UserError(f"{path}: missing required key(s) {', '.join(missing)} (in the file, or --KEY VALUE on the "
+                        "command line)")
     cfg = Config(**raw)
-    _validate(cfg, path)
+    _validate(cfg, path, overrides)
     return cfg
+
+
+# run.py's own options, beside the config keys its command line takes.
+RUN_OPTIONS = {
+    "config": "JSON config (see configs/config.json and docs/config.md)",
+    "prepare_only": "build the dataset split cache, then exit",
+    "break_lock": "take over the run folder's lock even if its holder may still run (see docs/long-runs.md)",
+}
+# How a command-line value is read, by the key's type: (metavar, what --help and an error call it).
+VALUE_KINDS = {
+    int: ("INT", "an integer, e.g. 16"),
+    float: ("FLOAT", "a number, e.g. 1e-4"),
+    bool: ("true|false", "true or false"),
+    str: ("STR", "a string"),
+    list: ("JSON", "a JSON list, e.g. '[0.9, 0.98]'"),
+    dict: ("JSON", "a JSON object, e.g. '{\"r\": 8}'"),
+}
+TRUE_WORDS, FALSE_WORDS, NULL_WORDS = ("true", "yes", "1"), ("false", "no", "0"), ("null", "none")
+
+
+def first_sentence(text):
+    """The first sentence of a key's help (a period outside parentheses that ends a sentence, not e.g.'s),
+    without Markdown backticks: its line in --help."""
+    for match in re.finditer(r"\.(?=\s|$)", text):
+        head = text[:match.end()]
+        if head.count("(") == head.count(")") and not re.search(r"\b(e\.g|i\.e|etc|vs)\.$", head):
+            return head.replace("`", "")
+    return text.replace("`", "")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (exit_on_user_error), not usage plus a line
+        raise UserError(f"command line: {message} (run.py --help lists the options)")
+
+
+def run_parser(description=None):
+    """run.py's command line: --config, --prepare_only, --break_lock, and --KEY VALUE for every config key
+    (as transformers' HfArgumentParser scripts take them), whose values stay text for parse_override; a
+    key not given is absent from the namespace. Light: `run.py --help` prints it before torch loads."""
+    p = _Parser(
+        prog="run.py", description=description, allow_abbrev=False,
+        usage="run.py [-h] --config FILE [--prepare_only] [--break_lock] [--KEY VALUE ...]",
+        epilog="Every config key may be given as --KEY VALUE after --config FILE; the command line wins over the "
+               "file, and its values are checked as the file's (recorded in output_dir/experiment_id/args.json). "
+               "Values: numbers and strings as such, booleans true/false, lists and objects as JSON text "
+               "(--adam_betas '[0.9, 0.98]', --lora '{\"r\": 8}'), null or none for a key whose default is null. "
+               "Under accelerate launch they go after run.py. Each key in full: docs/config.md.")
+    for name, help in RUN_OPTIONS.items():
+        if name == "config":
+            p.add_argument("--config", required=True, metavar="FILE", help=help)
+        else:
+            p.add_argument(f"--{name}", action="store_true", help=help)
+    hints = typing.get_type_hints(Config)
+    defaults = Config(model_path="", train_data_path="")
+    for group, heading, _ in CONFIG_GROUPS:
+        section = p.add_argument_group(f"config keys: {heading.lower()}")
+        for f in dataclasses.fields(Config):
+            if f.metadata["group"] != group:
+                continue
+            metavar, _ = VALUE_KINDS[hints[f.name]]
+            default = ("required, in the file or here" if f.default is dataclasses.MISSING
+                       else f"default {json.dumps(getattr(defaults, f.name))}")
+            kw = dict(nargs="?", const="true") if hints[f.name] is bool else {}
+            section.add_argument(f"--{f.name}", metavar=metavar, default=argparse.SUPPRESS, **kw,
+                                 help=f"{first_sentence(f.metadata['help'])} [{default}]".replace("%", "%%"))
+    return p
+
+
+def cli_help(description=None):
+    """The text of `run.py --help`."""
+    return run_parser(description).format_help()
+
+
+def parse_override(key, text):
+    """The value of `--KEY TEXT` for config key `key`, read by the key's type: an int or float as a JSON
+    number (a float also as Python reads it: nan, inf), a bool from true/false (yes/no, 1/0), a str as
+    is, a list or dict as JSON text; null / none is None for a key whose default is None. A value of
+    another type is left for load_config's checks (as the file's); text that reads as no value of the
+    type is a UserError naming the option and the type."""
+    field_ = {f.name: f for f in dataclasses.fields(Config)}[key]
+    typ = typing.get_type_hints(Config)[key]
+    word = text.strip().lower()
+    if field_.default is None and word in NULL_WORDS:
+        return None
+    if typ is str:
+        return text
+    if typ is bool:
+        if word in TRUE_WORDS + FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise UserError(f"command line: --{key} expects true or false, got {text!r}")
+    try:
+        return json.loads(text, parse_float=_parse_float)
+    except ValueError as err:
+        detail = f" ({err.msg})" if typ in (list, dict) and isinstance(err, json.JSONDecodeError) else ""
+        if typ is float:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        raise UserError(f"command line: --{key} expects {VALUE_KINDS[typ][1]}, got {text!r}{detail}")
+
+
+def _attach_negative_numbers(argv):
+    """`--KEY -1e-4` as `--KEY=-1e-4`: argparse reads a word that starts with '-' as an option unless it
+    is a plain negative integer or decimal (so -1e-4 and -inf would be)."""
+    takes_number = {key for key, typ in typing.get_type_hints(Config).items() if typ in (int, float)}
+    out = []
+    for item in argv:
+        if out and out[-1][2:] in takes_number and out[-1].startswith("--") and item.startswith("-"):
+            try:
+                float(item)
+            except ValueError:
+                pass
+            else:
+                out[-1] += f"={item}"
+                continue
+        out.append(item)
+    return out
+
+
+def parse_run_args(argv=None, description=None):
+    """run.py's command line, parsed: (namespace of config, prepare_only, break_lock, {key: value} of the
+    config keys given, read by parse_override). An unknown option is a UserError saying the nearest
+    known one; so is a stray value."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = run_parser(description).parse_known_args(_attach_negative_numbers(argv))
+    for item in rest:
+        if not item.startswith("-"):
+            raise UserError(f"command line: unexpected value {item!r}: every config key takes one value, "
+                            "--KEY VALUE (quote a list or an object: --adam_betas '[0.9, 0.98]')")
+        name = item.lstrip("-").split("=", 1)[0]
+        if name in IGNORED_KEYS:
+            raise UserError(f"command line: --{name} is the launcher's: accelerate launch --{name} N run.py ...")
+        if name in REPLACED_KEYS:
+            raise UserError(f"command line: --{name} was replaced by {REPLACED_KEYS[name]}")
+        raise UserError(f"command line: {unknown_key(name, list(RUN_OPTIONS) + config_keys())}")
+    overrides = {key: parse_override(key, getattr(args, key)) for key in config_keys() if hasattr(args, key)}
+    for key in overrides:
+        delattr(args, key)
+    return args, overrides
 
 
 def resolve_repo_path(path):

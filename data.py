@@ -156,6 +156,9 @@ def token_columns(path, needed_negatives, key="num_hard_neg"):
     n = negative_count(path, names, suffix)
     if n < needed_negatives:
         fix = f"lower {key} or add negatives" if key else "add a negative_1 column (the other label)"
+        if n == 0 and key == "num_hard_neg":
+            fix = ("set num_hard_neg 0 to train on the pairs alone (in-batch negatives), or add negatives "
+                   "(mine_negatives.py mines them; docs/own-data.md)")
         have = f"negative_1 ... negative_{n}" if n else f"no negative_1{suffix} column"
         raise UserError(f"{path}: {n} hard negatives per row ({have}), fewer than the "
                         f"{needed_negatives} the config asks for; {fix}")
@@ -522,8 +525,17 @@ def load_corpus(path, cfg):
     return corpus.column("input_ids")
 
 
-def load_splits(path, columns, cfg):
-    """The dataset's train / validation split (seeded), cached under cfg.cache_dir. A v2 query file
+def validation_size(num_rows, fraction, minimum=0):
+    """The validation split's size: datasets' ceil(fraction x rows), raised to `minimum` rows
+    (min_eval_queries of a retrieval dataset) but to at most half the rows, so that training keeps
+    the other half."""
+    share = -(-round(num_rows * fraction * 1e9) // 10**9)  # ceil, robust to float noise as datasets'
+    return max(share, min(minimum, num_rows // 2))
+
+
+def load_splits(path, columns, cfg, min_rows=0):
+    """The dataset's train / validation split (seeded), cached under cfg.cache_dir; the validation
+    split holds validation_size(rows, validation_fraction, min_rows) rows. A v2 query file
     (columns from token_columns) is split exactly like its v1 file, and each split comes as
     CorpusRows, which resolves the document ids from the corpus; a published v2 file is first
     replaced by its v2 twin (PublishedCorpus.integer_ids), whose rows are the same in the same order."""
@@ -544,7 +556,9 @@ def load_splits(path, columns, cfg):
         else:
             published_corpus(tuple(published_corpus_files(os.path.dirname(path))), cfg.cache_dir).check(cfg, vocab_size)
         check_ids(ds.data, id_columns, len(documents), path)
-    split = ds.select_columns(columns).train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
+    size = validation_size(len(ds), cfg.validation_fraction, min_rows)
+    test_size = cfg.validation_fraction if size == validation_size(len(ds), cfg.validation_fraction) else size
+    split = ds.select_columns(columns).train_test_split(test_size=test_size, seed=cfg.seed)
     if documents is None:
         return split["train"], split["test"]
     return CorpusRows(split["train"], documents), CorpusRows(split["test"], documents)

@@ -721,7 +721,7 @@ def _compare_with_sentence_transformers(checkpoint, texts):
         return
     from model import load_encoder
 
-    ours = load_encoder(checkpoint, device="cpu").encode(texts)
+    ours = load_encoder(checkpoint, device="cpu").encode(texts, convert_to_tensor=True)
     theirs = SentenceTransformer(checkpoint, device="cpu").encode(texts, convert_to_tensor=True)
     cosine = (ours * theirs.float()).sum(-1).min().item()
     print(f"SentenceTransformer({checkpoint}) on {len(texts)} texts: lowest cosine to our encoder {cosine:.6f}")

@@ -7,7 +7,8 @@ several processes: every process then believes it is alone (world size 1, rank 0
 the same data and writes the same checkpoints. We give it gloo: through DeepSpeed's own
 initialisation under DeepSpeed (`cpu=True` would make accelerate drop DeepSpeed), through
 accelerate's multi-CPU path otherwise. Launches that still disagree with accelerate (a launcher
-that started fewer processes than were asked for) stop with one line.
+that started fewer processes than were asked for) stop with one line; a launch of more processes on
+a node than it has GPUs (or, without CUDA, CPU cores) gets one warning.
 """
 import ctypes
 import ctypes.util
@@ -52,6 +53,7 @@ def launched_world_size():
 def make_accelerator():
     """The Accelerator for this launch, with every process's true rank and world size (or a UserError)."""
     check_launcher()
+    check_process_count()
     die_with_launcher()
     join_restarted_launch()
     launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
@@ -63,6 +65,44 @@ def make_accelerator():
         accelerator = Accelerator(cpu=True)
     check_world_size(accelerator.num_processes)
     return accelerator
+
+
+def cpu_cores():
+    """The CPU cores this process may run on (its affinity, which a container or taskset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def process_count_warning(processes, gpus, cores):
+    """The warning for `processes` processes on one node that has `gpus` CUDA devices (0: none, the
+    processes run on its `cores` CPU cores), or None when each has a device or a core of its own."""
+    if gpus:
+        if processes <= gpus:
+            return None
+        have, fix = f"{gpus} GPU(s)", gpus
+    else:
+        if processes <= cores:
+            return None
+        have, fix = f"no GPU and {cores} CPU core(s)", cores
+    return (f"this launch starts {processes} processes on this node, which has {have}: "
+            + ("processes share a GPU, which NCCL refuses or runs slowly"
+               if gpus else "the processes share the cores and each step runs several times slower")
+            + f"; pass --num_processes {fix} (or fewer) to accelerate launch (configs/accelerate_config.yaml and "
+              "accelerate_ddp.yaml say 8)")
+
+
+def check_process_count():
+    """Warn once when a launch starts more processes on this node (LOCAL_WORLD_SIZE, which torchrun and
+    accelerate launch set) than it has GPUs, or, without CUDA, CPU cores."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    if not local.isdigit():
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    message = process_count_warning(int(local), gpus, cpu_cores())
+    if message and os.environ.get("LOCAL_RANK", "0") == "0":  # once per node
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def die_with_launcher():

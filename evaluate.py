@@ -214,7 +214,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@exit_on_user_error
+@exit_on_user_error(interrupted="interrupted: evaluate writes no results file (only the cache of the data it "
+                                 "read), so nothing is half-written; run the same command again")
 def main(argv=None):
     print(format_table(evaluate(**vars(parse_args(argv)))))
 

@@ -150,6 +150,11 @@ class LossTracker:
                 self.counts[name, kind] = int(count)
 
 
+def task_loss_key(prefix, task, keys="grouped"):
+    """The metric name under which LossTracker.report gives a task type's mean total loss."""
+    return next(iter(LossTracker([], {}, keys=keys).metric_names(prefix, {(task, "total"): 0.0}, tasks=True)))
+
+
 class Throughput:
     """Real (unpadded) tokens and steps per second of training, summed over processes; the time
     spent validating and checkpointing (inside `paused()`) does not count."""

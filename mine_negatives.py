@@ -48,7 +48,9 @@ FILL_FLOATS = 2**25  # the candidate vectors fill_short gathers at a time (128 M
 NO_KEY = torch.iinfo(torch.int64).min  # an excluded or missing candidate: below every real key
 LOW_32 = 0xFFFFFFFF
 KILL_AFTER = "F2LLM_MINE_KILL_AFTER"  # tests: SIGKILL this process after it wrote that many work files
-SAMPLE_STREAM, FILL_STREAM = 0, 1
+SAMPLE_STREAM, FILL_STREAM, CHECK_STREAM = 0, 1, 2
+SEPARATION_ROWS = 4096  # rows whose positive is compared with a random text (Separation)
+MIN_GAP, MIN_AHEAD = 0.05, 0.8  # below either, the model does not separate positives from the rest
 PROMPTS = {"query": "query", "document": "document"}  # our checkpoints' prompt names
 WINDOW_FLAGS = "--skip_top, --max_rank, --positive_margin"
 SAMPLINGS, ON_SHORT, DEVICES = ("top", "random"), ("fill_random", "drop"), ("cpu", "cuda")
@@ -232,6 +234,35 @@ class Mined:
     negatives: np.ndarray
     short: np.ndarray
     relaxed: int = 0
+    separation: "Separation" = None
+
+
+@dataclasses.dataclass
+class Separation:
+    """How well the model tells a row's positive from a random corpus text, on a sample of rows: the
+    median scores of each, and the share of rows whose positive scored higher. It does not change
+    what is mined (its own random stream)."""
+    positive: float
+    random: float
+    ahead: float
+
+    @property
+    def weak(self):
+        return self.positive - self.random < MIN_GAP or self.ahead < MIN_AHEAD
+
+
+def separation(pairs, positives, queries, corpus, settings, key):
+    """Separation of a file's rows (positives: their positive scores)."""
+    rng = np.random.default_rng([settings.seed, key, CHECK_STREAM])
+    rows = np.sort(rng.permutation(len(pairs.qid))[:SEPARATION_ROWS])
+    drawn = rng.integers(len(corpus), size=len(rows))
+    keep = drawn != pairs.pid[rows]  # the positive itself is no random text
+    rows, drawn = rows[keep], drawn[keep]
+    if not len(rows):
+        return None
+    scores = draw_scores(queries.rows(pairs.qid[rows]), drawn, corpus)
+    return Separation(float(np.median(positives[rows])), float(np.median(scores)),
+                      float((positives[rows] > scores).mean()))
 
 
 def select(ids, scores, positive, settings, key, rows):
@@ -375,7 +406,7 @@ def select_negatives(keys_of, pairs, queries, corpus, settings, name, progress=N
         if settings.positive_margin is not None:
             thresholds = margin_threshold(positives[short], settings.positive_margin)
         relaxed = fill_short(short, negatives, counts, skipped, thresholds, pairs, queries, corpus, settings, key)
-    return Mined(negatives, short, relaxed)
+    return Mined(negatives, short, relaxed, separation(pairs, positives, queries, corpus, settings, key))
 
 
 # ---- records: what an output was mined from --------------------------------------------------------
@@ -535,7 +566,7 @@ def embed_chunks(work, jobs, encoder, sources, batch_size, bar):
         texts, prompt = sources[kind]
         if not work.done(kind, i):
             chunk = texts.slice(i * work.chunk_size, work.size(kind, i)).to_pylist()
-            vectors = encoder.encode(chunk, prompt_name=prompt, batch_size=batch_size).numpy()
+            vectors = encoder.encode(chunk, prompt_name=prompt, batch_size=batch_size)
             if not np.isfinite(vectors).all():
                 bad = (i * work.chunk_size + np.flatnonzero(~np.isfinite(vectors).all(1))).tolist()
                 raise UserError(f"the model gave non-finite embeddings for {kind} text(s) {rows_shown(bad)}: "
@@ -592,6 +623,7 @@ def output_table(table, pairs, mined, settings, record):
 
 
 def report_short(name, rows, mined, settings):
+    report_separation(name, rows, mined, settings)
     if not len(mined.short):
         return
     what = ("filled with random corpus texts (--on_short fill_random)" if settings.on_short == "fill_random"
@@ -601,6 +633,25 @@ def report_short(name, rows, mined, settings):
     if mined.relaxed:
         print(f"{name}: {mined.relaxed} fill(s) took a text that {WINDOW_FLAGS} had ruled out: the corpus had no "
               "other text left for those rows", flush=True)
+
+
+def report_separation(name, rows, mined, settings):
+    """One line when the model does not separate positives from random texts, or when most rows had
+    to be filled with random texts: the negatives are then little better than random."""
+    sep, filled = mined.separation, settings.on_short == "fill_random" and len(mined.short) > rows / 2
+    if not (sep is not None and sep.weak or filled):
+        return
+    what = []
+    if sep is not None and sep.weak:
+        what.append(f"the model does not separate positives from other texts (median score of a positive "
+                    f"{sep.positive:.3f}, of a random text {sep.random:.3f}; the positive scored higher in "
+                    f"{sep.ahead:.0%} of rows)")
+    if filled:
+        what.append(f"{len(mined.short)} of {rows} rows were filled with random texts ({WINDOW_FLAGS} ruled out "
+                    "most candidates)")
+    print(f"{name}: {' and '.join(what)}, so these negatives are little better than random: mine with a trained "
+          "embedder as --model, or with --positive_margin none, or train on the pairs alone first (config "
+          '"num_hard_neg": 0, in-batch negatives only) and mine with that checkpoint', flush=True)
 
 
 @dataclasses.dataclass
@@ -841,7 +892,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@exit_on_user_error
+@exit_on_user_error(interrupted="interrupted: the finished files and work chunks are kept and nothing half-written is "
+                                 "left; run the same command again to continue where it stopped")
 def main(argv=None):
     args = vars(parse_args(argv))
     rules = {field.name: args.pop(field.name) for field in dataclasses.fields(Settings) if field.name in args}

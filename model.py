@@ -548,9 +548,10 @@ class Encoder:
     """A model ready to embed: tokenizer + Embedder, with the checkpoint's max_seq_length and prompts.
 
     `encode` takes texts (tokenised as in training: data.tokenize with the backbone's rule),
-    optionally behind a named prompt; `encode_ids` takes token lists as training reads them (each
-    ending in the end token: eos, or an encoder's closing [SEP] / </s>). Both return float32 [n, d]
-    on the CPU, L2-normalised unless normalize=False.
+    optionally behind a named prompt, and returns a numpy float32 array [n, d] as
+    sentence-transformers does (convert_to_tensor=True: a torch tensor); `encode_ids` takes token
+    lists as training reads them (each ending in the end token: eos, or an encoder's closing [SEP] /
+    </s>) and returns a torch float32 tensor [n, d] on the CPU. Both L2-normalise unless normalize=False.
     """
 
     def __init__(self, embedder, tokenizer, max_seq_length=1024, prompts=None, special_tokens=False):
@@ -564,12 +565,13 @@ class Encoder:
     def device(self):
         return next(self.embedder.parameters()).device
 
-    def encode(self, texts, prompt_name=None, batch_size=32, normalize=True):
+    def encode(self, texts, prompt_name=None, batch_size=32, normalize=True, convert_to_tensor=False):
         if prompt_name is not None and prompt_name not in self.prompts:
             raise UserError(f"no prompt named '{prompt_name}' (this model has: {', '.join(self.prompts) or 'none'})")
         prefix = self.prompts.get(prompt_name, "") if prompt_name else ""
         ids = tokenize(self.tokenizer, [prefix + t for t in texts], self.max_seq_length, self.special_tokens)
-        return self.encode_ids(ids, batch_size, normalize)
+        out = self.encode_ids(ids, batch_size, normalize)
+        return out if convert_to_tensor else out.numpy()
 
     def _cut(self, seq):
         """As collate cuts: at most max_seq_length tokens, the last one the end token."""
@@ -808,7 +810,7 @@ def embed_file(checkpoint, input="-", output="embeddings.npy", *, prompt_name=No
     if not texts:
         raise UserError(f"{input} holds no texts")
     encoder = load_encoder(checkpoint, device=device, max_seq_length=max_seq_length)
-    embeddings = encoder.encode(texts, prompt_name=prompt_name, batch_size=batch_size).numpy()
+    embeddings = encoder.encode(texts, prompt_name=prompt_name, batch_size=batch_size)
     try:
         with open(output, "wb") as f:  # np.save(name) would append .npy to any other name
             np.save(f, embeddings)

@@ -11,7 +11,16 @@ warm-up before a many-process launch).
 Reading order: train() (the command), set_up() (everything a run needs, in one Run), fit() (the
 loop), then the pieces the loop names: the step, validation, checkpoints, epoch ends and stops.
 """
-import argparse
+# ruff: noqa: E402 - the imports follow the --help block, which prints before torch and its kin load
+import sys
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # in a tenth of a second
+    from config import cli_help
+
+    print(cli_help(__doc__.split("\n\n")[0]), end="")
+    sys.exit(0)
+
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -19,8 +28,8 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import signal
-import sys
 import time
 from functools import partial
 from itertools import islice
@@ -34,42 +43,50 @@ from tqdm import tqdm
 import checkpoint
 import tokenize_data_qwen
 from checkpoint import TrainState
-from config import Config, load_config, load_dataset_types
+from config import Config, load_config, load_dataset_types, parse_run_args
 from data import MultiDatasetLoader, check_datasets, corpus_path, holds_raw_files, load_splits, make_loader
 from distributed import any_process, close, make_accelerator, warn
-from errors import UserError, exit_on_user_error
+from errors import INTERRUPTED, UserError, exit_on_user_error
 from files import sampled_digest
 from grad_cache import cached_backward
 from loss import f2llm_losses, matryoshka_dims
 from lora import add_lora
-from metrics import LossTracker, Throughput, retrieval_metrics, retrieval_set
+from metrics import METRICS, LossTracker, Throughput, retrieval_metrics, retrieval_set, task_loss_key
 from model import (PACKING_AGREEMENT, Embedder, backbone_family, check_library_support, check_model_folder,
                    check_positions, end_token_id, flatten, load_backbone, load_tokenizer, pick_attn_implementation,
                    st_pooling, tokenizer_rule)
 
 
-@exit_on_user_error
+@exit_on_user_error(interrupted="interrupted before the first step: this launch saved nothing (the checkpoints "
+                                 "already written are intact); run the same command again")
 def main(argv=None):
     args = parse_args(argv)
-    train(args.config, prepare_only=args.prepare_only, break_lock=args.break_lock)
+    status = train(args.config, prepare_only=args.prepare_only, break_lock=args.break_lock, overrides=args.overrides)
+    if status:  # a stop that Ctrl-C started, its checkpoint saved
+        sys.exit(status)
 
 
-def train(config_path, prepare_only=False, break_lock=False):
+def train(config_path, prepare_only=False, break_lock=False, overrides=None):
     """Train as the JSON config at config_path says, on every process of the launch; with prepare_only,
     build the split cache in this process and print the datasets instead. break_lock: take over the
-    run folder's lock whatever its holder (see checkpoint.RunLock)."""
+    run folder's lock whatever its holder (see checkpoint.RunLock). overrides: {key: value} of the
+    command line's --KEY VALUE, which win over the file's (config.load_config). Returns the exit
+    status: 0, or 130 (INTERRUPTED) when a Ctrl-C stopped the run, after its checkpoint."""
     survive_closed_output()
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     dataset_types = load_dataset_types(cfg)
     if prepare_only:
         rule = tokenizer_rule(cfg.model_path)
-        checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg), special_tokens=rule)
-        for name, (task, train_split, valid_split) in prepare(cfg, checked).items():
+        with raw_names(cfg):
+            checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg), special_tokens=rule)
+            splits = prepare(cfg, checked)
+        for name, (task, train_split, valid_split) in splits.items():
             print(f"{name:32s} {task:15s} train {len(train_split):9d}  validation {len(valid_split):7d}")
         return
     accelerator = make_accelerator()
-    fit(cfg, dataset_types, accelerator, break_lock)
+    status = fit(cfg, dataset_types, accelerator, break_lock)
     close(accelerator)
+    return status
 
 
 @dataclasses.dataclass
@@ -94,6 +111,8 @@ class Run:
     total_steps: int
     state: TrainState
     writer: SummaryWriter = None
+    mrr: dict = dataclasses.field(default_factory=dict)  # {step: validation MRR@10} of this launch
+    saved: dict = dataclasses.field(default_factory=dict)  # {step: checkpoint path} of this launch
 
 
 def set_up(cfg, dataset_types, accelerator, break_lock=False):
@@ -108,18 +127,20 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
     if cfg.teacher_model_path:
         teacher_family = check_model_folder(cfg.teacher_model_path, "teacher_model_path")
         check_positions(cfg.teacher_model_path, teacher_family, cfg.max_seq_length, "teacher_model_path")
-    checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator),  # all fail at once on bad input
-                             special_tokens=family.special_tokens)
+    with raw_names(cfg):  # all fail at once on bad input, naming the user's files
+        checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator),
+                                 special_tokens=family.special_tokens)
     checkpoint.RunLock(accelerator, cfg.run_dir, break_lock)  # before any write; checks it is writable
     check_writable(cfg, accelerator)
     set_seed(cfg.seed)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
-    with accelerator.main_process_first():  # one process builds the split cache, the others read it
+    with accelerator.main_process_first(), raw_names(cfg):  # one process builds the split cache, the others read it
         splits = prepare(cfg, checked)  # in file-name order, which orders the draw as the published code's
     task_of = {name: task for name, (task, _, _) in splits.items()}
     eval_sets = {name: retrieval_set(valid, cfg.eval_queries) for name, (task, _, valid) in splits.items()
                  if task == "retrieval" and cfg.eval_queries}
+    warn_small_eval_sets(accelerator, cfg, eval_sets, splits)
 
     model = build_model(cfg, tokenizer, accelerator)
     teacher = build_teacher(cfg, tokenizer, model.backbone.config.hidden_size, accelerator.device)
@@ -129,6 +150,7 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
                                                 family.special_tokens)
     model, optimizer = accelerator.prepare(model, adamw)
     total_steps = cfg.train_steps if cfg.train_steps > 0 else len(train_loader) * cfg.train_epochs
+    warn_schedule(cfg, total_steps, accelerator)
     unsharded = sum(-(-len(train) // cfg.train_batch_size) for _, train, _ in splits.values()) * cfg.train_epochs
     # Stepped once per optimizer step here, not by accelerate (which steps it once per process).
     # It and the min_lr clamp act on AdamW's param groups, which DDP and DeepSpeed ZeRO step with.
@@ -148,12 +170,13 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
 
 
 def fit(cfg, dataset_types, accelerator, break_lock=False):
-    """The run, from the checks of its inputs to the final checkpoint, on every process."""
+    """The run, from the checks of its inputs to the final checkpoint, on every process; returns the
+    exit status (stop_early's after a stop, else 0)."""
     run = set_up(cfg, dataset_types, accelerator, break_lock)
     state, total = run.state, run.total_steps
     if state.step >= total:
         accelerator.print(f"the run had already finished ({state.step} of {total} steps); nothing to do")
-        return
+        return 0
     run.writer = open_writer(cfg, accelerator, state.step)
     accelerator.print(f"{len(run.task_of)} datasets, {state.steps_per_epoch} batches per epoch per process, "
                       f"{total} steps, {accelerator.num_processes} process(es)")
@@ -174,7 +197,7 @@ def fit(cfg, dataset_types, accelerator, break_lock=False):
                     bar.set_postfix(log_training(run, throughput))
                 with throughput.paused():
                     if cfg.validation_steps and state.step % cfg.validation_steps == 0:
-                        log(run.writer, validate(run), state.step)
+                        validation(run)
                     if checkpoint_due(state.step, total, cfg):
                         save(run, f"step_{state.step}")
                 if stop.agreed(accelerator):
@@ -187,7 +210,8 @@ def fit(cfg, dataset_types, accelerator, break_lock=False):
         bar.close()
         if run.writer is not None:
             run.writer.close()
-    note(accelerator, cfg, f"final checkpoint: {state.saved_path}")
+    note(accelerator, cfg, f"final checkpoint: {state.saved_path}{best_checkpoint(run)}")
+    return 0
 
 
 def count_step(run, name, losses, grad_norm):
@@ -224,8 +248,10 @@ def log_training(run, throughput):
 def save(run, name):
     """Checkpoint run_dir/name of the run as it stands (collective); returns its path."""
     cfg = run.cfg
-    return checkpoint.save(run.accelerator, run.model, run.tokenizer, os.path.join(cfg.run_dir, name), run.state,
+    path = checkpoint.save(run.accelerator, run.model, run.tokenizer, os.path.join(cfg.run_dir, name), run.state,
                            cfg.save_total_limit, cfg.max_seq_length, cfg.prompts)
+    run.saved[run.state.step] = path
+    return path
 
 
 def end_epoch(run, epoch):
@@ -233,7 +259,7 @@ def end_epoch(run, epoch):
     save: epoch_N at an epoch end (hard links to step_N when that holds this step), else step_N."""
     cfg, state = run.cfg, run.state
     if not (cfg.validation_steps and state.step % cfg.validation_steps == 0):
-        log(run.writer, validate(run), state.step)
+        validation(run)
     if state.step == (epoch + 1) * state.steps_per_epoch and state.just_saved():
         checkpoint.save_copy(run.accelerator, state, os.path.join(cfg.run_dir, f"epoch_{epoch + 1}"),
                              cfg.save_total_limit)
@@ -251,6 +277,7 @@ def stop_early(run, received):
         save(run, f"step_{state.step}")
     note(run.accelerator, run.cfg, f"stopped by {received or 'a signal to another process'} at step {state.step}: "
                                    f'checkpoint {state.saved_path}; continue with "resume_from": "latest"')
+    return INTERRUPTED if received == "SIGINT" else 0  # the shell's status for a Ctrl-C
 
 
 def train_step(model, batch, task, cfg, accelerator, optimizer, scheduler, teacher=None):
@@ -335,6 +362,77 @@ def weights_finite(model, accelerator):
     them), one host sync and one all-reduce."""
     norms = torch.stack([p.detach().norm().float() for p in model.parameters()])
     return not any_process(accelerator, not torch.isfinite(norms).all().item())
+
+
+def validation(run):
+    """Validate (collective), log the metrics to TensorBoard, print their summary line and remember
+    the retrieval MRR@10 of this step (best_checkpoint)."""
+    metrics = validate(run)
+    log(run.writer, metrics, run.state.step)
+    run.accelerator.print(validation_line(run.state.step, metrics, run.task_of, run.cfg.log_keys,
+                                          sum(len(queries) for queries, _, _ in run.eval_sets.values())))
+    if RETRIEVAL_MRR in metrics:
+        run.mrr[run.state.step] = metrics[RETRIEVAL_MRR]
+    return metrics
+
+
+RETRIEVAL_MRR = "valid/retrieval/mrr@10"
+TASK_ORDER = ("retrieval", "clustering", "classification")
+
+
+def validation_line(step, metrics, task_of, keys, num_queries):
+    """One line of a validation's metrics: per task type present, its mean loss, and for retrieval
+    nDCG@10, MRR@10, recall@10 and the number of validation queries they rest on."""
+    order = {task: i for i, task in enumerate(TASK_ORDER)}
+    tasks = sorted(set(task_of.values()), key=lambda t: (order.get(t, len(order)), t))
+    parts = []
+    for task in tasks:
+        loss = metrics.get(task_loss_key("valid", task, keys))
+        part = f"{task} loss {loss:.3f}" if loss is not None else task
+        if task == "retrieval" and RETRIEVAL_MRR in metrics:
+            part += "".join(f" {title} {metrics[f'valid/retrieval/{key}']:.3f}" for key, title in METRICS.items())
+            part += f" ({num_queries} queries)"
+        parts.append(part)
+    return f"step {step} validation: " + "; ".join(parts)
+
+
+def best_checkpoint(run):
+    """", or "; best by validation MRR@10: PATH (step N, MRR@10 x)" among this launch's checkpoints
+    saved at a step that validated with retrieval metrics (the earliest of equals)."""
+    scored = [(mrr, -step) for step, mrr in run.mrr.items() if step in run.saved]
+    if not scored:
+        return ""
+    mrr, step = max(scored)
+    return f"; best by validation MRR@10: {run.saved[-step]} (step {-step}, MRR@10 {mrr:.3f})"
+
+
+def warn_small_eval_sets(accelerator, cfg, eval_sets, splits):
+    """A warning per retrieval dataset whose metrics rest on fewer than min_eval_queries queries."""
+    for name, (queries, _, _) in eval_sets.items():
+        if len(queries) >= cfg.min_eval_queries:
+            continue
+        _, train, valid = splits[name]
+        why = (f"eval_queries {cfg.eval_queries} caps them: raise it" if cfg.eval_queries < cfg.min_eval_queries else
+               f"the dataset has {len(train) + len(valid)} rows and the validation split takes at most half: add rows")
+        warn(accelerator, f"valid/{name}: MRR@10 on {len(queries)} queries, below min_eval_queries "
+                          f"{cfg.min_eval_queries}: the retrieval metrics of so few queries move by chance ({why}, "
+                          "or judge by the validation loss)")
+
+
+@contextlib.contextmanager
+def raw_names(cfg):
+    """Errors on the tokenized copy of raw data (tokenize_if_raw) name the user's raw file instead:
+    cache_dir/tokenized/NAME-hash/NAME.parquet -> train_data_path/NAME.parquet, with the raw columns."""
+    try:
+        yield
+    except UserError as err:
+        cache = raw_data_cache(cfg)
+        if cache is None or cache not in str(err):
+            raise
+        line = re.sub(re.escape(cache + os.sep) + r"([^\s:/]+\.parquet)",
+                      lambda m: os.path.join(cfg.train_data_path, m.group(1)), str(err))
+        line = re.sub(r"\b(negative_\d+|passage)_id\b", r"\1", line)  # the cache's column names, as the raw file's
+        raise UserError(line) from None
 
 
 @torch.no_grad()
@@ -474,7 +572,8 @@ def note(accelerator, cfg, line):
 def prepare(cfg, checked):
     """{name: (task type, train split, validation split)}, built (or read from cache) for the
     datasets that check_datasets returned."""
-    return {name: (task, *load_splits(path, columns, cfg)) for name, path, task, columns in checked}
+    return {name: (task, *load_splits(path, columns, cfg, cfg.min_eval_queries if task == "retrieval" else 0))
+            for name, path, task, columns in checked}
 
 
 def data_digests(checked):
@@ -627,6 +726,24 @@ def make_optimizer(params, cfg):
                              fused=True if cfg.adamw_implementation == "fused" else None)
 
 
+def warn_schedule(cfg, total_steps, accelerator):
+    """One warning line each for a warmup as long as the run (the lr never reaches learning_rate) and for
+    a checkpointing_steps beyond it (no step_N checkpoint: only the epoch ends' and the last step's)."""
+    warmup, how = cfg.warmup_steps, ""
+    if cfg.lr_schedule_steps == "published_v1" and accelerator.num_processes > 1:  # see make_scheduler
+        warmup = -(-cfg.warmup_steps // accelerator.num_processes)
+        how = (f" ({warmup} optimizer steps with lr_schedule_steps published_v1 and {accelerator.num_processes} "
+               "processes)")
+    if warmup and warmup >= total_steps:
+        warn(accelerator, f"warmup_steps {cfg.warmup_steps}{how} >= the run's {total_steps} steps: the learning rate "
+                          f"never reaches learning_rate; lower warmup_steps, e.g. to 10% of the run "
+                          f"({total_steps // 10})")
+    if cfg.checkpointing_steps > total_steps:
+        warn(accelerator, f"checkpointing_steps {cfg.checkpointing_steps} > the run's {total_steps} steps: no step_N "
+                          "checkpoint falls inside the run, only the epoch-end ones (epoch_N) and the last step's "
+                          "are written; lower checkpointing_steps to save more often")
+
+
 def make_scheduler(optimizer, cfg, total_steps, num_processes=1, unsharded_steps=None):
     """The lr schedule: linear warmup, then cosine decay or (v2) constant.
 
@@ -679,29 +796,56 @@ def clamp_lr(optimizer, min_lr):
         group["lr"] = max(group["lr"], min_lr)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+NOTICES = (signal.SIGTERM, signal.SIGUSR1)  # preemption notices, which schedulers repeat
+INTERRUPTED_AGAIN = ("interrupted again: exiting without finishing the checkpoint; the checkpoints already written "
+                     "are intact")
 class StopSignal:
-    """Remembers SIGTERM or SIGUSR1 (preemption notices): the loop finishes its step, saves a
-    checkpoint and exits with status 0, instead of dying mid-step. Once the stop is agreed, further
-    notices are ignored (a scheduler often repeats them), so that none cuts the stop path short."""
+    """Remembers SIGTERM or SIGUSR1 (preemption notices) or SIGINT (Ctrl-C): the loop finishes its
+    step, saves a checkpoint and exits, with status 0 (130 after SIGINT, the shell's status for a
+    Ctrl-C), instead of dying mid-step. Once the stop is agreed, further notices are ignored (a
+    scheduler often repeats them), so that none cuts the stop path short. A second Ctrl-C does: the
+    process exits at once with one line and status 130, without a traceback; a checkpoint it cuts
+    short is left as `.step_N.partial` (checkpoint.save renames it only when complete), which the
+    next launch removes."""
 
     def __init__(self):
-        self.received = None
+        self.received, self.interrupts = None, 0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                exit_at_once()
         self.received = self.received or signal.Signals(signum).name
 
     def agreed(self, accelerator):
         """The signal if any process received one (all processes stop at the same step)."""
         if not any_process(accelerator, self.received is not None):
             return False
-        for sig in STOP_SIGNALS:
+        for sig in NOTICES:
             signal.signal(sig, signal.SIG_IGN)
         return True
+
+
+def exit_at_once():
+    """A second Ctrl-C: one line and status 130 now, whatever the process was doing (os._exit: no
+    unwinding that could print a traceback or wait; the run folder's lock stays behind, and the next
+    launch takes it over, as its process is gone)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        os.write(2, f"\n{INTERRUPTED_AGAIN}\n".encode())
+    except OSError:
+        pass
+    os._exit(INTERRUPTED)
 
 
 class SurvivingStream:
@@ -746,12 +890,11 @@ def survive_closed_output():
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="JSON config (see configs/config.json and docs/config.md)")
-    p.add_argument("--prepare_only", action="store_true", help="build the dataset split cache, then exit")
-    p.add_argument("--break_lock", action="store_true",
-                   help="take over the run folder's lock even if its holder may still run (see docs/long-runs.md)")
-    return p.parse_args(argv)
+    """--config FILE, --prepare_only, --break_lock, and --KEY VALUE for any config key: the namespace, its
+    `overrides` the config keys given ({key: value}, config.parse_run_args)."""
+    args, overrides = parse_run_args(argv, __doc__.split("\n\n")[0])
+    args.overrides = overrides
+    return args
 
 
 if __name__ == "__main__":

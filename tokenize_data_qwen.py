@@ -18,6 +18,7 @@ import math
 import mmap
 import multiprocessing
 import os
+import signal
 import tempfile
 
 import numpy as np
@@ -62,9 +63,21 @@ def init_worker(model_path, max_seq_length, threads=True, special_tokens=False):
 
 
 def make_pool(model_path, max_seq_length, num_proc, special_tokens=False):
-    """num_proc worker processes that each load the tokenizer once."""
-    return multiprocessing.get_context("spawn").Pool(num_proc, initializer=init_worker,
-                                                     initargs=(model_path, max_seq_length, False, special_tokens))
+    """num_proc worker processes that each load the tokenizer once. They ignore SIGINT from their start
+    (an ignored signal stays ignored across exec, and Python then sets no KeyboardInterrupt handler), so
+    that a Ctrl-C at the terminal, which signals the whole process group, interrupts this process only: it
+    terminates the pool (Workers.close) and prints one line, instead of every worker printing a
+    KeyboardInterrupt traceback. (A Ctrl-C in the milliseconds the workers take to fork is lost.)"""
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: the workers take this process's handling
+        before = None
+    try:
+        return multiprocessing.get_context("spawn").Pool(num_proc, initializer=init_worker,
+                                                         initargs=(model_path, max_seq_length, False, special_tokens))
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
 
 
 class Workers:
@@ -776,7 +789,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@exit_on_user_error
+@exit_on_user_error(interrupted="interrupted: the files already tokenized are complete and nothing half-written is "
+                                 "left; run the same command again to continue (finished files are skipped)")
 def main(argv=None):
     tokenize_folder(**vars(parse_args(argv)))
 

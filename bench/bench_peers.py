@@ -327,8 +327,8 @@ def untrained_agreement(backbone_dir, st_dir, heldout):
         ours = load_encoder(backbone_dir, device="cpu", dtype="float32", max_seq_length=MAX_SEQ_LENGTH)
         st = SentenceTransformer(st_dir, device="cpu")
     texts = heldout[0] + heldout[1]
-    cosine = (ours.encode(texts) * torch.as_tensor(st.encode(texts))).sum(-1).min().item()
-    return {"lowest_cosine": cosine, "ours": metrics(ours.encode, heldout),
+    cosine = (ours.encode(texts, convert_to_tensor=True) * torch.as_tensor(st.encode(texts))).sum(-1).min().item()
+    return {"lowest_cosine": cosine, "ours": metrics(functools.partial(ours.encode, convert_to_tensor=True), heldout),
             "st": metrics(functools.partial(st.encode, convert_to_tensor=True), heldout)}
 
 

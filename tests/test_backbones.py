@@ -149,7 +149,7 @@ def check_sentence_transformers(path, pooling):
     assert encoder.embedder.pooling == pooling
     ours = encoder.encode(TEXTS)
     theirs = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": torch.float32}).encode(TEXTS)
-    cosine = (ours * torch.as_tensor(theirs)).sum(dim=1)
+    cosine = (torch.as_tensor(ours) * torch.as_tensor(theirs)).sum(dim=1)
     assert (cosine >= 0.9999).all(), cosine
     return cosine.min().item()
 
@@ -291,7 +291,7 @@ def test_mine_then_tokenize_and_train(trained, data, family, tmp_path):
     encoder = model.load_encoder(run_.final, device="cpu")
 
     def stored(texts):  # mine_negatives.py's batches and float16 store
-        return encoder.encode(texts, batch_size=32).numpy().astype(np.float16).astype(np.float64)
+        return encoder.encode(texts, batch_size=32).astype(np.float16).astype(np.float64)
 
     scores = stored(queries) @ stored(passages).T
     np.fill_diagonal(scores, -np.inf)

@@ -119,7 +119,7 @@ def test_cli_raw_parquet_as_training_data(cli, env):
     """A folder of raw files is tokenized into cache_dir (tokenized/NAME-HASH), then prepared."""
     proc, _ = cli["raw_parquet"]
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert prepared(proc) == {"msmarco": ("retrieval", 59, 1)}
+    assert prepared(proc) == {"msmarco": ("retrieval", 30, 30)}  # min_eval_queries 50: half of the 60 rows
     [folder] = os.listdir(env["root"] / "cache_cli_raw" / "tokenized")
     assert folder.startswith("raw-") and "tokenized 1 file(s)" in proc.stdout
 
@@ -127,7 +127,7 @@ def test_cli_raw_parquet_as_training_data(cli, env):
 def test_cli_declared_dataset_accepted(cli, env):
     proc, _ = cli["declared"]
     assert "Traceback" not in proc.stderr
-    assert prepared(proc) == {"mydata": ("retrieval", 59, 1)}  # 60 rows, 1% (rounded up) held out
+    assert prepared(proc) == {"mydata": ("retrieval", 30, 30)}  # 60 rows: min_eval_queries 50, at most half
     assert os.listdir(env["root"] / "cache_cli")  # the split cache was built where the config says
 
 
@@ -161,8 +161,9 @@ def test_json_not_an_object(env):
 
 
 def test_unknown_key_lists_valid_keys(env):
-    path = config(env, "unknown_key", batch_size=4)
-    line = assert_user_error(run_main(path), str(path), "unknown key 'batch_size'")
+    """A key near no valid one (batch_size is near train_batch_size: tests/test_cli.py)."""
+    path = config(env, "unknown_key", bogus_key=4)
+    line = assert_user_error(run_main(path), str(path), "unknown key 'bogus_key'")
     for key in config_keys():
         assert key in line
 
@@ -375,7 +376,7 @@ def test_classification_needs_one_negative_only(env):
 def test_all_sample_datasets_prepare_with_published_types(env):
     path = config(env, "all", num_hard_neg=10, cache_dir=str(env["root"] / "cache_all"))
     assert prepared(run_main(path)) == {"banking77": ("clustering", 297, 3), "imdb": ("classification", 297, 3),
-                                        "msmarco": ("retrieval", 59, 1), "natural_questions": ("retrieval", 59, 1)}
+                                        "msmarco": ("retrieval", 30, 30), "natural_questions": ("retrieval", 30, 30)}
 
 
 def test_one_row_dataset(env):

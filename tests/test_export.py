@@ -185,14 +185,14 @@ def test_cli_writes_the_encoder_vectors(saved, tmp_path, monkeypatch):
         got = np.load(out)
         assert got.dtype == np.float32 and got.shape == (len(TEXTS), 32)
         want = encoder.encode(TEXTS, prompt_name=prompt[1] if prompt else None)
-        np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+        np.testing.assert_allclose(got, want, atol=1e-6)
     # stdin, and --max_seq_length overriding the checkpoint's
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(TEXTS)))
     proc = call_main(model.main, [saved, "--output", str(tmp_path / "stdin.npy"), "--max_seq_length", "4"])
     assert proc.returncode == 0, proc.stderr
     encoder.max_seq_length = 4  # what load_encoder(saved, max_seq_length=4) gives
     short = encoder.encode(TEXTS)
-    np.testing.assert_allclose(np.load(tmp_path / "stdin.npy"), short.numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "stdin.npy"), short, atol=1e-6)
 
 
 def test_cli_errors_are_one_line(saved, tmp_path):

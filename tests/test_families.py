@@ -614,8 +614,8 @@ def test_sentence_transformers_encodes_like_the_encoder(folders, family, pooling
     fed = [ids[mask.bool()].tolist() for ids, mask in zip(features["input_ids"], features["attention_mask"])]
     assert fed == data.tokenize(tokenizer, EXPORT_TEXTS, EXPORT_M, special_tokens)
     assert max(map(len, fed)) == EXPORT_M
-    ours = encoder.encode(EXPORT_TEXTS)
-    query = encoder.encode(EXPORT_TEXTS, prompt_name="query")
+    ours = encoder.encode(EXPORT_TEXTS, convert_to_tensor=True)
+    query = encoder.encode(EXPORT_TEXTS, prompt_name="query", convert_to_tensor=True)
     record_property("min_cosine", min(assert_same_vectors(ours, st.encode(EXPORT_TEXTS)),
                                       assert_same_vectors(query, st.encode(EXPORT_TEXTS, prompt_name="query"))))
     assert ((query - ours).norm(dim=1) > 1e-3).all()  # the prompt was really put in front

@@ -26,13 +26,13 @@ def start(config, *extra, **popen):
                             env={**os.environ, **ONE_THREAD, "HF_HUB_OFFLINE": "1"}, **popen)
 
 
-def wait_for(predicate, proc, timeout=180):
+def wait_for(predicate, proc, timeout=180, interval=0.2):
     """Poll until predicate() holds; fails if the process ends first."""
     deadline = time.time() + timeout
     while not predicate():
         assert proc.poll() is None, f"the run ended early with status {proc.returncode}"
         assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 def training(values):

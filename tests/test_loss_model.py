@@ -414,20 +414,22 @@ def test_encode_unit_norm_input_order_and_batch_size_independent(which, layout, 
     lens = [len(t) for t in TEXTS]
     assert lens != sorted(lens), "input order must differ from length order for this test"
     encoder = model.Encoder(embedder, tok, max_seq_length=64)
-    out = encoder.encode(TEXTS, batch_size=4)
+    assert isinstance(encoder.encode(TEXTS), np.ndarray)  # as sentence-transformers
+    out = encoder.encode(TEXTS, batch_size=4, convert_to_tensor=True)
     assert out.shape == (len(TEXTS), 32) and out.dtype == torch.float32
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(len(TEXTS)), rtol=0, atol=1e-5)
     with torch.no_grad():
         alone = _alone(model.Embedder(backbone), tok)
     torch.testing.assert_close(out, F.normalize(alone, dim=-1), rtol=0, atol=1e-5)
     for bs in (2, 100):
-        torch.testing.assert_close(encoder.encode(TEXTS, batch_size=bs), out,
+        torch.testing.assert_close(encoder.encode(TEXTS, batch_size=bs, convert_to_tensor=True), out,
                                    rtol=0, atol=1e-5)
-    raw = encoder.encode(TEXTS, batch_size=100, normalize=False)
+    raw = encoder.encode(TEXTS, batch_size=100, normalize=False, convert_to_tensor=True)
     torch.testing.assert_close(raw, alone, rtol=0, atol=1e-5)
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-2)
     # Cut as in training: max_seq_length - 1 tokens of text, then eos.
-    short = model.Encoder(embedder, tok, max_seq_length=3).encode(TEXTS, batch_size=4, normalize=False)
+    short = model.Encoder(embedder, tok, max_seq_length=3).encode(TEXTS, batch_size=4, normalize=False,
+                                                                  convert_to_tensor=True)
     long_ids = data.tokenize(tok, TEXTS, 64)
     torch.testing.assert_close(model.Encoder(embedder, tok, max_seq_length=3).encode_ids(long_ids, normalize=False),
                                short, rtol=0, atol=1e-5)

@@ -383,7 +383,7 @@ def independent_windows(checkpoint, table, extra_texts):
     distinct = list(dict.fromkeys(queries))
 
     def embed(texts, prompt):  # as the CLI's single chunk: the same texts, order and batches
-        return encoder.encode(texts, prompt_name=prompt, batch_size=BATCH).numpy().astype(np.float16).astype(float)
+        return encoder.encode(texts, prompt_name=prompt, batch_size=BATCH).astype(np.float16).astype(float)
 
     scores = embed(distinct, "query") @ embed(corpus, "document").T
     out = []

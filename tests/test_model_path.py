@@ -148,6 +148,7 @@ def test_qwen2_loads_and_embeds_alike_packed_and_padded(tiny, tmp_path):
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                  tie_word_embeddings=True)).save_pretrained(path)
     texts = ["who is kalo", "a short one", "tell me about the baker of north harbor"]
-    padded = model.load_encoder(path, device="cpu", dtype="float32").encode(texts)
-    packed = model.load_encoder(path, device="cpu", dtype="float32", layout="packed").encode(texts)
+    padded = model.load_encoder(path, device="cpu", dtype="float32").encode(texts, convert_to_tensor=True)
+    packed = model.load_encoder(path, device="cpu", dtype="float32", layout="packed").encode(texts,
+                                                                                            convert_to_tensor=True)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ from conftest import REPO_DIR, ddp_launch, make_config, run_cli, run_dir
 PUBLISHED_SWITCHES = {
     "batch_layout": "padded", "attention_mask_from": "pad_token_id", "dtype": "bfloat16", "inbatch_gradient": "none",
     "negative_sampling": "per_batch", "validation_negatives": "random", "dataset_draw": "published", "eval_queries": 0,
+    "min_eval_queries": 0,
     "log_keys": "published", "adamw_implementation": "torch_default", "negative_columns": 24,
     "loss_dtype": "embeddings",
 }

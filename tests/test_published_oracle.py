@@ -63,7 +63,7 @@ def test_published_draw_follows_the_sorted_file_names(tiny, tmp_path, layout, su
     batches = [-(-(n - -(-n // 100)) // bs) for n in (20 + 5 * NAMES.index(name) for name in names)]  # 1% held out
     expected = published_multiloader_order(dict(zip(names, batches)), epoch=0)[:30]
     config, values = make_config(tmp_path, tiny, folder, "draw", train_batch_size=bs, train_steps=30,
-                                 dataset_draw="published", num_hard_neg=2,
+                                 dataset_draw="published", num_hard_neg=2, min_eval_queries=0,  # 1%, as published
                                  dataset_types={name: "retrieval" for name in NAMES})
     proc = call_main(run.main, ["--config", config])
     assert proc.returncode == 0, proc.stderr
@@ -122,7 +122,8 @@ def test_every_batch_is_full_with_two_processes(tiny, tokenized, tmp_path):
     last batch of each dataset partial, down to one row)."""
     wrapper = tmp_path / "rows.py"
     wrapper.write_text(ROWS_PER_STEP.format(repo=REPO_DIR, out=str(tmp_path)))
-    config, values = make_config(tmp_path, tiny, tokenized, "full", train_batch_size=8, train_epochs=1)
+    config, values = make_config(tmp_path, tiny, tokenized, "full", train_batch_size=8, train_epochs=1,
+                                 min_eval_queries=0)  # the published 1% split
     proc = run_cli(str(wrapper), "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29561))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.load(open(tmp_path / f"rows_{rank}.json")) for rank in (0, 1)]

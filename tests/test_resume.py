@@ -200,7 +200,7 @@ def test_restore_errors_are_clear(tmp_path, reference):
 def test_resume_errors_and_edge_cases_end_to_end(tmp_path, tiny, tokenized, reference):
     good = os.path.join(run_dir(reference[1]), f"step_{K}")
     config, _ = make_config(tmp_path, tiny, tokenized, "batch", resume_from=good, train_batch_size=16)
-    assert_user_error(launch(config), "train_batch_size changed")
+    assert_user_error(launch(config), "train_batch_size (32 -> 16) changed since checkpoint", "set it back")
     # latest with no checkpoint: a fresh start; the same command after the run: nothing to do.
     config, values = make_config(tmp_path, tiny, tokenized, "fresh", resume_from="latest", train_steps=2)
     proc = launch(config)
@@ -326,7 +326,8 @@ def test_resumes_a_checkpoint_of_an_earlier_version(tmp_path):
     with open(os.path.join(FIXTURE, "config.json")) as f:
         values = {**json.load(f), "model_path": str(tmp_path / "backbone"), "train_data_path": str(tmp_path / "data"),
                   "output_dir": str(tmp_path / "out"), "tb_dir": str(tmp_path / "tb"),
-                  "cache_dir": str(tmp_path / "cache"), "resume_from": str(tmp_path / "step_5")}
+                  "cache_dir": str(tmp_path / "cache"), "resume_from": str(tmp_path / "step_5"),
+                  "min_eval_queries": 0}  # the split of that version (min_eval_queries came later)
     proc = launch(write_config(tmp_path / "config.json", **values))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"resuming from {tmp_path / 'step_5'} (step 5)" in proc.stdout

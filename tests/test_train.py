@@ -17,7 +17,8 @@ def train_config(tmp_path, tiny, tokenized, **overrides):
     values = dict(model_path=f"{tiny}/backbone", train_data_path=tokenized, experiment_id="e2e",
                   output_dir=str(tmp_path / "out"), tb_dir=str(tmp_path / "tb"), cache_dir=str(tmp_path / "cache"),
                   train_batch_size=8, max_seq_length=64, num_hard_neg=3, learning_rate=2e-3, min_lr=1e-5,
-                  warmup_steps=5, train_epochs=2, log_interval=5, checkpointing_steps=40, validation_steps=40)
+                  warmup_steps=5, train_epochs=2, log_interval=5, checkpointing_steps=40, validation_steps=40,
+                  min_eval_queries=0)  # the 1% split, whose batch counts the checks below assume
     values.update(overrides)
     return write_config(tmp_path / "config.json", **values), values
 
@@ -79,7 +80,7 @@ def steps_per_epoch(tokenized, batch_size, processes):
     total = 0
     for path in sorted(glob.glob(os.path.join(tokenized, "*.parquet"))):
         n = len(datasets.Dataset.from_parquet(path))
-        train_rows = n - -(-n // 100)  # validation is ceil(1%)
+        train_rows = n - -(-n // 100)  # validation is ceil(1%) (min_eval_queries 0)
         batches = -(-train_rows // batch_size)
         total += -(-batches // processes)
     return total
