@@ -533,6 +533,13 @@ def validation_size(num_rows, fraction, minimum=0):
     return max(share, min(minimum, num_rows // 2))
 
 
+def validation_test_size(num_rows, fraction, minimum=0):
+    """train_test_split's test_size for validation_size's rows: the fraction itself where the minimum
+    does not raise it (so that datasets splits as it always did), else the row count."""
+    size = validation_size(num_rows, fraction, minimum)
+    return fraction if size == validation_size(num_rows, fraction) else size
+
+
 def load_splits(path, columns, cfg, min_rows=0):
     """The dataset's train / validation split (seeded), cached under cfg.cache_dir; the validation
     split holds validation_size(rows, validation_fraction, min_rows) rows. A v2 query file
@@ -556,9 +563,8 @@ def load_splits(path, columns, cfg, min_rows=0):
         else:
             published_corpus(tuple(published_corpus_files(os.path.dirname(path))), cfg.cache_dir).check(cfg, vocab_size)
         check_ids(ds.data, id_columns, len(documents), path)
-    size = validation_size(len(ds), cfg.validation_fraction, min_rows)
-    test_size = cfg.validation_fraction if size == validation_size(len(ds), cfg.validation_fraction) else size
-    split = ds.select_columns(columns).train_test_split(test_size=test_size, seed=cfg.seed)
+    split = ds.select_columns(columns).train_test_split(
+        test_size=validation_test_size(len(ds), cfg.validation_fraction, min_rows), seed=cfg.seed)
     if documents is None:
         return split["train"], split["test"]
     return CorpusRows(split["train"], documents), CorpusRows(split["test"], documents)

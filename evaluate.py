@@ -24,7 +24,7 @@ from datasets.table import InMemoryTable
 from config import Config, load_config, load_dataset_types
 from data import (CorpusRows, as_v2_ids, check_ids, check_texts, check_token_values, check_tokenization_rule,
                   corpus_path, find_datasets, is_text, load_corpus, load_splits, read_schema, rows_of, text_columns,
-                  token_columns, tokenize)
+                  token_columns, tokenize, validation_test_size)
 from errors import UserError, exit_on_user_error
 from metrics import METRICS, retrieval_metrics, retrieval_set
 from model import load_encoder, tokenizer_rule
@@ -102,7 +102,8 @@ def tokenize_rows(table, columns, tokenizer, max_seq_length, special_tokens=Fals
 
 def eval_rows(path, columns, cfg, split, max_queries, tokenizer, max_seq_length, special_tokens=False):
     """The rows of a file to evaluate, as a split with token columns: `validation`, the rows
-    data.load_splits holds out (same seed and validation_fraction), in its order; `all`, the file's
+    data.load_splits holds out of a retrieval dataset (same seed, validation_fraction and
+    min_eval_queries), in its order; `all`, the file's
     rows in order. At most the first max_queries (None: all). Raw files are tokenized here, with the
     checkpoint's rule (special_tokens: an encoder's)."""
     raw = columns[0] == "query"
@@ -111,10 +112,11 @@ def eval_rows(path, columns, cfg, split, max_queries, tokenizer, max_seq_length,
             table = pq.read_table(path, columns=columns)
             check_texts(table, columns, path)
             # data.load_splits' split rule: it depends on the number of rows only
-            held_out = datasets.Dataset(InMemoryTable(table)).train_test_split(test_size=cfg.validation_fraction,
+            test_size = validation_test_size(table.num_rows, cfg.validation_fraction, cfg.min_eval_queries)
+            held_out = datasets.Dataset(InMemoryTable(table)).train_test_split(test_size=test_size,
                                                                                seed=cfg.seed)["test"]
         else:
-            held_out = load_splits(path, columns, cfg)[1]
+            held_out = load_splits(path, columns, cfg, cfg.min_eval_queries)[1]
         table = rows_of(held_out).__getitems__(range(min(max_queries or len(held_out), len(held_out))))
     else:
         table = first_rows(path, columns, max_queries)

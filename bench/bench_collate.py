@@ -66,7 +66,8 @@ def make_split(work_dir, num_rows, max_len, seed=0):
     table = lengths.sample_table(num_rows, 24, seed=seed, max_len=max_len)
     path = os.path.join(work_dir, "synthetic.parquet")
     pq.write_table(table, path)
-    cfg = types.SimpleNamespace(cache_dir=os.path.join(work_dir, "cache"), validation_fraction=0.01, seed=0)
+    cfg = types.SimpleNamespace(cache_dir=os.path.join(work_dir, "cache"), validation_fraction=0.01, seed=0,
+                                model_path=work_dir, max_seq_length=max_len)  # no config.json: ids checked for int32
     train, _ = load_splits(path, table.column_names, cfg)
     return train
 

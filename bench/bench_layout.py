@@ -116,7 +116,8 @@ def run(quick=False, num_rows=None, num_batches=None, bs=16, num_neg=7, max_len=
         tokenizer = build_tokenizer(model_path, list(texts), vocab_size=8000)
         for layout, out in (("v1", v1_dir), ("v2", v2_dir)):
             tokenize(raw, model_path, out, layout, max_len, num_proc)
-        cfg = types.SimpleNamespace(cache_dir=os.path.join(work, "cache"), validation_fraction=0.01, seed=seed)
+        cfg = types.SimpleNamespace(cache_dir=os.path.join(work, "cache"), validation_fraction=0.01, seed=seed,
+                                    model_path=model_path, max_seq_length=max_len)
         for name in CORPORA:
             r = sizes(v1_dir, v2_dir, name, work)
             r["raw_bytes"] = os.path.getsize(os.path.join(raw, f"{name}.parquet"))

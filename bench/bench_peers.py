@@ -373,6 +373,7 @@ def ours_config(run, overrides):
             "max_grad_norm": HP["max_grad_norm"], "temperature": HP["temperature"], "dtype": "float32",
             "gradient_checkpointing": False, "log_interval": run["eval_every"],
             "checkpointing_steps": run["eval_every"], "validation_steps": 0, "eval_queries": 0,
+            "min_eval_queries": 0,  # the 1% split: both sides train on the same rows
             "validation_fraction": VALIDATION_FRACTION, "seed": run["seed"], **overrides}
 
 
@@ -413,7 +414,8 @@ def run_ours(run, overrides):
         path = final if step == run["steps"] else os.path.join(run["work"], run["variant"], f"step_{step}")
         with contextlib.redirect_stderr(io.StringIO()):  # loading progress bars
             encoder = load_encoder(path, device="cpu", dtype="float32", max_seq_length=MAX_SEQ_LENGTH)
-        curve.append({"step": step, "train_s": elapsed, **metrics(encoder.encode, run["heldout_set"])})
+        curve.append({"step": step, "train_s": elapsed,
+                      **metrics(functools.partial(encoder.encode, convert_to_tensor=True), run["heldout_set"])})
     return {"steps": run["steps"], "rows": rows_seen(run["train_rows"], run["steps"]),
             "train_s": elapsed, "e2e_s": wall, "real_tokens": round(sum(t for *_, t in intervals)),
             "padding": 1.0, "peak_rss_mib": rss, "curve": curve}

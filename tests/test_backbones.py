@@ -46,7 +46,7 @@ TOKENIZED = ("llama", "bert")  # tokenized by the CLI first, as the README does;
 # left for training; lr 2e-3 moves a random tiny backbone far within them.
 TRAINING = dict(experiment_id="run", train_batch_size=8, max_seq_length=64, num_hard_neg=7, learning_rate=2e-3,
                 min_lr=1e-5, warmup_steps=3, train_epochs=2, log_interval=4, checkpointing_steps=0,
-                validation_steps=0, validation_fraction=0.1, gradient_checkpointing=False)
+                validation_steps=0, validation_fraction=0.1, min_eval_queries=0, gradient_checkpointing=False)
 # The last is longer than max_seq_length: both sides must cut it alike
 TEXTS = ["who is kalomar", "kalomar is a baker from north harbor who enjoys chess.", "a",
          " ".join(["the sailor from river town loves poetry"] * 12)]

@@ -115,14 +115,17 @@ def test_validation_rows_are_load_splits_rows_for_tokenized_and_raw_files(tiny, 
     cfg = load_config(eval_config)
     tokenizer = load_tokenizer(f"{tiny}/backbone")
     path = f"{tokenized}/msmarco.parquet"
-    want = load_splits(path, token_columns(path, 0), cfg)[1].with_format("arrow")[:]
+    # what training holds out of a retrieval dataset: 20% of 60 rows, raised to min_eval_queries (at most half)
+    want = load_splits(path, token_columns(path, 0), cfg, cfg.min_eval_queries)[1].with_format("arrow")[:]
+    assert want.num_rows == 30
     raw_path = f"{tiny}/raw/msmarco.parquet"
     for file in (path, raw_path):
-        rows = evaluate.eval_rows(file, evaluate.columns_of(file), cfg, "validation", 5, tokenizer, 64)
-        got = rows.with_format("arrow")[:]
-        assert got.num_rows == 5, file
-        for column in ("query_input_ids", "passage_input_ids", "negative_10_input_ids"):
-            assert got.column(column).to_pylist() == want.column(column).to_pylist()[:5], (file, column)
+        for max_queries in (5, None):
+            rows = evaluate.eval_rows(file, evaluate.columns_of(file), cfg, "validation", max_queries, tokenizer, 64)
+            got = rows.with_format("arrow")[:]
+            assert got.num_rows == (max_queries or 30), file
+            for column in ("query_input_ids", "passage_input_ids", "negative_10_input_ids"):
+                assert got.column(column).to_pylist() == want.column(column).to_pylist()[:got.num_rows], (file, column)
 
 
 def test_v2_files_give_the_v1_rows(tiny, tokenized, eval_config, tmp_path):
@@ -150,13 +153,14 @@ def test_cli_tokenized_and_raw_data_give_the_same_table(tiny, tokenized, eval_co
     assert from_raw.stdout == from_tokens.stdout
     out = from_tokens.stdout
     assert "skip banking77: a clustering dataset" in out and "skip imdb: a classification dataset" in out
-    assert "msmarco: 12 queries (validation rows) ranked against" in out
-    # the numbers are those of the rows load_splits holds out for validation
+    assert "msmarco: 30 queries (validation rows) ranked against" in out  # 20%, raised to min_eval_queries
+    # the numbers are those of the rows training holds out for validation
     cfg, encoder = load_config(eval_config), load_encoder(f"{tiny}/backbone", max_seq_length=64)
     want = {}
     for name in ("msmarco", "natural_questions"):
         path = f"{tokenized}/{name}.parquet"
-        want[name] = evaluate.evaluate_split(encoder, load_splits(path, token_columns(path, 0), cfg)[1])[0]
+        held_out = load_splits(path, token_columns(path, 0), cfg, cfg.min_eval_queries)[1]
+        want[name] = evaluate.evaluate_split(encoder, held_out)[0]
     assert out.endswith(evaluate.format_table(want) + "\n")
 
 

@@ -27,7 +27,7 @@ def trained(tiny, tokenized, tmp_path_factory):
     validating and saving every 2 steps: (the CompletedProcess, the config values)."""
     root = tmp_path_factory.mktemp("first_hour")
     config, values = make_config(root, tiny, tokenized, "run", train_steps=4, train_epochs=1, validation_steps=2,
-                                 checkpointing_steps=2)
+                                 checkpointing_steps=2, min_eval_queries=50)
     proc = call_main(run.main, ["--config", config])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, values
@@ -163,7 +163,7 @@ def test_encode_returns_numpy_and_the_automodel_snippet_embeds_alike(trained):
 def test_readme_own_data_starts_with_pairs_then_mines():
     text = open(os.path.join(REPO_DIR, "README.md")).read()
     section = text.split("## Training on your own data", 1)[1].split("\n## ", 1)[0]
-    assert '"num_hard_neg": 0' in section and "configs/own_data.json" in section
-    assert section.index('"num_hard_neg": 0') < section.index("python mine_negatives.py")
+    assert "--num_hard_neg 0" in section and "configs/own_data.json" in section
+    assert section.index("--num_hard_neg 0") < section.index("python mine_negatives.py")
     launches = [line for line in section.splitlines() if "accelerate launch" in line]
     assert launches and all("--num_processes" in line for line in launches), launches

@@ -44,7 +44,8 @@ def reference_metrics(encoder, path, query_prompt, batch_size):
     docs = [c for c in table if c == "passage" or c.startswith("negative_")]
     corpus = sorted({t for c in docs for t in table[c]})
     relevant = [[corpus.index(t)] for t in table["passage"]]
-    scores = encoder.encode(table["query"], query_prompt, batch_size) @ encoder.encode(corpus, None, batch_size).T
+    scores = (encoder.encode(table["query"], query_prompt, batch_size, convert_to_tensor=True)
+              @ encoder.encode(corpus, None, batch_size, convert_to_tensor=True).T)
     positive = scores.gather(1, torch.tensor(relevant))
     assert (scores == positive).sum() == len(relevant), "exact ties: the metrics would depend on tie-breaking"
     return {key.replace("@", "_at_"): value for key, value in retrieval_metrics(scores, relevant).items()}

@@ -925,8 +925,9 @@ def test_ctrl_c_during_a_write_leaves_no_temp_file(tiny, tokenized, done, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # one line and the shell's status for a Ctrl-C
         tokenize_data_qwen.main(tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
+    assert stopped.value.code == 130
     assert sorted(os.listdir(done)) == ["banking77.parquet", "msmarco.parquet", "natural_questions.parquet"]
     monkeypatch.setattr(pq.ParquetWriter, "write_table", real_write)
     proc = tokenize_main(*tokenize_args(f"{tiny}/backbone", f"{tiny}/raw", done)[1:])
