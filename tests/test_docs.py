@@ -143,3 +143,18 @@ def test_relative_links_resolve(path):
         elif anchor and dest.endswith(".md") and anchor not in anchors(dest):
             broken.append(f"line {line}: {target} (no heading with anchor #{anchor})")
     assert not broken, f"{os.path.relpath(path, REPO_DIR)}: " + "; ".join(broken)
+
+
+def test_long_runs_promises_name_tests_that_exist():
+    """Each promise of the README's "Long runs" table names the tests that pin it: they must exist."""
+    text = open(os.path.join(REPO_DIR, "README.md")).read()
+    section = text.split("## Long runs", 1)[1].split("\n## ", 1)[0]
+    named, module = [], None
+    for cell in re.findall(r"`(test_\w+(?:\.py::\w+)?)`", section):
+        if "::" in cell:
+            module, cell = cell.split("::")
+        named.append((module, cell))
+    assert len(named) >= 20
+    for module, name in named:
+        with open(os.path.join(REPO_DIR, "tests", module)) as f:
+            assert f"def {name}(" in f.read(), f"{module}::{name}"
