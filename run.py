@@ -210,7 +210,9 @@ def fit(cfg, dataset_types, accelerator, break_lock=False):
         bar.close()
         if run.writer is not None:
             run.writer.close()
-    note(accelerator, cfg, f"final checkpoint: {state.saved_path}{best_checkpoint(run)}")
+    note(accelerator, cfg, f"final checkpoint: {state.saved_path}")
+    if best_checkpoint(run):
+        note(accelerator, cfg, best_checkpoint(run))
     return 0
 
 
@@ -397,13 +399,14 @@ def validation_line(step, metrics, task_of, keys, num_queries):
 
 
 def best_checkpoint(run):
-    """", or "; best by validation MRR@10: PATH (step N, MRR@10 x)" among this launch's checkpoints
-    saved at a step that validated with retrieval metrics (the earliest of equals)."""
+    """None, or "best checkpoint by validation MRR@10: PATH (step N, MRR@10 x)" among this launch's
+    checkpoints saved at a step that validated with retrieval metrics (the earliest of equals). A
+    line of its own: scripts read the path from the "final checkpoint: PATH" line."""
     scored = [(mrr, -step) for step, mrr in run.mrr.items() if step in run.saved]
     if not scored:
-        return ""
+        return None
     mrr, step = max(scored)
-    return f"; best by validation MRR@10: {run.saved[-step]} (step {-step}, MRR@10 {mrr:.3f})"
+    return f"best checkpoint by validation MRR@10: {run.saved[-step]} (step {-step}, MRR@10 {mrr:.3f})"
 
 
 def warn_small_eval_sets(accelerator, cfg, eval_sets, splits):
