@@ -211,8 +211,8 @@ def fit(cfg, dataset_types, accelerator, break_lock=False):
         if run.writer is not None:
             run.writer.close()
     note(accelerator, cfg, f"final checkpoint: {state.saved_path}")
-    if best_checkpoint(run):
-        note(accelerator, cfg, best_checkpoint(run))
+    if best := best_checkpoint(run):
+        note(accelerator, cfg, best)
     return 0
 
 
