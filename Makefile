@@ -1,5 +1,6 @@
 # `make demo`: the whole pipeline on a tiny offline model. `make test`: the test suite.
-# Both create .venv and install what they need on first use.
+# `make test-extras`: the tests of the optional integrations (Ray, MLflow, W&B), which it installs.
+# All create .venv and install what they need on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-c
 TORCH_INDEX_URL ?=
 INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 
-.PHONY: demo test install clean
+.PHONY: demo test test-extras install clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +24,15 @@ demo: install
 	HF_HUB_OFFLINE=1 $(PY) demo.py
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not extras" tests
+
+$(VENV)/.extras: $(VENV)/.installed requirements-ray.txt requirements-trackers.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-ray.txt -r requirements-trackers.txt \
+		$(CONSTRAINTS) $(INDEX)
+	touch $@
+
+test-extras: $(VENV)/.extras
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m extras tests
 
 clean:
 	rm -rf demo_out .pytest_cache

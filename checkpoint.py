@@ -401,12 +401,7 @@ def restore(accelerator, resume_from, run_dir, fresh, prepared):
     fails to load, one this run cannot continue (TrainState.check_resumable), or a run folder whose
     checkpoints are all damaged stop the run with one line."""
     if resume_from in ("", "none"):
-        found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "step_*"))
-                       + glob.glob(os.path.join(run_dir, "epoch_*")))
-        if resume_from == "" and found:
-            raise UserError(f"{run_dir} already holds checkpoints ({', '.join(found[:4])}{', ...' * (len(found) > 4)}) "
-                            'and resume_from is empty: set "resume_from": "latest" to continue that run, "none" to '
-                            "train afresh over it, or choose a new experiment_id")
+        check_fresh_start(resume_from, run_dir)
         return fresh
     latest = resume_from == "latest"
     if latest:
@@ -429,6 +424,17 @@ def restore(accelerator, resume_from, run_dir, fresh, prepared):
     _stop_unless(False, accelerator, f"resume_from latest: no checkpoint in {run_dir} is intact "
                                      f"({'; '.join(skipped)}); restore them from a copy, or start afresh (resume_from "
                                      "none, or a new experiment_id)")
+
+
+def check_fresh_start(resume_from, run_dir):
+    """A UserError when resume_from is empty and run_dir already holds checkpoints: a run never starts
+    afresh over them unless told to ("none")."""
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "step_*"))
+                   + glob.glob(os.path.join(run_dir, "epoch_*")))
+    if resume_from == "" and found:
+        raise UserError(f"{run_dir} already holds checkpoints ({', '.join(found[:4])}{', ...' * (len(found) > 4)}) "
+                        'and resume_from is empty: set "resume_from": "latest" to continue that run, "none" to '
+                        "train afresh over it, or choose a new experiment_id")
 
 
 def _stop_unless(go_on, accelerator, line):

@@ -528,10 +528,14 @@ def load_config(path, overrides=None):
 
 
 # run.py's own options, beside the config keys its command line takes.
+# Each is argparse's keyword arguments; ray_train.py passes its own beside --config.
+CONFIG_OPTION = {"config": dict(required=True, metavar="FILE",
+                                help="JSON config (see configs/config.json and docs/config.md)")}
 RUN_OPTIONS = {
-    "config": "JSON config (see configs/config.json and docs/config.md)",
-    "prepare_only": "build the dataset split cache, then exit",
-    "break_lock": "take over the run folder's lock even if its holder may still run (see docs/long-runs.md)",
+    **CONFIG_OPTION,
+    "prepare_only": dict(action="store_true", help="build the dataset split cache, then exit"),
+    "break_lock": dict(action="store_true",
+                       help="take over the run folder's lock even if its holder may still run (see docs/long-runs.md)"),
 }
 # How a command-line value is read, by the key's type: (metavar, what --help and an error call it).
 VALUE_KINDS = {
@@ -557,26 +561,25 @@ def first_sentence(text):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line (exit_on_user_error), not usage plus a line
-        raise UserError(f"command line: {message} (run.py --help lists the options)")
+        raise UserError(f"command line: {message} ({self.prog} --help lists the options)")
 
 
-def run_parser(description=None):
-    """run.py's command line: --config, --prepare_only, --break_lock, and --KEY VALUE for every config key
-    (as transformers' HfArgumentParser scripts take them), whose values stay text for parse_override; a
-    key not given is absent from the namespace. Light: `run.py --help` prints it before torch loads."""
+def run_parser(description=None, prog="run.py", options=None):
+    """A training script's command line: its `options` (RUN_OPTIONS for run.py: --config, --prepare_only,
+    --break_lock) and --KEY VALUE for every config key (as transformers' HfArgumentParser scripts take
+    them), whose values stay text for parse_override; a key not given is absent from the namespace.
+    Light: `run.py --help` prints it before torch loads."""
+    options = RUN_OPTIONS if options is None else options
     p = _Parser(
-        prog="run.py", description=description, allow_abbrev=False,
-        usage="run.py [-h] --config FILE [--prepare_only] [--break_lock] [--KEY VALUE ...]",
+        prog=prog, description=description, allow_abbrev=False,
+        usage=f"{prog} [-h] {' '.join(_usage(name, kw) for name, kw in options.items())} [--KEY VALUE ...]",
         epilog="Every config key may be given as --KEY VALUE after --config FILE; the command line wins over the "
                "file, and its values are checked as the file's (recorded in output_dir/experiment_id/args.json). "
                "Values: numbers and strings as such, booleans true/false, lists and objects as JSON text "
                "(--adam_betas '[0.9, 0.98]', --lora '{\"r\": 8}'), null or none for a key whose default is null. "
                "Under accelerate launch they go after run.py. Each key in full: docs/config.md.")
-    for name, help in RUN_OPTIONS.items():
-        if name == "config":
-            p.add_argument("--config", required=True, metavar="FILE", help=help)
-        else:
-            p.add_argument(f"--{name}", action="store_true", help=help)
+    for name, kw in options.items():
+        p.add_argument(f"--{name}", **kw)
     hints = typing.get_type_hints(Config)
     defaults = Config(model_path="", train_data_path="")
     for group, heading, _ in CONFIG_GROUPS:
@@ -593,9 +596,16 @@ def run_parser(description=None):
     return p
 
 
-def cli_help(description=None):
-    """The text of `run.py --help`."""
-    return run_parser(description).format_help()
+def cli_help(description=None, prog="run.py", options=None):
+    """The text of `run.py --help` (or of another script's, with its `options`: see run_parser)."""
+    return run_parser(description, prog, options).format_help()
+
+
+def _usage(name, kw):
+    if kw.get("action") == "store_true":
+        return f"[--{name}]"
+    usage = f"--{name} {kw.get('metavar', name.upper())}"
+    return usage if kw.get("required") else f"[{usage}]"
 
 
 def parse_override(key, text):
@@ -645,12 +655,13 @@ def _attach_negative_numbers(argv):
     return out
 
 
-def parse_run_args(argv=None, description=None):
-    """run.py's command line, parsed: (namespace of config, prepare_only, break_lock, {key: value} of the
-    config keys given, read by parse_override). An unknown option is a UserError saying the nearest
+def parse_run_args(argv=None, description=None, prog="run.py", options=None):
+    """A training script's command line (run_parser), parsed: (namespace of its options, {key: value} of
+    the config keys given, read by parse_override). An unknown option is a UserError saying the nearest
     known one; so is a stray value."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = run_parser(description).parse_known_args(_attach_negative_numbers(argv))
+    options = RUN_OPTIONS if options is None else options
+    args, rest = run_parser(description, prog, options).parse_known_args(_attach_negative_numbers(argv))
     for item in rest:
         if not item.startswith("-"):
             raise UserError(f"command line: unexpected value {item!r}: every config key takes one value, "
@@ -660,7 +671,7 @@ def parse_run_args(argv=None, description=None):
             raise UserError(f"command line: --{name} is the launcher's: accelerate launch --{name} N run.py ...")
         if name in REPLACED_KEYS:
             raise UserError(f"command line: --{name} was replaced by {REPLACED_KEYS[name]}")
-        raise UserError(f"command line: {unknown_key(name, list(RUN_OPTIONS) + config_keys())}")
+        raise UserError(f"command line: {unknown_key(name, list(options) + config_keys())}")
     overrides = {key: parse_override(key, getattr(args, key)) for key in config_keys() if hasattr(args, key)}
     for key in overrides:
         delattr(args, key)

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 from functools import partial
 from itertools import islice
@@ -66,12 +67,13 @@ def main(argv=None):
         sys.exit(status)
 
 
-def train(config_path, prepare_only=False, break_lock=False, overrides=None):
+def train(config_path, prepare_only=False, break_lock=False, overrides=None, hooks=None):
     """Train as the JSON config at config_path says, on every process of the launch; with prepare_only,
     build the split cache in this process and print the datasets instead. break_lock: take over the
     run folder's lock whatever its holder (see checkpoint.RunLock). overrides: {key: value} of the
-    command line's --KEY VALUE, which win over the file's (config.load_config). Returns the exit
-    status: 0, or 130 (INTERRUPTED) when a Ctrl-C stopped the run, after its checkpoint."""
+    command line's --KEY VALUE, which win over the file's (config.load_config). hooks: a launcher's
+    Hooks (ray_train.py's). Returns the exit status: 0, or 130 (INTERRUPTED) when a Ctrl-C stopped
+    the run, after its checkpoint."""
     survive_closed_output()
     cfg = load_config(config_path, overrides)
     dataset_types = load_dataset_types(cfg)
@@ -84,9 +86,19 @@ def train(config_path, prepare_only=False, break_lock=False, overrides=None):
             print(f"{name:32s} {task:15s} train {len(train_split):9d}  validation {len(valid_split):7d}")
         return
     accelerator = make_accelerator()
-    status = fit(cfg, dataset_types, accelerator, break_lock)
+    status = fit(cfg, dataset_types, accelerator, break_lock, hooks)
     close(accelerator)
     return status
+
+
+@dataclasses.dataclass
+class Hooks:
+    """What a launcher that is not `accelerate launch` (ray_train.py) adds to a run: saved(path, step),
+    called on every process once a checkpoint is complete; stop_requested(), polled at each step, the
+    name of a stop asked for from outside the process (as a signal would ask), or None."""
+
+    saved: object = None
+    stop_requested: object = None
 
 
 @dataclasses.dataclass
@@ -94,8 +106,8 @@ class Run:
     """What the loop works with, built once by set_up(): the model and optimizer as accelerate
     prepared them, the lr schedule, the teacher (None without distillation), this process's training
     and validation batches, the retrieval sets validation ranks, each dataset's task type, the number
-    of steps, the TrainState a checkpoint saves and restores, and the TensorBoard writer (opened by
-    fit on the main process; None elsewhere)."""
+    of steps, the TrainState a checkpoint saves and restores, the TensorBoard writer (opened by fit
+    on the main process; None elsewhere), and the launcher's Hooks."""
 
     cfg: Config
     accelerator: object
@@ -113,6 +125,7 @@ class Run:
     writer: SummaryWriter = None
     mrr: dict = dataclasses.field(default_factory=dict)  # {step: validation MRR@10} of this launch
     saved: dict = dataclasses.field(default_factory=dict)  # {step: checkpoint path} of this launch
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)
 
 
 def set_up(cfg, dataset_types, accelerator, break_lock=False):
@@ -169,10 +182,11 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
                eval_sets, task_of, total_steps, state)
 
 
-def fit(cfg, dataset_types, accelerator, break_lock=False):
+def fit(cfg, dataset_types, accelerator, break_lock=False, hooks=None):
     """The run, from the checks of its inputs to the final checkpoint, on every process; returns the
     exit status (stop_early's after a stop, else 0)."""
     run = set_up(cfg, dataset_types, accelerator, break_lock)
+    run.hooks = hooks or Hooks()
     state, total = run.state, run.total_steps
     if state.step >= total:
         accelerator.print(f"the run had already finished ({state.step} of {total} steps); nothing to do")
@@ -180,7 +194,7 @@ def fit(cfg, dataset_types, accelerator, break_lock=False):
     run.writer = open_writer(cfg, accelerator, state.step)
     accelerator.print(f"{len(run.task_of)} datasets, {state.steps_per_epoch} batches per epoch per process, "
                       f"{total} steps, {accelerator.num_processes} process(es)")
-    stop, throughput = StopSignal(), Throughput()
+    stop, throughput = StopSignal(run.hooks.stop_requested), Throughput()
     bar = tqdm(total=total, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     try:  # the bar ends its line before any error line
         run.model.train()
@@ -253,6 +267,8 @@ def save(run, name):
     path = checkpoint.save(run.accelerator, run.model, run.tokenizer, os.path.join(cfg.run_dir, name), run.state,
                            cfg.save_total_limit, cfg.max_seq_length, cfg.prompts)
     run.saved[run.state.step] = path
+    if run.hooks.saved is not None:
+        run.hooks.saved(path, run.state.step)
     return path
 
 
@@ -265,6 +281,8 @@ def end_epoch(run, epoch):
     if state.step == (epoch + 1) * state.steps_per_epoch and state.just_saved():
         checkpoint.save_copy(run.accelerator, state, os.path.join(cfg.run_dir, f"epoch_{epoch + 1}"),
                              cfg.save_total_limit)
+        if run.hooks.saved is not None:
+            run.hooks.saved(state.saved_path, state.step)
     elif state.step == (epoch + 1) * state.steps_per_epoch:
         save(run, f"epoch_{epoch + 1}")
     elif not state.just_saved():
@@ -810,11 +828,15 @@ class StopSignal:
     scheduler often repeats them), so that none cuts the stop path short. A second Ctrl-C does: the
     process exits at once with one line and status 130, without a traceback; a checkpoint it cuts
     short is left as `.step_N.partial` (checkpoint.save renames it only when complete), which the
-    next launch removes."""
+    next launch removes.
 
-    def __init__(self):
-        self.received, self.interrupts = None, 0
-        for sig in STOP_SIGNALS:
+    Only a process's main thread can take signals: a Ray Train worker runs the loop in another thread,
+    and its driver asks for a stop through `requested` (Hooks.stop_requested) instead."""
+
+    def __init__(self, requested=None):
+        self.received, self.interrupts, self.requested = None, 0, requested
+        self.signals = threading.current_thread() is threading.main_thread()
+        for sig in STOP_SIGNALS if self.signals else ():
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -826,9 +848,11 @@ class StopSignal:
 
     def agreed(self, accelerator):
         """The signal if any process received one (all processes stop at the same step)."""
+        if self.received is None and self.requested is not None:
+            self.received = self.requested()
         if not any_process(accelerator, self.received is not None):
             return False
-        for sig in NOTICES:
+        for sig in NOTICES if self.signals else ():
             signal.signal(sig, signal.SIG_IGN)
         return True
 
