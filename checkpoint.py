@@ -49,9 +49,11 @@ class TrainState:
     saves: the step, the skipped-step counters, the loss sums not yet reported (`tracker`, a
     metrics.LossTracker), and what a resumed run must match: the number of processes, each dataset's
     batches per epoch per process, the data files' fingerprints (`data`, {dataset: digest}; None in
-    checkpoints of versions before it), the config. trainer_state.json is to_json() and from_json() reads
-    it; no other code knows its keys. `saved_step` / `saved_path`: the newest checkpoint written
-    or restored, so that a stop or an epoch end at that very step does not write it twice."""
+    checkpoints of versions before it), the config. `tracker_runs`: {tracker: the run it logs into} (MLflow's
+    and W&B's run id, TensorBoard's folder; tracking.start), which a resume continues; empty in checkpoints
+    of versions before it. trainer_state.json is to_json() and from_json() reads it; no other code knows
+    its keys. `saved_step` / `saved_path`: the newest checkpoint written or restored, so that a stop or an
+    epoch end at that very step does not write it twice."""
 
     world_size: int
     batches_per_epoch: dict
@@ -61,6 +63,7 @@ class TrainState:
     bad_steps_in_a_row: int = 0
     skipped_steps: int = 0
     data: dict = None
+    tracker_runs: dict = dataclasses.field(default_factory=dict)
     saved_step: int = None
     saved_path: str = None
 
@@ -83,7 +86,7 @@ class TrainState:
                 "world_size": self.world_size, "batches_per_epoch": self.batches_per_epoch,
                 "bad_steps_in_a_row": self.bad_steps_in_a_row, "skipped_steps": self.skipped_steps,
                 "tracker": self.tracker.state_dict(accelerator) if self.tracker is not None else {},
-                "data": self.data, "config": self.config}
+                "data": self.data, "tracker_runs": self.tracker_runs, "config": self.config}
 
     @classmethod
     def from_json(cls, data, tracker=None, accelerator=None):
@@ -92,7 +95,7 @@ class TrainState:
         state = cls(world_size=int(data["world_size"]), batches_per_epoch=dict(data["batches_per_epoch"]),
                     config=dict(data["config"]), tracker=tracker, step=int(data["step"]),
                     bad_steps_in_a_row=int(data["bad_steps_in_a_row"]), skipped_steps=int(data["skipped_steps"]),
-                    data=data.get("data"))
+                    data=data.get("data"), tracker_runs=dict(data.get("tracker_runs", {})))
         if tracker is not None:
             tracker.load_state_dict(data["tracker"], accelerator)
         return state

@@ -43,6 +43,9 @@ CHOICES = {
     "pooling": POOLINGS,
     "loss_dtype": ("float32", "embeddings"),
 }
+# The experiment trackers report_to takes: accelerate's (accelerate.tracking.LOGGER_TYPE_TO_CLASS), by the
+# names its log_with takes. Not its "all", which logs to whichever trackers happen to be installed.
+TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 # Keys of earlier versions of this project: what replaced them.
 REPLACED_KEYS = {"gather_with_grad": "inbatch_gradient (true: \"all\", false: \"own\")"}
 # Keys of the published Args that configure nothing: num_processes is a placeholder the published
@@ -107,8 +110,8 @@ class Config:
                               group="published")
     output_dir: str = _opt("output", "Where checkpoints go (`output_dir/experiment_id/step_N`, `epoch_N`).",
                            on_resume="free", group="published")
-    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`).", on_resume="free",
-                       group="published")
+    tb_dir: str = _opt("output/tb", "TensorBoard log root (`tb_dir/experiment_id`), with `tensorboard` in "
+                                    "report_to.", on_resume="free", group="published")
     cache_dir: str = _opt("cache", "Cache of the `datasets` train/validation splits.", on_resume="free",
                           group="published")
     train_batch_size: int = _opt(16, "Queries per batch per process (micro batch).", group="published",
@@ -167,6 +170,13 @@ class Config:
                                     "valid/TASK_TYPE/inbatch, ... (each loss term apart); `published`, "
                                     "DATASET/training_loss_hard, Avg/TASK_TYPE/valid_loss_in_batch, ... (training's "
                                     "Matryoshka terms inside the loss they cut).", on_resume="free")
+    # A tuple: a dataclass default cannot be a list (__post_init__ makes it one).
+    report_to: list = _opt(("tensorboard",), "Experiment trackers that get the config and the metrics, from the "
+                                             "main process (accelerate's): `tensorboard` (into tb_dir), `mlflow`, "
+                                             "`wandb`, `comet_ml`, `aim`, `clearml`, `dvclive`, `swanlab`, `trackio`; "
+                                             "[]: none. A resumed run continues its MLflow and W&B runs. Each but "
+                                             "tensorboard needs its package (requirements-trackers.txt).",
+                           on_resume="free", see="trackers.md")
     attention_mask_from: str = _opt("lengths", "`lengths`: mask from sequence lengths; `pad_token_id`: published "
                                                "rule input_ids != pad id, which masks eos when pad == eos.")
     dataset_types_file: str = _opt("configs/dataset_types.json",
@@ -259,6 +269,9 @@ class Config:
             self.dataset_types = {}
         if self.prompts is None:
             self.prompts = {}
+        # transformers' TrainingArguments take "mlflow" and "none" as well as lists
+        report_to = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        self.report_to = [] if report_to in (["none"], ("none",)) else list(report_to)
         if self.lora is not None and isinstance(self.lora, dict):
             self.lora = {**LORA_DEFAULTS, **self.lora}
 
@@ -475,13 +488,37 @@ def _validate(cfg, path, overrides=()):
     for name, task in cfg.dataset_types.items():
         if task not in TASK_TYPES:
             bad("dataset_types", f"gives dataset '{name}' the type '{task}'; use one of {', '.join(TASK_TYPES)}")
+    for i, name in enumerate(cfg.report_to):
+        if name not in TRACKERS:
+            bad("report_to", unknown_tracker(name))
+        if name in cfg.report_to[:i]:
+            bad("report_to", f"names '{name}' twice")
+
+
+def unknown_tracker(name):
+    """The error text of a name report_to does not take: the closest tracker, or (none close) every one."""
+    if name == "none":
+        return "has 'none' beside other trackers: give [] for no tracker"
+    if name == "all":
+        return ("has 'all', which is not taken (it would log to whichever trackers happen to be installed): name "
+                "them, e.g. [\"tensorboard\", \"mlflow\"]")
+    close = closest(name, TRACKERS) if isinstance(name, str) else None
+    if close:
+        return f"has the unknown tracker {json.dumps(name)}; did you mean '{close}'?"
+    return f"has the unknown tracker {json.dumps(name)}; valid names: {', '.join(TRACKERS)} ([] for none)"
+
+
+def closest(name, known):
+    """The known name nearest to `name`, or None if none is close."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.72)  # not lr -> lora, save_steps -> train_steps
+    return close[0] if close else None
 
 
 def unknown_key(key, known):
     """The error text of an unknown key: the closest known one, or (none close) every known key."""
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.72)  # not lr -> lora, save_steps -> train_steps
+    close = closest(key, known)
     if close:
-        return f"unknown key '{key}'; did you mean '{close[0]}'?"
+        return f"unknown key '{key}'; did you mean '{close}'?"
     return f"unknown key '{key}'; valid keys: {', '.join(known)} (see docs/config.md)"
 
 
@@ -516,7 +553,7 @@ def load_config(path, overrides=None):
             raise UserError(f"{origin(key)} {held} {what}; give a finite number")
         if value is None and fields[key].default is None:
             continue
-        if not _type_ok(value, hints[key]):
+        if not _type_ok(value, hints[key]) and not (key == "report_to" and isinstance(value, str)):
             raise UserError(f"{origin(key)} must be of type {hints[key].__name__}, got {json.dumps(value)}")
     missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in raw]
     if missing:
@@ -611,9 +648,9 @@ def _usage(name, kw):
 def parse_override(key, text):
     """The value of `--KEY TEXT` for config key `key`, read by the key's type: an int or float as a JSON
     number (a float also as Python reads it: nan, inf), a bool from true/false (yes/no, 1/0), a str as
-    is, a list or dict as JSON text; null / none is None for a key whose default is None. A value of
-    another type is left for load_config's checks (as the file's); text that reads as no value of the
-    type is a UserError naming the option and the type."""
+    is, a list or dict as JSON text (a list of names also as name,name); null / none is None for a key
+    whose default is None. A value of another type is left for load_config's checks (as the file's);
+    text that reads as no value of the type is a UserError naming the option and the type."""
     field_ = {f.name: f for f in dataclasses.fields(Config)}[key]
     typ = typing.get_type_hints(Config)[key]
     word = text.strip().lower()
@@ -625,6 +662,8 @@ def parse_override(key, text):
         if word in TRUE_WORDS + FALSE_WORDS:
             return word in TRUE_WORDS
         raise UserError(f"command line: --{key} expects true or false, got {text!r}")
+    if typ is list and re.fullmatch(r"\s*[A-Za-z_][\w-]*(\s*,\s*[A-Za-z_][\w-]*)*\s*", text):
+        return [item.strip() for item in text.split(",")]  # --report_to mlflow,tensorboard, as transformers takes it
     try:
         return json.loads(text, parse_float=_parse_float)
     except ValueError as err:

@@ -38,11 +38,11 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType, set_seed
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import checkpoint
 import tokenize_data_qwen
+import tracking
 from checkpoint import TrainState
 from config import Config, load_config, load_dataset_types, parse_run_args
 from data import MultiDatasetLoader, check_datasets, corpus_path, holds_raw_files, load_splits, make_loader
@@ -106,8 +106,8 @@ class Run:
     """What the loop works with, built once by set_up(): the model and optimizer as accelerate
     prepared them, the lr schedule, the teacher (None without distillation), this process's training
     and validation batches, the retrieval sets validation ranks, each dataset's task type, the number
-    of steps, the TrainState a checkpoint saves and restores, the TensorBoard writer (opened by fit
-    on the main process; None elsewhere), and the launcher's Hooks."""
+    of steps, the TrainState a checkpoint saves and restores, the experiment trackers of report_to
+    (tracking.Tracker, started by fit on the main process; none elsewhere), and the launcher's Hooks."""
 
     cfg: Config
     accelerator: object
@@ -122,7 +122,7 @@ class Run:
     task_of: dict
     total_steps: int
     state: TrainState
-    writer: SummaryWriter = None
+    trackers: list = dataclasses.field(default_factory=list)
     mrr: dict = dataclasses.field(default_factory=dict)  # {step: validation MRR@10} of this launch
     saved: dict = dataclasses.field(default_factory=dict)  # {step: checkpoint path} of this launch
     hooks: Hooks = dataclasses.field(default_factory=Hooks)
@@ -144,7 +144,7 @@ def set_up(cfg, dataset_types, accelerator, break_lock=False):
         checked = check_datasets(cfg, dataset_types, tokenize_if_raw(cfg, accelerator),
                                  special_tokens=family.special_tokens)
     checkpoint.RunLock(accelerator, cfg.run_dir, break_lock)  # before any write; checks it is writable
-    check_writable(cfg, accelerator)
+    check_trackers(cfg, accelerator)
     set_seed(cfg.seed)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
@@ -191,7 +191,7 @@ def fit(cfg, dataset_types, accelerator, break_lock=False, hooks=None):
     if state.step >= total:
         accelerator.print(f"the run had already finished ({state.step} of {total} steps); nothing to do")
         return 0
-    run.writer = open_writer(cfg, accelerator, state.step)
+    run.trackers = open_trackers(cfg, accelerator, state)
     accelerator.print(f"{len(run.task_of)} datasets, {state.steps_per_epoch} batches per epoch per process, "
                       f"{total} steps, {accelerator.num_processes} process(es)")
     stop, throughput = StopSignal(run.hooks.stop_requested), Throughput()
@@ -222,8 +222,7 @@ def fit(cfg, dataset_types, accelerator, break_lock=False, hooks=None):
                 break
     finally:
         bar.close()
-        if run.writer is not None:
-            run.writer.close()
+        tracking.finish(run.trackers)
     note(accelerator, cfg, f"final checkpoint: {state.saved_path}")
     if best := best_checkpoint(run):
         note(accelerator, cfg, best)
@@ -256,7 +255,7 @@ def log_training(run, throughput):
     lr = run.scheduler.optimizer.param_groups[0]["lr"]  # AdamW's own groups, which the schedule sets
     metrics = {"lr": lr, "train/skipped_steps": run.state.skipped_steps,
                **run.state.tracker.report(run.accelerator, "train"), **throughput.report(run.accelerator)}
-    log(run.writer, metrics, run.state.step)
+    log(run.trackers, metrics, run.state.step)
     return {"loss": f"{metrics.get('train/loss', float('nan')):.4f}", "lr": f"{lr:.2e}",
             "tokens_per_s": f"{metrics['train/tokens_per_s']:.0f}"}
 
@@ -385,10 +384,10 @@ def weights_finite(model, accelerator):
 
 
 def validation(run):
-    """Validate (collective), log the metrics to TensorBoard, print their summary line and remember
+    """Validate (collective), log the metrics to the trackers, print their summary line and remember
     the retrieval MRR@10 of this step (best_checkpoint)."""
     metrics = validate(run)
-    log(run.writer, metrics, run.state.step)
+    log(run.trackers, metrics, run.state.step)
     run.accelerator.print(validation_line(run.state.step, metrics, run.task_of, run.cfg.log_keys,
                                           sum(len(queries) for queries, _, _ in run.eval_sets.values())))
     if RETRIEVAL_MRR in metrics:
@@ -531,51 +530,51 @@ def checkpoint_due(step, total_steps, cfg):
     return bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
 
 
-def check_writable(cfg, accelerator):
-    """One line now, before the data and the model load, if the main process (the one that writes
-    TensorBoard logs) could not create tb_dir/experiment_id or files in it; the other processes stop
-    with it. Nothing is created: a run stopped by another check leaves no folder behind."""
+def check_trackers(cfg, accelerator):
+    """One line now, before the data and the model load, if the main process (the one that logs) lacks
+    a tracker that report_to names, or could not write TensorBoard logs (unwritable_tb_dir); the
+    other processes stop with it."""
     problem = None
     if accelerator.is_main_process:
-        path = os.path.abspath(os.path.join(cfg.tb_dir, cfg.experiment_id))
-        while not os.path.exists(path) and os.path.dirname(path) != path:
-            path = os.path.dirname(path)
-        if not os.path.isdir(path):
-            problem = errno.ENOTDIR
-        elif os.statvfs(path).f_flag & os.ST_RDONLY:
-            problem = errno.EROFS
-        elif not os.access(path, os.W_OK | os.X_OK):
-            problem = errno.EACCES
-        if problem:
-            problem = (f"cannot write TensorBoard logs into tb_dir {cfg.tb_dir}: {os.strerror(problem)} ({path}); "
-                       "set tb_dir to a writable folder")
+        problem = tracking.missing(cfg.report_to) or (unwritable_tb_dir(cfg) if "tensorboard" in cfg.report_to
+                                                      else None)
     if any_process(accelerator, problem is not None):
         if problem:
             raise UserError(problem)
         raise SystemExit(2)
 
 
-def open_writer(cfg, accelerator, step=None):
-    """args.json and the TensorBoard writer, on the main process only (None elsewhere). `step`: the
-    step this launch starts from (a resumed checkpoint's, or 0)."""
-    if not accelerator.is_main_process:
+def unwritable_tb_dir(cfg):
+    """Why tb_dir/experiment_id or files in it could not be created, or None. Nothing is created: a run
+    stopped by another check leaves no folder behind."""
+    path = os.path.abspath(os.path.join(cfg.tb_dir, cfg.experiment_id))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        problem = errno.ENOTDIR
+    elif os.statvfs(path).f_flag & os.ST_RDONLY:
+        problem = errno.EROFS
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problem = errno.EACCES
+    else:
         return None
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    # A launch that died after its last checkpoint logged steps this one redoes. The writer's
-    # SessionLog START makes TensorBoard drop every point of earlier launches from step + 1 on;
-    # without it both copies show (each event file starts with file_version 2, which turns off
-    # TensorBoard's guess from steps going backwards).
-    purge = None if step is None else step + 1
-    return SummaryWriter(os.path.join(cfg.tb_dir, cfg.experiment_id), purge_step=purge)
+    return (f"cannot write TensorBoard logs into tb_dir {cfg.tb_dir}: {os.strerror(problem)} ({path}); set tb_dir "
+            "to a writable folder")
 
 
-def log(writer, metrics, step):
-    if writer is not None:
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, step)
-        writer.flush()
+def open_trackers(cfg, accelerator, state):
+    """args.json, then the experiment trackers (tracking.start), on the main process ([] elsewhere).
+    `state`: the TrainState this launch starts from (a resumed checkpoint's, or step 0's)."""
+    if accelerator.is_main_process:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    return tracking.start(cfg, state, accelerator)
+
+
+def log(trackers, metrics, step):
+    for tracker in trackers:
+        tracker.log(metrics, step)
 
 
 def note(accelerator, cfg, line):

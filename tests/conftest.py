@@ -27,6 +27,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import demo  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extras: needs the optional packages (requirements-ray.txt, "
+                                       "requirements-trackers.txt): `make test-extras` installs them and runs these "
+                                       "tests, `make test` leaves them out (-m 'not extras')")
+
+
 def _build(root, base):
     texts = demo.write_sample_data(os.path.join(root, "raw"), os.path.join(root, "eval"),
                                    people_per_dataset=60, num_negatives=10)

@@ -10,7 +10,8 @@ from conftest import REPO_DIR
 
 # The command-line scripts the README and docs/ run; every other module is a library (model.py, a library
 # with a small command line of its own, included).
-SCRIPTS = {"run", "ray_train", "tokenize_data_qwen", "mine_negatives", "evaluate", "mteb_eval", "merge_checkpoints", "demo"}
+SCRIPTS = {"run", "ray_train", "tokenize_data_qwen", "mine_negatives", "evaluate", "mteb_eval", "merge_checkpoints",
+           "demo"}
 WITH_A_MAIN = SCRIPTS | {"model"}
 FILES = sorted(glob.glob(os.path.join(REPO_DIR, "*.py")) + glob.glob(os.path.join(REPO_DIR, "bench", "*.py"))
                + glob.glob(os.path.join(REPO_DIR, "docs", "*.py")))

@@ -354,7 +354,9 @@ def test_trainer_state_json_keeps_its_schema():
     state = checkpoint.TrainState.from_json(written, tracker, accelerator)
     assert (state.step, state.epoch, state.world_size) == (5, 0, 1)
     again = state.to_json(accelerator)
-    assert set(again) == set(written) | {"data"} and again["data"] is None  # data: fingerprints, added since
+    # added since: data (fingerprints) and tracker_runs (tracking.start)
+    assert set(again) == set(written) | {"data", "tracker_runs"} and again["data"] is None
+    assert again["tracker_runs"] == {}
     for key in written:
         if key != "tracker":
             assert again[key] == written[key], key
