@@ -84,9 +84,12 @@ def train_on_ray(config_path, overrides=None, num_workers=1, use_gpu=False, cpus
 
     # Ray Train sends each print through a logger as well, and the workers' lines came out twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    try:
+        import ray
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError as err:
+        raise UserError(f"ray_train.py needs Ray Train ({err}): pip install -r requirements-ray.txt")
 
     ray.init(address=address, log_to_driver=True, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_DIR,

@@ -18,7 +18,7 @@ import pytest
 import distributed
 import run
 from config import Config, cli_help, config_keys, first_sentence, load_config, parse_run_args
-from conftest import REPO_DIR, assert_user_error, call_main, ddp_launch, free_port, run_cli, write_config
+from conftest import REPO_DIR, assert_user_error, call_main, ddp_launch, free_port, make_config, run_cli, write_config
 
 OWN_DATA = os.path.join(REPO_DIR, "configs", "own_data.json")
 HEAVY = ("torch", "transformers", "accelerate", "datasets")
@@ -223,3 +223,15 @@ def test_own_data_trains_with_paths_on_the_command_line(tmp_path, tiny, tokenize
     assert recorded["model_path"] == f"{tiny}/backbone" and recorded["train_data_path"] == tokenized
     assert (recorded["train_steps"], recorded["max_seq_length"], recorded["gradient_checkpointing"]) == (4, 64, False)
     assert (recorded["learning_rate"], recorded["num_hard_neg"]) == (1e-4, 3)  # the file's
+
+
+def test_ray_train_without_ray_or_with_a_typo_is_one_line(tiny, tokenized, tmp_path, monkeypatch):
+    """ray_train.py's first hour without Ray installed (its tests run in make test-extras), and a typo in
+    one of its own options."""
+    import ray_train
+
+    config, _ = make_config(tmp_path, tiny, tokenized, "ray")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    assert_user_error(call_main(ray_train.main, ["--config", config]), "needs Ray Train",
+                      "pip install -r requirements-ray.txt")
+    assert_user_error(call_main(ray_train.main, ["--config", config, "--num_worker", "2"]), "did you mean 'num_workers'")
