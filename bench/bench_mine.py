@@ -79,8 +79,8 @@ def write_pairs(root, words, rows, extra, heldout, regime="short", seed=0, name=
         topics = gen.rng.integers(0, len(gen.topics), n)
         out = {"query": [], "passage": [], "topic": topics.tolist()}
         for topic in topics.tolist():
-            doc = gen.document(topic, spec)
-            out["query"].append(gen.query(doc, topic, spec)[0])
+            doc, relevant = gen.document(topic, spec)
+            out["query"].append(gen.query(relevant, topic, spec)[0])
             out["passage"].append(" ".join(doc))
         return pa.table(out)
 
