@@ -14,9 +14,11 @@ accelerate launch. Ray is optional: pip install -r requirements-ray.txt.
 # ruff: noqa: E402 - the imports follow the --help block, which prints before torch and Ray load
 import sys
 
+from config import CONFIG_OPTION  # light: no torch, so that --help stays fast
+
 # Ray Train's worker options (argparse keyword arguments), beside --config and the config keys.
 RAY_OPTIONS = {
-    "config": dict(required=True, metavar="FILE", help="JSON config (see configs/config.json and docs/config.md)"),
+    **CONFIG_OPTION,
     "num_workers": dict(type=int, default=1, metavar="N", help="training processes (one per GPU with --use_gpu)"),
     "use_gpu": dict(action="store_true", help="one GPU per worker (NCCL); without it the workers run on CPUs (gloo)"),
     "cpus_per_worker": dict(type=float, default=1, metavar="N", help="CPU cores Ray reserves for each worker"),
