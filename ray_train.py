@@ -47,6 +47,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 import json
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -93,9 +94,7 @@ def train_on_ray(config_path, overrides=None, num_workers=1, use_gpu=False, cpus
     except ImportError as err:
         raise UserError(f"ray_train.py needs Ray Train ({err}): pip install -r requirements-ray.txt")
 
-    ray.init(address=address, log_to_driver=True, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_DIR,
-                                                                                   os.environ.get("PYTHONPATH")]))}})
+    connect(ray, address)
     try:
         check_resources(ray.cluster_resources(), num_workers, cpus_per_worker, use_gpu)
         stop = ray.remote(num_cpus=0)(StopRequest).remote()
@@ -214,6 +213,35 @@ def check_resources(cluster, num_workers, cpus_per_worker, use_gpu):
     if short:
         raise UserError(f"{num_workers} worker(s) need {' and '.join(short)}: lower --num_workers or "
                         "--cpus_per_worker, or add nodes to the cluster (ray start --address HEAD:PORT on each)")
+
+
+def connect(ray, address):
+    """ray.init, or one line: a cluster that cannot be reached, or one that wants a token this process
+    does not send (Ray's `ray start --head` turns token authentication on by itself when
+    ~/.ray/auth_token exists, but a client given an explicit address sends the token only when told)."""
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        # Ray retries an address where nothing listens for minutes, deaf to Ctrl-C.
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except OSError as err:
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {err.strerror or err}; is "
+                            "`ray start --head` running there, and is --address its GCS address (HEAD:6379)?")
+    try:
+        ray.init(address=address, log_to_driver=True, logging_level="ERROR",
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_DIR,
+                                                                                       os.environ.get("PYTHONPATH")]))}})
+    except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+        causes, cause = [], err
+        while cause is not None and len(causes) < 10:
+            causes.append(f"{type(cause).__name__}: {cause}")  # Ray keeps the GCS client's refusal as text
+            cause = cause.__cause__ or cause.__context__
+        if any("AuthenticationError" in cause or "InvalidAuthToken" in cause for cause in causes):
+            raise UserError(f"the Ray cluster at {address} uses token authentication and refused this driver: "
+                            "export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token (or "
+                            "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), and run again (docs/ray.md)")
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {last_line(err)}; is `ray start --head` "
+                        "running there, and is --address its GCS address (HEAD:6379)?")
 
 
 def last_line(err):

@@ -234,4 +234,5 @@ def test_ray_train_without_ray_or_with_a_typo_is_one_line(tiny, tokenized, tmp_p
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     assert_user_error(call_main(ray_train.main, ["--config", config]), "needs Ray Train",
                       "pip install -r requirements-ray.txt")
-    assert_user_error(call_main(ray_train.main, ["--config", config, "--num_worker", "2"]), "did you mean 'num_workers'")
+    assert_user_error(call_main(ray_train.main, ["--config", config, "--num_worker", "2"]),
+                      "did you mean 'num_workers'")

@@ -49,42 +49,54 @@ def stop_node(proc):
             continue
 
 
-def wait_for_nodes(address, count, timeout=120):
+def wait_for_nodes(address, count, node, log_path, timeout=120):
+    """Until `count` nodes are alive; else the last probe's error and the tail of the newest node's log."""
     script = (f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
               "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and node.poll() is None:
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         if proc.returncode == 0 and proc.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         time.sleep(2)
-    raise AssertionError(f"the Ray cluster at {address} did not reach {count} nodes")
+    log = open(log_path).read().splitlines()[-15:]
+    raise AssertionError(f"the Ray cluster at {address} did not reach {count} nodes (node exit status "
+                         f"{node.poll()}); last probe:\n{proc.stderr[-2000:]}\nnode log:\n" + "\n".join(log))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A two-node Ray cluster (one CPU per node): its address and dashboard URL; stopped after the module's tests.
-    Each node has a temp dir of its own (short paths: Ray's sockets live there), as separate machines."""
+    Each node has a temp dir of its own (short paths: Ray's sockets live there), as separate machines.
+    Token authentication is on, as `ray start --head` turns it on wherever ~/.ray/auth_token exists;
+    the token is the test's own, given to the nodes, the drivers and `ray job submit` by the environment."""
     logs = tmp_path_factory.mktemp("ray_logs")
     dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(2)]
+    token = logs / "auth_token"
+    token.write_text(os.urandom(16).hex())
     port = free_port()
     address = f"127.0.0.1:{port}"
     head_log, node_log = open(logs / "head.log", "w"), open(logs / "node.log", "w")
     # The dashboard serves `ray job submit` and the state API that Ray Train's clean-up polls.
     dashboard = free_port()
-    nodes = [start_node(["--head", "--port", port, "--dashboard-port", dashboard], dirs[0], head_log)]
-    try:
-        wait_for_nodes(address, 1)
-        nodes.append(start_node(["--address", address], dirs[1], node_log))
-        wait_for_nodes(address, 2)
-        yield types.SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard}")
-    finally:
-        for proc in reversed(nodes):
-            stop_node(proc)
-        head_log.close()
-        node_log.close()
-        for folder in dirs:
-            shutil.rmtree(folder, ignore_errors=True)
+    nodes = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "token")
+        patch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        patch.delenv("RAY_AUTH_TOKEN", raising=False)
+        try:
+            nodes.append(start_node(["--head", "--port", port, "--dashboard-port", dashboard], dirs[0], head_log))
+            wait_for_nodes(address, 1, nodes[-1], head_log.name)
+            nodes.append(start_node(["--address", address], dirs[1], node_log))
+            wait_for_nodes(address, 2, nodes[-1], node_log.name)
+            yield types.SimpleNamespace(address=address, dashboard=f"http://127.0.0.1:{dashboard}")
+        finally:
+            for proc in reversed(nodes):
+                stop_node(proc)
+            head_log.close()
+            node_log.close()
+            for folder in dirs:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def ray_train(config, address, *args, timeout=900):
@@ -199,6 +211,11 @@ def test_ray_train_input_errors_are_one_line(cluster, tiny, tokenized, tmp_path)
     config, _ = make_config(tmp_path, tiny, tokenized, "many")
     assert_user_error(ray_train(config, cluster.address, "--num_workers", "5"), "5 worker(s) need 5 CPU",
                       "the cluster has 2")
+    # A driver without the cluster's token, and an address where no cluster listens
+    assert_user_error(run_cli("ray_train.py", "--config", config, "--address", cluster.address,
+                              env={"RAY_AUTH_MODE": "disabled"}), "uses token authentication", "RAY_AUTH_MODE=token")
+    assert_user_error(run_cli("ray_train.py", "--config", config, "--address", f"127.0.0.1:{free_port()}",
+                              timeout=300), "cannot connect to the Ray cluster", "ray start --head")
     # Found by the workers (the data), reported by the driver in one line, and not retried
     bad = tmp_path / "bad_data"
     bad.mkdir()
