@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 
 import portable
 from config import resume_rule
-from distributed import any_process, warn
+from distributed import any_process, stop_all, stop_together, warn
 from errors import UserError
 from files import file_digests, pid_alive
 from lora import is_lora, merged_state_dict
@@ -272,15 +272,11 @@ WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def _agree(accelerator, problem, tmp):
-    """A barrier at which every process learns whether one of them failed; then all stop together
-    (the main process with the line, the others quietly), the partial folder removed."""
-    if not any_process(accelerator, problem is not None):
-        return
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(problem or "saving a checkpoint failed on another process (see its log); the checkpoints "
-                                   "already written are intact")
-    raise SystemExit(2)
+    """A barrier at which every process learns whether one of them failed; then all stop together,
+    the partial folder removed."""
+    stop_together(accelerator, problem, "saving a checkpoint failed on another process (see its log); the "
+                                        "checkpoints already written are intact",
+                  cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
 
 
 def checkpoint_bytes(path):
@@ -419,14 +415,14 @@ def restore(accelerator, resume_from, run_dir, fresh, prepared):
     for path in paths:
         problem = problem_with(path, verify=True) if accelerator.is_main_process else None
         if any_process(accelerator, problem is not None):
-            _stop_unless(latest, accelerator, f"resume_from {resume_from}: cannot resume from it: {problem}")
+            if not latest:
+                stop_all(accelerator, f"resume_from {resume_from}: cannot resume from it: {problem}")
             warn(accelerator, f"skipping checkpoint {path}: {problem}")
             skipped.append(f"{os.path.basename(path)}: {problem}")
             continue
         return _load(accelerator, path, fresh, prepared)
-    _stop_unless(False, accelerator, f"resume_from latest: no checkpoint in {run_dir} is intact "
-                                     f"({'; '.join(skipped)}); restore them from a copy, or start afresh (resume_from "
-                                     "none, or a new experiment_id)")
+    stop_all(accelerator, f"resume_from latest: no checkpoint in {run_dir} is intact ({'; '.join(skipped)}); "
+                          "restore them from a copy, or start afresh (resume_from none, or a new experiment_id)")
 
 
 def check_fresh_start(resume_from, run_dir):
@@ -438,15 +434,6 @@ def check_fresh_start(resume_from, run_dir):
         raise UserError(f"{run_dir} already holds checkpoints ({', '.join(found[:4])}{', ...' * (len(found) > 4)}) "
                         'and resume_from is empty: set "resume_from": "latest" to continue that run, "none" to '
                         "train afresh over it, or choose a new experiment_id")
-
-
-def _stop_unless(go_on, accelerator, line):
-    """Unless go_on: stop every process, the main one with `line`."""
-    if go_on:
-        return
-    if accelerator.is_main_process:
-        raise UserError(line)
-    raise SystemExit(2)
 
 
 def _load(accelerator, path, fresh, prepared):
@@ -470,10 +457,9 @@ def _load(accelerator, path, fresh, prepared):
         except Exception as err:  # noqa: BLE001 - a file can fail to load in almost any way while unpickling
             problem = _unreadable(err)
     if any_process(accelerator, problem is not None):
-        problem = problem or "failed on another process"
-        _stop_unless(False, accelerator, f"cannot resume from checkpoint {path}: {problem}; its files are as they "
-                                         "were written (hashes checked), so this is no damage: resume from another "
-                                         "checkpoint (resume_from PATH) or start afresh (resume_from none)")
+        stop_all(accelerator, f"cannot resume from checkpoint {path}: {problem or 'failed on another process'}; its "
+                              "files are as they were written (hashes checked), so this is no damage: resume from "
+                              "another checkpoint (resume_from PATH) or start afresh (resume_from none)")
     if written != here:
         accelerator.print(f"{path} was written by a {portable.describe(written, saved.world_size)}: its weights and "
                           f"optimizer state converted for this {portable.describe(here, accelerator.num_processes)}")
@@ -504,10 +490,7 @@ class RunLock:
             except OSError as err:
                 problem = (f"cannot write into the run folder {run_dir} ({err.strerror or err}); set output_dir "
                            "to a writable folder")
-        if any_process(accelerator, problem is not None):
-            if accelerator.is_main_process:
-                raise UserError(problem)
-            raise SystemExit(2)
+        stop_together(accelerator, problem)
         if accelerator.is_main_process:
             clean_leftovers(run_dir)
 

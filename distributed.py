@@ -1,5 +1,6 @@
 """The Accelerator of a launch, the refusal of launches that would train at the wrong world size, and
-the helpers by which processes agree (any_process) or the main one speaks (warn); Processes, a
+the helpers by which processes agree (any_process), stop together with one line (stop_together) or
+the main one speaks (warn); Processes, a
 launch seen by a script that needs no Accelerator (mine_negatives.py).
 
 Without CUDA, accelerate finds no process-group backend for a `accelerate launch` that starts
@@ -190,6 +191,24 @@ def any_process(accelerator, flag):
     """True if `flag` is true on any process (one all-reduce): all processes take the same branch."""
     flag = torch.tensor(float(flag), device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def stop_together(accelerator, problem, elsewhere="failed on another process (see its log)", cleanup=None):
+    """If any process has a problem (one all-reduce): every process stops at this point, the main one
+    with one line (its problem, or `elsewhere`; after `cleanup()`), the others quietly with status 2."""
+    if not any_process(accelerator, problem is not None):
+        return
+    if accelerator.is_main_process and cleanup is not None:
+        cleanup()
+    stop_all(accelerator, problem or elsewhere)
+
+
+def stop_all(accelerator, line):
+    """Every process stops (all reached this point together): the main one with `line`, the others
+    quietly with status 2 (one line for the user, not one per process)."""
+    if accelerator.is_main_process:
+        raise UserError(line)
+    raise SystemExit(2)
 
 
 def warn(accelerator, message):

@@ -46,7 +46,7 @@ import tracking
 from checkpoint import TrainState
 from config import Config, load_config, load_dataset_types, parse_run_args
 from data import MultiDatasetLoader, check_datasets, corpus_path, holds_raw_files, load_splits, make_loader
-from distributed import any_process, close, make_accelerator, warn
+from distributed import any_process, close, make_accelerator, stop_together, warn
 from errors import INTERRUPTED, UserError, exit_on_user_error
 from files import sampled_digest
 from grad_cache import cached_backward
@@ -538,10 +538,7 @@ def check_trackers(cfg, accelerator):
     if accelerator.is_main_process:
         problem = tracking.missing(cfg.report_to) or (unwritable_tb_dir(cfg) if "tensorboard" in cfg.report_to
                                                       else None)
-    if any_process(accelerator, problem is not None):
-        if problem:
-            raise UserError(problem)
-        raise SystemExit(2)
+    stop_together(accelerator, problem)
 
 
 def unwritable_tb_dir(cfg):
@@ -635,10 +632,8 @@ def tokenize_if_raw(cfg, accelerator=None):
             problem = str(err)
     if accelerator is None and problem:
         raise UserError(problem)
-    if accelerator is not None and any_process(accelerator, problem is not None):
-        if problem:
-            raise UserError(problem)
-        raise SystemExit(2)
+    if accelerator is not None:
+        stop_together(accelerator, problem)
     return out
 
 

@@ -20,8 +20,7 @@ import sys
 
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, MLflowTracker, TensorBoardTracker, WandBTracker
 
-from distributed import any_process
-from errors import UserError
+from distributed import stop_together
 
 
 def missing(names):
@@ -85,11 +84,7 @@ def start(cfg, state, accelerator):
                 problem = (f"report_to {name}: cannot start its run ({first_line(err)}); see docs/trackers.md, or "
                            "remove it from report_to")
                 break
-    if any_process(accelerator, problem is not None):
-        finish(started)
-        if problem:
-            raise UserError(problem)
-        raise SystemExit(2)
+    stop_together(accelerator, problem, cleanup=lambda: finish(started))
     return started
 
 

@@ -44,6 +44,7 @@ def test_untrained_embeddings_agree(qwen3_tokenizer, tmp_path):
     assert agreement["ours"] == pytest.approx(agreement["flag"], abs=1e-6)
 
 
+@pytest.mark.breadth  # the benchmark's own harness, training
 def test_both_sides_train_alike(qwen3_tokenizer, tmp_path):
     sizes = {"short": (32, 2, 1), "num_neg": 2, "heldout": 16}
     result = bench_peers.run(sizes=sizes, regimes=("short",), variants=["ours-f2llm", "st-mnrl"], hidden=16,
@@ -69,6 +70,7 @@ def test_both_sides_train_alike(qwen3_tokenizer, tmp_path):
     json.dumps(result)
 
 
+@pytest.mark.breadth
 def test_flag_side_trains_alike(qwen3_tokenizer, tmp_path):
     # FlagEmbedding's Trainer draws ST's batches (the same sampler and seed) and its in-batch loss over
     # every positive and hard negative is MNRL's: the same curve, to float rounding

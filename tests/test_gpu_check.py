@@ -58,6 +58,7 @@ def hand_flops(seq_lengths, padded):
     return 6 * 98688 * tokens + per_pair * pairs, tokens
 
 
+@pytest.mark.breadth  # a launch of the benchmark on the CPU
 def test_tiny_check_fields_and_values(check):
     result, stdout, _ = check
     env = result["environment"]
@@ -97,6 +98,7 @@ def test_tiny_check_fields_and_values(check):
     assert "packed vs padded" in stdout and "largest batch" in stdout
 
 
+@pytest.mark.breadth
 def test_tiny_check_flops_and_mfu_by_hand(check):
     result = check[0]
     assert result["model"]["non_embedding_params"] == hand_non_embedding_params(TINY) == 98688

@@ -143,26 +143,34 @@ def test_same_global_batch_same_update_bf16(published):
 @pytest.fixture(scope="module")
 def exact(tiny, tokenized, tmp_path_factory, deepspeed_op):
     """ZeRO-2 in float32 (--mixed_precision no), 3 steps on the retrieval datasets (in-batch loss
-    across processes on every step): {(processes, grad_cache_chunk_size): config values}."""
+    across processes on every step): (processes, grad_cache_chunk_size) -> config values, each
+    launched on first use."""
     root = tmp_path_factory.mktemp("exact")
     data = root / "retrieval"
     data.mkdir()
     for name in ("msmarco", "natural_questions"):
         os.symlink(os.path.join(tokenized, f"{name}.parquet"), data / f"{name}.parquet")
-    out = {}
-    for processes, chunk in ((1, 0), (2, 0), (1, 7), (2, 7)):
-        config, values = make_config(root, tiny, str(data), f"p{processes}c{chunk}", train_steps=3,
-                                     train_batch_size=2 * B // processes, grad_cache_chunk_size=chunk, **SAME_BATCHES)
-        ok(accelerate(config, processes, flags=("--mixed_precision", "no")))
-        out[processes, chunk] = values
-    return out
+    runs = {}
+
+    def get(processes, chunk):
+        if (processes, chunk) not in runs:
+            config, values = make_config(root, tiny, str(data), f"p{processes}c{chunk}", train_steps=3,
+                                         train_batch_size=2 * B // processes, grad_cache_chunk_size=chunk,
+                                         **SAME_BATCHES)
+            ok(accelerate(config, processes, flags=("--mixed_precision", "no")))
+            runs[processes, chunk] = values
+        return runs[processes, chunk]
+
+    return get
 
 
-@pytest.mark.parametrize("processes,chunk", [(2, 0), (1, 7), (2, 7)])
+# The cached step is also checked against the plain one in-process (test_grad_cache.py)
+@pytest.mark.parametrize("processes,chunk", [(2, 0), pytest.param(1, 7, marks=pytest.mark.breadth),
+                                             pytest.param(2, 7, marks=pytest.mark.breadth)])
 def test_same_update_float32(exact, processes, chunk):
     """Against 1 process x 2B, plain step: 2 processes x B, and the cached step (chunks of 7
     sequences) with 1 and 2 processes, give the same losses, gradient norms and weights."""
-    reference, other = exact[1, 0], exact[processes, chunk]
+    reference, other = exact(1, 0), exact(processes, chunk)
     for tag, values in first_steps(reference, 3).items():
         assert first_steps(other, 3)[tag] == pytest.approx(values, rel=1e-5), tag
     a, b = weights(os.path.join(run_dir(reference), "step_3")), weights(os.path.join(run_dir(other), "step_3"))
@@ -280,6 +288,7 @@ def test_two_nodes_zero2_match_one_node(published, tmp_path):
     assert_same_weights(os.path.join(run_dir(ref), "epoch_1"), os.path.join(run_dir(values), "epoch_1"))
 
 
+@pytest.mark.breadth  # DDP: the same launch path as ZeRO-2, tested just above
 def test_two_nodes_ddp_match_one_node(reference, tmp_path):
     """The same with the DDP yaml (in float32, as the reference) against the reference 2-process
     DDP run."""

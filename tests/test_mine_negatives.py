@@ -606,6 +606,7 @@ def test_bad_setup_is_one_line(checkpoint, tmp_path):
 
 # ---- the benchmark at its tiniest ------------------------------------------------------------------
 
+@pytest.mark.breadth
 def test_bench_quick_runs_both_sides_alike(qwen3_tokenizer, tmp_path):
     """bench/bench_mine.py with 48 pairs and a 16-wide model (about 20 s: each run loads Qwen3's tokenizer):
     both sides mine the same texts (top sampling, no margin); with the margin all our rows come out and

@@ -216,7 +216,7 @@ def test_preset_trains_with_two_processes_as_published(version, tiny, tokenized,
     switches = {key: value for key, value in values.items() if key not in paths}
     config, values = make_config(tmp_path, tiny, published_v2_data if version == "v2" else tokenized, version,
                                  **{**switches, **small})
-    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29551))
+    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     logged = published_events(values)
 

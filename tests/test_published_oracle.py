@@ -124,7 +124,7 @@ def test_every_batch_is_full_with_two_processes(tiny, tokenized, tmp_path):
     wrapper.write_text(ROWS_PER_STEP.format(repo=REPO_DIR, out=str(tmp_path)))
     config, values = make_config(tmp_path, tiny, tokenized, "full", train_batch_size=8, train_epochs=1,
                                  min_eval_queries=0)  # the published 1% split
-    proc = run_cli(str(wrapper), "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29561))
+    proc = run_cli(str(wrapper), "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.load(open(tmp_path / f"rows_{rank}.json")) for rank in (0, 1)]
     train_rows = [n - -(-n // 100) for n in (pq.read_metadata(os.path.join(tokenized, f)).num_rows

@@ -94,9 +94,10 @@ def test_train_one_process(tmp_path, tiny, tokenized):
     check_run(tmp_path, values, proc, steps_per_epoch(tokenized, 8, 1))
 
 
+@pytest.mark.breadth  # two processes under the DDP launch: as in test_presets, test_resume
 def test_train_two_processes(tmp_path, tiny, tokenized):
     config, values = train_config(tmp_path, tiny, tokenized)
-    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, 29533))
+    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2))
     check_run(tmp_path, values, proc, steps_per_epoch(tokenized, 8, 2))
     assert "2 process(es)" in proc.stdout
 
