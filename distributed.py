@@ -1,7 +1,7 @@
 """The Accelerator of a launch, the refusal of launches that would train at the wrong world size, and
 the helpers by which processes agree (any_process), stop together with one line (stop_together) or
-the main one speaks (warn); Processes, a
-launch seen by a script that needs no Accelerator (mine_negatives.py).
+the main one speaks (warn); Processes, a launch seen by a script that needs no Accelerator
+(mine_negatives.py).
 
 Without CUDA, accelerate finds no process-group backend for a `accelerate launch` that starts
 several processes: every process then believes it is alone (world size 1, rank 0), trains on

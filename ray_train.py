@@ -215,6 +215,9 @@ def check_resources(cluster, num_workers, cpus_per_worker, use_gpu):
                         "--cpus_per_worker, or add nodes to the cluster (ray start --address HEAD:PORT on each)")
 
 
+NO_CLUSTER = "is `ray start --head` running there, and is --address its GCS address (HEAD:6379)?"
+
+
 def connect(ray, address):
     """ray.init, or one line: a cluster that cannot be reached, or one that wants a token this process
     does not send (Ray's `ray start --head` turns token authentication on by itself when
@@ -225,8 +228,7 @@ def connect(ray, address):
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
         except OSError as err:
-            raise UserError(f"cannot connect to the Ray cluster at {address}: {err.strerror or err}; is "
-                            "`ray start --head` running there, and is --address its GCS address (HEAD:6379)?")
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {err.strerror or err}; {NO_CLUSTER}")
     try:
         ray.init(address=address, log_to_driver=True, logging_level="ERROR",
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [REPO_DIR,
@@ -240,8 +242,7 @@ def connect(ray, address):
             raise UserError(f"the Ray cluster at {address} uses token authentication and refused this driver: "
                             "export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token (or "
                             "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), and run again (docs/ray.md)")
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {last_line(err)}; is `ray start --head` "
-                        "running there, and is --address its GCS address (HEAD:6379)?")
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {last_line(err)}; {NO_CLUSTER}")
 
 
 def last_line(err):

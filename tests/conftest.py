@@ -195,13 +195,12 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def ddp_launch(processes, port=None):
+def ddp_launch(processes):
     """The command prefix (for run_cli) of the DDP launch users type for several processes without
     DeepSpeed: `accelerate launch` with the shipped DDP yaml, in float32 so that tests can compare
-    exact numbers. A free port unless one is given (tests may run in parallel: no fixed ports)."""
+    exact numbers; on a free port."""
     return [os.path.join(BIN, "accelerate"), "launch", "--config_file", "configs/accelerate_ddp.yaml",
-            "--num_processes", str(processes), "--main_process_port", str(port or free_port()),
-            "--mixed_precision", "no"]
+            "--num_processes", str(processes), "--main_process_port", free_port(), "--mixed_precision", "no"]
 
 
 def call_main(main, argv):
@@ -286,11 +285,11 @@ def make_config(root, tiny, data, name, **overrides):
     return write_config(root / name / "config.json", **values), values
 
 
-def launch(config, processes=1, port=None, script="run.py", **kw):
+def launch(config, processes=1, script="run.py", **kw):
     """`python run.py` for one process, the DDP launch (float32) for several."""
     if processes == 1:
         return run_cli(script, "--config", config, env=ONE_THREAD, **kw)
-    return run_cli(script, "--config", config, env=ONE_THREAD, **kw, prefix=ddp_launch(processes, port))
+    return run_cli(script, "--config", config, env=ONE_THREAD, **kw, prefix=ddp_launch(processes))
 
 
 def run_dir(values):

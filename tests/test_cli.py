@@ -18,7 +18,7 @@ import pytest
 import distributed
 import run
 from config import Config, cli_help, config_keys, first_sentence, load_config, parse_run_args
-from conftest import REPO_DIR, assert_user_error, call_main, ddp_launch, free_port, make_config, run_cli, write_config
+from conftest import REPO_DIR, assert_user_error, call_main, ddp_launch, make_config, run_cli, write_config
 
 OWN_DATA = os.path.join(REPO_DIR, "configs", "own_data.json")
 HEAVY = ("torch", "transformers", "accelerate", "datasets")
@@ -210,7 +210,7 @@ def test_own_data_trains_with_paths_on_the_command_line(tmp_path, tiny, tokenize
              "--tb_dir", str(tmp_path / "tb"), "--cache_dir", str(tmp_path / "cache")]
     proc = run_cli("run.py", "--config", OWN_DATA, *paths, "--train_steps", "4", "--max_seq_length", "64",
                    "--gradient_checkpointing", "false", "--eval_queries", "0", env={"OMP_NUM_THREADS": "1"},
-                   prefix=ddp_launch(2, free_port()), timeout=300)
+                   prefix=ddp_launch(2), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "4 steps, 2 process(es)" in proc.stdout
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]

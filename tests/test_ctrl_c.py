@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ONE_THREAD, REPO_DIR, call_main, ddp_launch, free_port, launch_env, make_config, run_dir
+from conftest import ONE_THREAD, REPO_DIR, call_main, ddp_launch, launch_env, make_config, run_dir
 from test_faults import wait_for as poll_until
 from test_lifecycle import alive, workers
 
@@ -155,7 +155,7 @@ def test_ctrl_c_to_a_ddp_launch_stops_both_workers_with_a_checkpoint(tiny, token
     config, values = make_config(tmp_path, tiny, tokenized, "ddp", **LONG)
     log = tmp_path / "launch.log"
     with open(log, "w") as out:
-        launcher = subprocess.Popen([*ddp_launch(2, free_port()), "run.py", "--config", config], cwd=REPO_DIR,
+        launcher = subprocess.Popen([*ddp_launch(2), "run.py", "--config", config], cwd=REPO_DIR,
                                     env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     read = lambda: ("", log.read_text())  # noqa: E731
     pids = []

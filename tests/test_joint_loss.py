@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_DIR, ddp_launch, free_port, make_config, run_cli, run_two_gloo_workers
+from conftest import REPO_DIR, ddp_launch, make_config, run_cli, run_two_gloo_workers
 from test_presets import first_batches, published_events
 
 import data
@@ -239,7 +239,7 @@ def test_joint_loss_trains_with_two_processes(tiny, tokenized, tmp_path):
                                  false_negative_margin=margin, dataset_draw="published", train_batch_size=16,
                                  num_hard_neg=3, train_epochs=1, warmup_steps=2, dtype="float32",
                                  train_steps=2, eval_queries=0)
-    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2, free_port()))
+    proc = run_cli("run.py", "--config", config, env={"OMP_NUM_THREADS": "1"}, prefix=ddp_launch(2))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     logged = published_events(values)
     cfg, batches = first_batches(config, tokenized, 2)

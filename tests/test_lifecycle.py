@@ -8,7 +8,7 @@ import subprocess
 import time
 
 from conftest import (ONE_THREAD, REPO_DIR, assert_same_curves, assert_same_weights, assert_user_error, call_main,
-                      children, curves, ddp_launch, free_port, launch, launch_env, make_config, run_dir)
+                      children, curves, ddp_launch, launch, launch_env, make_config, run_dir)
 from test_faults import LONG, stop_line, tmpfs, training, wait_for
 
 import checkpoint
@@ -59,7 +59,7 @@ def workers(launcher_pid):
 
 def launch_cmd(config, *extra):
     """The 2-process DDP launch (float32) of run.py, with extra `accelerate launch` options."""
-    return [*ddp_launch(2, free_port()), *extra, "run.py", "--config", config]
+    return [*ddp_launch(2), *extra, "run.py", "--config", config]
 
 
 def test_killing_the_launcher_stops_its_workers_with_a_checkpoint(tiny, tokenized, tmp_path):

@@ -53,15 +53,16 @@ def wait_for_nodes(address, count, node, log_path, timeout=120):
     """Until `count` nodes are alive; else the last probe's error and the tail of the newest node's log."""
     script = (f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
               "print(sum(1 for n in ray.nodes() if n['Alive']))")
-    deadline = time.time() + timeout
+    deadline, proc = time.time() + timeout, None
     while time.time() < deadline and node.poll() is None:
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         if proc.returncode == 0 and proc.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         time.sleep(2)
-    log = open(log_path).read().splitlines()[-15:]
+    log = "\n".join(open(log_path).read().splitlines()[-15:])
+    probe = proc.stderr[-2000:] if proc else "(none: the node had exited)"
     raise AssertionError(f"the Ray cluster at {address} did not reach {count} nodes (node exit status "
-                         f"{node.poll()}); last probe:\n{proc.stderr[-2000:]}\nnode log:\n" + "\n".join(log))
+                         f"{node.poll()}); last probe:\n{probe}\nnode log:\n{log}")
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_a_checkpoint_resumes_under_the_other_kind_of_launch(tmp_path, tiny, tok
     assert_close_weights(final, os.path.join(run_dir(values), "epoch_2"))
 
     config, back = with_checkpoints(tmp_path, tiny, tokenized, "to_ddp", run_dir(values), [2 * K], resume_from="latest")
-    proc = launch(config, 2, free_port())
+    proc = launch(config, 2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "was written by a DeepSpeed launch of 2 process(es): its weights and optimizer state converted for this " \
            "DDP launch of 2 processes" in proc.stdout

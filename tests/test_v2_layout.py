@@ -22,7 +22,7 @@ import data
 import run
 import tokenize_data_qwen
 from config import Config
-from conftest import assert_user_error, call_main, free_port, launch, make_config, run_cli, run_dir, write_config
+from conftest import assert_user_error, call_main, launch, make_config, run_cli, run_dir, write_config
 from model import load_tokenizer
 from test_train import steps_per_epoch
 
@@ -315,7 +315,7 @@ def test_run_on_raw_files_tokenizes_them_into_its_cache(tiny, v2, tmp_path):
     per_epoch = steps_per_epoch(v2, 8, 2)
     config, values = make_config(tmp_path, tiny, f"{tiny}/raw", "raw", train_batch_size=8, max_seq_length=64,
                                  num_hard_neg=3, train_epochs=1, checkpointing_steps=per_epoch, eval_queries=0)
-    proc = launch(config, processes=2, port=free_port())
+    proc = launch(config, processes=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [cache] = glob.glob(os.path.join(values["cache_dir"], "tokenized", "raw-*"))
     same_tables(cache, v2)
@@ -342,7 +342,7 @@ def test_run_on_raw_files_with_an_empty_text_stops_every_process(tiny, tmp_path)
     pq.write_table(table.set_column(table.schema.get_field_index("passage"), "passage", pa.array(texts)),
                    raw / "msmarco.parquet")
     config, _ = make_config(tmp_path, tiny, str(raw), "empty", train_batch_size=8, max_seq_length=64)
-    proc = launch(config, processes=2, port=free_port(), timeout=300)
+    proc = launch(config, processes=2, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "'passage' 1 (rows 3)" in errors[0], proc.stderr[-3000:]
