@@ -179,11 +179,12 @@ VARIANTS = [
     ("ours-joint-wd0", "ours", {"contrastive_loss": "joint", "weight_decay": 0.0}),
 ]
 
+FAMILIES = ("keyword", "paraphrase", "needle", "neardup", "zipf")  # the regimes of REGIMES below but the first two
 SIZES = {  # regime: (train rows, steps, evaluated every this many steps); negatives per row, held-out rows
-    True: {"short": (640, 40, 20), "long": (320, 16, 8), **{f: (320, 20, 10) for f in ("keyword", "paraphrase",
-           "needle", "neardup", "zipf")}, "num_neg": 3, "heldout": 96},
-    False: {"short": (1600, 200, 50), "long": (800, 60, 15), **{f: (1600, 100, 50) for f in ("keyword", "paraphrase",
-            "needle", "neardup", "zipf")}, "num_neg": 3, "heldout": 200},
+    True: {"short": (640, 40, 20), "long": (320, 16, 8), **{f: (320, 20, 10) for f in FAMILIES},
+           "num_neg": 3, "heldout": 96},
+    False: {"short": (1600, 200, 50), "long": (800, 60, 15), **{f: (1600, 100, 50) for f in FAMILIES},
+            "num_neg": 3, "heldout": 200},
 }
 QUICK_VARIANTS = ("ours-f2llm", "st-mnrl", "ours-joint", "flag")
 ABLATION = ("st-mnrl-mask", "st-mnrl-nodup", "st-mnrl-trainer-adamw", "flag-trainer-adamw", "ours-joint-wd0")
@@ -217,7 +218,6 @@ REGIMES = {
     "zipf": {"doc_words": (4, 16), "query_words": (4, 12), "rare_share": 0.3, "topic_share": 0.3, "topics": 64,
              "zipf": 1.1},
 }
-FAMILIES = ("keyword", "paraphrase", "needle", "neardup", "zipf")
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -246,6 +246,7 @@ class TextGen:
         self.topics = [words[i * words_per_topic:(i + 1) * words_per_topic] for i in range(num_topics)]
         rare = words[num_topics * words_per_topic:]
         self.rare, self.synonym = (rare[::2], dict(zip(rare[::2], rare[1::2]))) if synonyms else (rare, {})
+        self.rare_set = set(self.rare)
         self.topic_sets = [set(t) for t in self.topics]
         p = 1.0 / np.arange(1, len(COMMON_WORDS) + 1)
         self.common_p = p / p.sum()
@@ -326,7 +327,6 @@ class TextGen:
         them hold none of the query's key words; "near_duplicates": num_neg near_duplicate copies of
         the positive."""
         regime = REGIMES[regime]
-        self.rare_set = set(self.rare)
         if "zipf" in regime:
             p = 1.0 / np.arange(1, len(self.topics) + 1) ** regime["zipf"]
             topics = self.rng.choice(len(self.topics), 2 * n, p=p / p.sum())
@@ -546,6 +546,15 @@ def lr_settings(steps):
     return {"learning_rate": HP["learning_rate"], "warmup_steps": max(1, round(HP["warmup_fraction"] * steps))}
 
 
+def shared_adamw(parameters):
+    """The ST and FlagEmbedding workers' optimizer, ours' settings: a fused AdamW with weight decay on
+    every parameter (their Trainers' own would exempt norm weights and biases)."""
+    import torch
+
+    return torch.optim.AdamW(parameters, lr=HP["learning_rate"], betas=tuple(HP["adam_betas"]),
+                             weight_decay=HP["weight_decay"], fused=True)
+
+
 def ours_config(run, overrides):
     """run.py's config for one of our variants (see the module docstring for what is shared)."""
     per_epoch = -(-run["train_rows"] // HP["batch_size"])
@@ -668,10 +677,8 @@ def st_worker(spec_path):
         max_grad_norm=HP["max_grad_norm"], seed=spec["seed"], batch_sampler=options["batch_sampler"],
         save_strategy="steps", save_steps=spec["eval_every"], logging_steps=spec["eval_every"], report_to="none",
         use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
-    optimizer = None  # "trainer": its Trainer's own, adamw_torch_fused without decay on norms and biases
-    if options.get("optimizer", "all") == "all":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr["learning_rate"], betas=tuple(HP["adam_betas"]),
-                                      weight_decay=HP["weight_decay"], fused=True)
+    # "trainer": its Trainer's own, adamw_torch_fused without decay on norms and biases
+    optimizer = shared_adamw(model.parameters()) if options.get("optimizer", "all") == "all" else None
     timer, counts, count, callback = trainer_probes()
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                          optimizers=(optimizer, None), callbacks=[callback])
@@ -780,9 +787,7 @@ def flag_worker(spec_path):
         disable_tqdm=True)
     runner = DecoderOnlyEmbedderRunner(model_args=model_args, data_args=data_args, training_args=training_args)
     if options.get("optimizer", "all") == "all":  # as the other sides; its Trainer's own exempts norms and biases
-        runner.trainer.optimizer = torch.optim.AdamW(
-            runner.model.parameters(), lr=lr["learning_rate"], betas=tuple(HP["adam_betas"]),
-            weight_decay=HP["weight_decay"], fused=True)
+        runner.trainer.optimizer = shared_adamw(runner.model.parameters())
     timer, counts, count, callback = trainer_probes()
     runner.trainer.add_callback(callback)
     hook = runner.model.model.register_forward_pre_hook(  # the backbone, called by keywords
